@@ -1,0 +1,52 @@
+"""Loads the compiled extension llama_fast._C, which registers torch.ops.llama_fast.*.
+
+Without it (a build with LLAMA_FAST_SKIP_BUILD=1, or a failed compile) the package still
+works: the ops fall back to Triton or PyTorch backwards, and `require`-style callers warn once.
+"""
+from __future__ import annotations
+
+import warnings
+
+try:
+    from . import _C  # noqa: F401  (importing registers the ops)
+
+    AVAILABLE = True
+    WITH_CUDA = bool(_C.with_cuda)
+    LOAD_ERROR: str | None = None
+except ImportError as exc:  # pragma: no cover - depends on how the package was built
+    AVAILABLE = False
+    WITH_CUDA = False
+    LOAD_ERROR = str(exc)
+
+_warned: set[str] = set()
+
+if AVAILABLE:
+    import torch
+
+    # Fake implementations: output shapes and dtypes only, so torch.compile and FakeTensor tracing
+    # pass through the compiled ops. The input checks with their messages run in csrc/bindings.cpp.
+
+    @torch.library.register_fake("llama_fast::rms_norm_backward")
+    def _rms_norm_backward_fake(dy, x, weight, rstd, dresidual=None):
+        return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight)
+
+
+def has_kernel(device_type: str) -> bool:
+    """Whether the extension holds kernels for tensors on this device type ("cpu" or "cuda")."""
+    if device_type == "cuda":
+        return WITH_CUDA
+    return AVAILABLE and device_type == "cpu"
+
+
+def warn_fallback(op: str, device_type: str) -> None:
+    """Warns once per (op, device type) that an op runs without its compiled backward."""
+    key = f"{op}:{device_type}"
+    if key in _warned:
+        return
+    _warned.add(key)
+    why = LOAD_ERROR or f"the extension was built without {device_type} kernels"
+    warnings.warn(
+        f"llama_fast: no compiled backward for {op} on {device_type} ({why}); using the fallback backward",
+        RuntimeWarning,
+        stacklevel=3,
+    )

@@ -1,0 +1,210 @@
+"""The LLaMA model: tokens -> logits (and the loss when targets are given).
+
+One set of parameters, two backends: ``backend="reference"`` runs the plain
+PyTorch ops of ``llama_fast.reference``; ``backend="fused"`` runs our kernels
+from ``llama_fast.ops``. Parameter names do not depend on the backend, so one
+checkpoint serves both. The model knows nothing of torch.distributed:
+parallelism is applied from outside (see the trainer).
+
+Parameter layout (per block): ``attn.wqkv`` is the fused [q; k; v] projection
+((Hq + 2 Hkv) * D, dim) and ``mlp.w_gate_up`` the fused [gate; up] projection
+(2F, dim), so each runs as one GEMM; RoPE uses the half-split convention.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import reference
+from .config import LlamaConfig
+
+BACKENDS = ("reference", "fused")
+
+
+def ops_for(backend: str):
+    """The op namespace (rms_norm, add_rms_norm, swiglu, rope, attention) of a backend."""
+    if backend == "reference":
+        return reference
+    if backend == "fused":
+        from . import ops
+
+        return ops
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, backend: str = "reference"):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.ops = ops_for(backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ops.rms_norm(x, self.weight, self.eps)
+
+
+@dataclass
+class KVCache:
+    """Rotated keys and values of the positions seen so far, for sampling."""
+
+    k: list[torch.Tensor]  # per layer (B, max_len, Hkv, D)
+    v: list[torch.Tensor]
+    pos: int = 0
+
+    @classmethod
+    def empty(cls, config: LlamaConfig, batch: int, max_len: int, device, dtype) -> "KVCache":
+        shape = (batch, max_len, config.n_kv_heads, config.head_dim)
+        return cls(
+            k=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)],
+            v=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)],
+        )
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig, backend: str):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        qkv_out = (config.n_heads + 2 * config.n_kv_heads) * config.head_dim
+        self.wqkv = nn.Linear(config.dim, qkv_out, bias=False)
+        self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+        self.ops = ops_for(backend)
+
+    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0):
+        B, S, _ = x.shape
+        qkv = self.wqkv(x).view(B, S, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
+        # Strided views, no copies: (B, S, Hq, D), (B, S, Hkv, D), (B, S, Hkv, D).
+        q, k, v = qkv.split([self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=2)
+        if cache is None:
+            out = self.ops.attention(q, k, v, cos, sin, causal=True)  # (B, S, Hq, D)
+        else:
+            out = self._attend_cached(q, k, v, cos, sin, cache, layer)
+        return self.wo(out.reshape(B, S, self.n_heads * self.head_dim))
+
+    def _attend_cached(self, q, k, v, cos, sin, cache: KVCache, layer: int):
+        # Sampling path: queries at positions pos..pos+S-1 attend to every cached key up to themselves.
+        B, S = q.shape[:2]
+        pos = cache.pos
+        q, k = self.ops.rope(q, k, cos[pos : pos + S], sin[pos : pos + S])
+        cache.k[layer][:B, pos : pos + S] = k
+        cache.v[layer][:B, pos : pos + S] = v
+        total = pos + S
+        group = self.n_heads // self.n_kv_heads
+        qh = q.transpose(1, 2)  # (B, Hq, S, D)
+        kh = cache.k[layer][:B, :total].transpose(1, 2).repeat_interleave(group, dim=1)  # (B, Hq, T, D)
+        vh = cache.v[layer][:B, :total].transpose(1, 2).repeat_interleave(group, dim=1)
+        mask = torch.ones(S, total, dtype=torch.bool, device=q.device).tril(diagonal=pos)
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask)  # (B, Hq, S, D)
+        return out.transpose(1, 2)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: LlamaConfig, backend: str):
+        super().__init__()
+        self.w_gate_up = nn.Linear(config.dim, 2 * config.ffn_hidden, bias=False)
+        self.w_down = nn.Linear(config.ffn_hidden, config.dim, bias=False)
+        self.ops = ops_for(backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w_gate_up(x).chunk(2, dim=-1)  # two strided views of one GEMM's output
+        return self.w_down(self.ops.swiglu(gate, up))
+
+
+class Block(nn.Module):
+    def __init__(self, config: LlamaConfig, backend: str):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.dim, config.norm_eps, backend)
+        self.attn = Attention(config, backend)
+        self.mlp_norm = RMSNorm(config.dim, config.norm_eps, backend)
+        self.mlp = MLP(config, backend)
+        self.ops = ops_for(backend)
+
+    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0):
+        a = self.attn(self.attn_norm(x), cos, sin, cache, layer)
+        # h = x + a and its normalisation in one pass.
+        normed, h = self.ops.add_rms_norm(a, x, self.mlp_norm.weight, self.mlp_norm.eps)
+        return h + self.mlp(normed)
+
+
+class Llama(nn.Module):
+    def __init__(self, config: LlamaConfig, backend: str = "reference"):
+        super().__init__()
+        ops_for(backend)  # validates the name (and that the fused ops import) before allocating
+        self.config = config
+        self.backend = backend
+        self.embed = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config, backend) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps, backend)
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None):
+        """(Re)initialise every parameter and the rotary tables; also materialises a model built on meta.
+
+        Linear and embedding weights ~ N(0, 0.02), the residual-branch outputs (wo, w_down)
+        scaled by 1/sqrt(2 * n_layers); norm weights 1.
+        """
+        gen = None
+        if seed is not None:
+            gen = torch.Generator(device=self.embed.weight.device).manual_seed(seed)
+        std = 0.02
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(("attn.wo.weight", "mlp.w_down.weight")):
+                p.normal_(0.0, std / math.sqrt(2 * self.config.n_layers), generator=gen)
+            else:
+                p.normal_(0.0, std, generator=gen)
+        self.reset_rope_tables()
+
+    @torch.no_grad()
+    def reset_rope_tables(self):
+        device = self.embed.weight.device
+        cos, sin = reference.rope_tables(self.config.max_seq_len, self.config.head_dim, self.config.rope_theta, device)
+        self.rope_cos, self.rope_sin = cos, sin
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        cache: KVCache | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """tokens [B, S] int64 -> (logits [B, S, vocab], loss or None).
+
+        The loss is the mean cross-entropy over targets != -100. With ``cache`` the
+        tokens continue the sequence at ``cache.pos`` and the cache advances.
+        """
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be [batch, seq_len], got shape {tuple(tokens.shape)}")
+        B, S = tokens.shape
+        start = cache.pos if cache is not None else 0
+        if start + S > self.config.max_seq_len:
+            raise ValueError(
+                f"sequence of {start + S} positions exceeds max_seq_len={self.config.max_seq_len} of the config"
+            )
+        x = self.embed(tokens)  # (B, S, dim)
+        cos, sin = self.rope_cos, self.rope_sin
+        if cache is None:
+            cos, sin = cos[:S], sin[:S]
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache, i)
+        if cache is not None:
+            cache.pos += S
+        logits = self.lm_head(self.norm(x))  # (B, S, vocab)
+        loss = None
+        if targets is not None:
+            if targets.shape != tokens.shape:
+                raise ValueError(
+                    f"targets must have the shape of tokens {tuple(tokens.shape)}, got {tuple(targets.shape)}"
+                )
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        return logits, loss
