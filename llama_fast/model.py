@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from . import reference
 from .config import LlamaConfig
@@ -130,11 +131,25 @@ class Block(nn.Module):
 
 
 class Llama(nn.Module):
-    def __init__(self, config: LlamaConfig, backend: str = "reference"):
+    """LLaMA. ``activation_checkpointing`` recomputes each block in the backward instead of storing
+    its activations. ``fused_loss`` (default: on for the fused backend) computes the loss with a
+    chunked linear + cross-entropy that never holds all the logits; forward(tokens, targets) then
+    returns ``(None, loss)``."""
+
+    def __init__(
+        self,
+        config: LlamaConfig,
+        backend: str = "reference",
+        *,
+        activation_checkpointing: bool = False,
+        fused_loss: bool | None = None,
+    ):
         super().__init__()
         ops_for(backend)  # validates the name (and that the fused ops import) before allocating
         self.config = config
         self.backend = backend
+        self.activation_checkpointing = activation_checkpointing
+        self.fused_loss = backend == "fused" if fused_loss is None else fused_loss
         self.embed = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(Block(config, backend) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps, backend)
@@ -196,15 +211,21 @@ class Llama(nn.Module):
         if cache is None:
             cos, sin = cos[:S], sin[:S]
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache, i)
+            if self.activation_checkpointing and self.training and cache is None:
+                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, cache, i)
         if cache is not None:
             cache.pos += S
-        logits = self.lm_head(self.norm(x))  # (B, S, vocab)
-        loss = None
-        if targets is not None:
-            if targets.shape != tokens.shape:
-                raise ValueError(
-                    f"targets must have the shape of tokens {tuple(tokens.shape)}, got {tuple(targets.shape)}"
-                )
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        x = self.norm(x)
+        if targets is None:
+            return self.lm_head(x), None  # (B, S, vocab)
+        if targets.shape != tokens.shape:
+            raise ValueError(f"targets must have the shape of tokens {tuple(tokens.shape)}, got {tuple(targets.shape)}")
+        if self.fused_loss:
+            from .ops.cross_entropy import linear_cross_entropy
+
+            return None, linear_cross_entropy(x, self.lm_head.weight, targets)
+        logits = self.lm_head(x)  # (B, S, vocab)
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         return logits, loss
