@@ -22,9 +22,12 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(f
   return __float2bfloat16_rn(v);
 }
 
-// N elements of T moved as one aligned access (N * sizeof(T) is 4, 8, 16 or 32 bytes).
+// N elements of T moved as one access of up to 16 bytes (a 32-byte pack becomes two 16-byte
+// accesses, so callers only ever need 16-byte alignment).
+constexpr int pack_align(int bytes) { return bytes < 16 ? bytes : 16; }
+
 template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
+struct alignas(pack_align(sizeof(T) * N)) Pack {
   T v[N];
 };
 
