@@ -21,10 +21,10 @@ expected and what was found.
 """
 from __future__ import annotations
 
-import glob
 import json
 import os
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -180,7 +180,9 @@ def _model_state(model_or_state, config: LlamaConfig | None) -> tuple[LlamaConfi
     if isinstance(model_or_state, Llama):
         return config or model_or_state.config, model_or_state.state_dict()
     if not isinstance(model_or_state, dict):
-        raise TypeError(f"model_or_state must be a llama_fast.Llama or a state dict, got {type(model_or_state).__name__}")
+        raise TypeError(
+            f"model_or_state must be a llama_fast.Llama or a state dict, got {type(model_or_state).__name__}"
+        )
     if config is None:
         raise ValueError("config is required when saving a state dict (only a Llama model carries its own)")
     return config, model_or_state
@@ -274,7 +276,10 @@ def _hf_parts(config: LlamaConfig) -> dict[str, list[tuple[str, tuple[int, ...]]
         ]
         parts[ours + "attn.wo.weight"] = [(hf + "self_attn.o_proj.weight", (d, config.n_heads * hd))]
         parts[ours + "mlp_norm.weight"] = [(hf + "post_attention_layernorm.weight", (d,))]
-        parts[ours + "mlp.w_gate_up.weight"] = [(hf + "mlp.gate_proj.weight", (f, d)), (hf + "mlp.up_proj.weight", (f, d))]
+        parts[ours + "mlp.w_gate_up.weight"] = [
+            (hf + "mlp.gate_proj.weight", (f, d)),
+            (hf + "mlp.up_proj.weight", (f, d)),
+        ]
         parts[ours + "mlp.w_down.weight"] = [(hf + "mlp.down_proj.weight", (d, f))]
     return parts
 
@@ -330,7 +335,7 @@ def load_hf_state(path: str | os.PathLike) -> tuple[LlamaConfig, dict[str, torch
             hf_state.update(_read_safetensors(path / file, names)[0])
     else:
         pickled = sorted(p.name for p in path.glob("pytorch_model*.bin"))
-        hint = f"; found {pickled}, which are pickles this loader does not read (re-save them as safetensors)" if pickled else ""
+        hint = f"; found {pickled}, pickles this loader does not read (re-save as safetensors)" if pickled else ""
         raise FileNotFoundError(f"{path}: expected weights in {HF_WEIGHTS} or shards listed in {HF_INDEX}{hint}")
     return config, state_from_hf(config, hf_state, str(path))
 
@@ -383,12 +388,13 @@ def save_hf(
         shard_bytes += size
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    for stale in [HF_WEIGHTS, HF_INDEX, *glob.glob("model-*-of-*.safetensors", root_dir=path)]:
-        (path / stale).unlink(missing_ok=True)
-    files = [HF_WEIGHTS] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for stale in [path / HF_WEIGHTS, path / HF_INDEX, *path.glob("model-*-of-*.safetensors")]:
+        stale.unlink(missing_ok=True)
+    n = len(shards)
+    files = [HF_WEIGHTS] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     for file, names in zip(files, shards):
-        # clone(): split views share storage, which safetensors refuses to write.
-        tensors = {name: hf_state[name].detach().to("cpu", dtype).contiguous().clone() for name in names}
+        # copy=True: the q/k/v and gate/up views share storage, which safetensors refuses to write.
+        tensors = {name: hf_state[name].detach().to(device="cpu", dtype=dtype, copy=True) for name in names}
         save_file(tensors, str(path / file), metadata={"format": "pt"})
     if len(shards) > 1:
         total = sum(t.numel() for t in hf_state.values()) * dtype.itemsize
@@ -636,7 +642,11 @@ def load_pretrained(
 
 
 def _convert(args) -> int:
-    config, state = load_state(args.src, args.src_format)
+    try:
+        config, state = load_state(args.src, args.src_format)
+    except (FileNotFoundError, ValueError) as exc:  # bad input: the message says it all, no traceback
+        print(f"llama-fast convert: error: {exc}", file=sys.stderr)
+        return 2
     dtype = parse_dtype(args.dtype)
     if dtype is not None:
         state = {name: t.to(dtype) for name, t in state.items()}

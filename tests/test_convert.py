@@ -289,6 +289,14 @@ def test_cli_convert_chain(tmp_path, capsys):
     assert_same_state(load_hf_state(tmp_path / "hf16")[1], model.state_dict())
 
 
+def test_cli_convert_reports_bad_input_without_traceback(tmp_path, capsys):
+    code = cli_main(["convert", "--from", "meta", str(tmp_path), "--to", "hf", str(tmp_path / "out")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"llama-fast convert: error: {tmp_path / 'params.json'}: expected Meta's params.json" in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
 # ----------------------------------------------------------------------------------------------
 # Bad input: every error names the file or tensor, what was expected and what was found.
 
