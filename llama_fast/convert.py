@@ -114,10 +114,20 @@ def _read_pth(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _first_names(names: set[str], limit: int = 10) -> str:
+    """Sorted names, the first ``limit`` of them spelled out: a wrong prefix can mismatch hundreds."""
+    ordered = sorted(names)
+    more = f" and {len(ordered) - limit} more" if len(ordered) > limit else ""
+    return f"{ordered[:limit]}{more}"
+
+
 def _check_names(found: set[str], expected: set[str], where: str) -> None:
-    missing, unexpected = sorted(expected - found), sorted(found - expected)
+    missing, unexpected = expected - found, found - expected
     if missing or unexpected:
-        raise ValueError(f"{where}: tensor names do not match the config: missing {missing}, unexpected {unexpected}")
+        raise ValueError(
+            f"{where}: tensor names do not match the config: missing {_first_names(missing)}, "
+            f"unexpected {_first_names(unexpected)}"
+        )
 
 
 def _check_shape(name: str, tensor: torch.Tensor, expected: tuple[int, ...], where: str) -> None:
@@ -188,6 +198,14 @@ def _model_state(model_or_state, config: LlamaConfig | None) -> tuple[LlamaConfi
     return config, model_or_state
 
 
+def _config(where: str, **fields) -> LlamaConfig:
+    """LlamaConfig(**fields), its validation errors prefixed with the file the fields came from."""
+    try:
+        return LlamaConfig(**fields)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from exc
+
+
 # ----------------------------------------------------------------------------------------------
 # Hugging Face.
 
@@ -220,7 +238,8 @@ def config_from_hf(hf: dict, where: str = HF_CONFIG) -> LlamaConfig:
             f"{where}: RoPE scaling {rope_type!r} is not implemented; only plain RoPE (rope_type 'default') is"
         )
     theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
-    return LlamaConfig(
+    return _config(
+        where,
         dim=dim,
         n_layers=hf["num_hidden_layers"],
         n_heads=n_heads,
@@ -427,7 +446,8 @@ def config_from_meta(params: dict, where: str = META_PARAMS, vocab_size: int | N
         if vocab_size is None:
             raise ValueError(f"{where}: vocab_size is {vocab!r} and no tok_embeddings.weight to infer it from")
         vocab = vocab_size
-    return LlamaConfig(
+    return _config(
+        where,
         dim=dim,
         n_layers=params["n_layers"],
         n_heads=params["n_heads"],

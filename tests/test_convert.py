@@ -258,6 +258,21 @@ def test_save_load_weights(tmp_path, tied):
         assert torch.equal(loaded(tokens)[0], model(tokens)[0])
 
 
+@pytest.mark.gpu
+def test_load_pretrained_onto_cuda(tmp_path):
+    model = random_model(tie_embeddings=True)
+    save_hf(model, None, tmp_path)
+    loaded = load_pretrained(tmp_path, dtype="bf16", device="cuda")
+    assert all(p.is_cuda and p.dtype == torch.bfloat16 for p in loaded.parameters())
+    assert loaded.lm_head.weight is loaded.embed.weight
+    assert loaded.rope_cos.is_cuda and loaded.rope_cos.dtype == torch.float32
+    tokens = torch.randint(0, 256, (2, 15))
+    with torch.no_grad():
+        expected, _ = model(tokens)
+        logits, _ = loaded(tokens.cuda())
+    assert (logits.float().cpu() - expected).abs().max().item() < 0.05  # bf16 weights and activations
+
+
 def test_load_pretrained_dtype(tmp_path):
     model = random_model()
     save_hf(model, None, tmp_path)
@@ -381,6 +396,15 @@ def test_missing_and_unexpected_tensor_names(tmp_path):
         load_meta_state(tmp_path / "meta")
 
 
+def test_long_name_lists_are_cut_short(tmp_path):
+    model = random_model()
+    state = {"transformer." + name: t for name, t in model.state_dict().items()}  # a wrong prefix on every name
+    # 15 tensors (3 + 6 per layer): 10 spelled out, 5 counted.
+    with pytest.raises(ValueError, match=r"missing \['embed\.weight', [^]]*\] and 5 more, "
+                                         r"unexpected \['transformer\.embed\.weight', [^]]*\] and 5 more"):
+        build_model(model.config, state)
+
+
 def test_corrupt_safetensors(tmp_path):
     model = random_model()
     save_hf(model, None, tmp_path / "hf")
@@ -468,6 +492,16 @@ def test_hf_config_missing_field(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"config\.json: a transformers config\.json is not valid JSON"):
         load_pretrained(tmp_path)
+
+
+def test_invalid_shapes_in_config_files_name_the_file(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({**HF_BASE, "num_key_value_heads": 3}))
+    with pytest.raises(ValueError, match=r"config\.json: LlamaConfig\.n_heads \(4\) must be divisible by "
+                                         r"n_kv_heads \(3\)"):
+        load_pretrained(tmp_path)
+    write_meta(tmp_path / "meta", {**META_PARAMS, "n_heads": 5}, meta_weights(META_PARAMS))
+    with pytest.raises(ValueError, match=r"params\.json: LlamaConfig\.dim \(64\) must be divisible by n_heads"):
+        load_pretrained(tmp_path / "meta")
 
 
 def test_meta_scaled_rope_is_refused(tmp_path):
