@@ -11,7 +11,7 @@ import sys
 
 SUBCOMMAND_MODULES = (
     "llama_fast.tokenizer",  # llama-fast tokenizer train|encode|decode
-    "llama_fast.checkpoint",  # llama-fast convert (Hugging Face / Meta import and export)
+    "llama_fast.convert",  # llama-fast convert (Hugging Face / Meta import and export)
     "llama_fast.data",  # llama-fast prepare
     "llama_fast.train",  # llama-fast train
     "llama_fast.generate",  # llama-fast generate

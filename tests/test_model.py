@@ -1,0 +1,70 @@
+"""The reference model's basics: config validation, shapes, KV-cache decoding, meta-device build."""
+import pytest
+import torch
+
+from llama_fast import KVCache, Llama, LlamaConfig
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(dim=64, n_heads=5), r"LlamaConfig\.dim \(64\) must be divisible by n_heads \(5\)"),
+        (dict(n_heads=4, n_kv_heads=3), r"LlamaConfig\.n_heads \(4\) must be divisible by n_kv_heads \(3\)"),
+        (dict(n_layers=0), r"LlamaConfig\.n_layers must be a positive int, got 0"),
+        (dict(vocab_size=256.0), r"LlamaConfig\.vocab_size must be a positive int, got 256\.0"),
+        (dict(dim=36, n_heads=4), r"head_dim \(dim / n_heads\) must be even for RoPE, got 9"),
+    ],
+    ids=["dim-heads", "gqa-ratio", "layers", "float-vocab", "odd-head-dim"],
+)
+def test_config_errors_name_the_field(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        LlamaConfig.from_name("tiny", **overrides)
+
+
+def test_config_dict_round_trip_rejects_unknown_fields():
+    config = LlamaConfig.from_name("tiny", rope_theta=500000.0)
+    assert LlamaConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match=r"unknown LlamaConfig fields \['hidden_size'\]"):
+        LlamaConfig.from_dict({**config.to_dict(), "hidden_size": 64})
+
+
+def test_forward_shapes_and_loss():
+    model = Llama(LlamaConfig.from_name("tiny"))
+    tokens = torch.randint(0, 256, (3, 17))
+    logits, loss = model(tokens, targets=tokens)
+    assert logits.shape == (3, 17, 256) and loss.shape == ()
+    # Random init: the loss is near log(vocab).
+    assert abs(loss.item() - torch.log(torch.tensor(256.0)).item()) < 0.5
+    with pytest.raises(ValueError, match=r"exceeds max_seq_len=128"):
+        model(torch.randint(0, 256, (1, 129)))
+    with pytest.raises(ValueError, match=r"tokens must be \[batch, seq_len\]"):
+        model(torch.randint(0, 256, (17,)))
+
+
+def test_kv_cache_decoding_equals_full_forward():
+    model = Llama(LlamaConfig.from_name("tiny"))
+    tokens = torch.randint(0, 256, (2, 13))
+    with torch.no_grad():
+        full, _ = model(tokens)
+        cache = KVCache.empty(model.config, batch=2, max_len=13, device="cpu", dtype=torch.float32)
+        prefill, _ = model(tokens[:, :8], cache=cache)
+        steps = [model(tokens[:, i : i + 1], cache=cache)[0] for i in range(8, 13)]
+    torch.testing.assert_close(torch.cat([prefill, *steps], dim=1), full, rtol=1e-5, atol=1e-5)
+    assert cache.pos == 13
+
+
+def test_meta_device_build_then_init_weights():
+    config = LlamaConfig.from_name("tiny")
+    with torch.device("meta"):
+        model = Llama(config)
+    assert all(p.is_meta for p in model.parameters())
+    model.to_empty(device="cpu")
+    model.init_weights(seed=1)
+    eager = Llama(config)
+    eager.init_weights(seed=1)
+    for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+        assert torch.equal(p, q), name
+    assert torch.equal(model.rope_cos, eager.rope_cos) and torch.equal(model.rope_sin, eager.rope_sin)
+    tokens = torch.randint(0, 256, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(model(tokens)[0], eager(tokens)[0])
