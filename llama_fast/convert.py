@@ -182,7 +182,7 @@ def build_model(
         model.lm_head.weight = model.embed.weight
         state = {**state, "lm_head.weight": state["embed.weight"]}
     model.load_state_dict(state)
-    model.reset_rope_tables()  # fp32 tables on the target device (model.to(dtype) cast the meta ones)
+    model.reset_rope_tables()  # to_empty leaves the rotary tables uninitialised
     return model
 
 

@@ -170,6 +170,8 @@ class Llama(nn.Module):
         gen = None
         if seed is not None:
             gen = torch.Generator(device=self.embed.weight.device).manual_seed(seed)
+        if self.config.tie_embeddings:  # to_empty() on a meta-built model unties them
+            self.lm_head.weight = self.embed.weight
         std = 0.02
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
@@ -179,6 +181,14 @@ class Llama(nn.Module):
             else:
                 p.normal_(0.0, std, generator=gen)
         self.reset_rope_tables()
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to(bfloat16) and friends cast buffers too; the rotary tables must stay fp32 (design.md),
+        # so they are recomputed in fp32 on the new device rather than cast.
+        super()._apply(fn, *args, **kwargs)
+        if self.rope_cos.dtype != torch.float32:
+            self.reset_rope_tables()
+        return self
 
     @torch.no_grad()
     def reset_rope_tables(self):
