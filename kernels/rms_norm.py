@@ -103,14 +103,16 @@ def rms_norm_backward_kernel(
 ):
     pid = tl.program_id(0)
     step = tl.num_programs(0)
-    partial_row = partial_ptr + pid.to(tl.int64) * N
+    first_row = pid.to(tl.int64)
+    my_rows = tl.cdiv(rows - pid, step)  # this program takes rows pid, pid + step, ...
+    partial_row = partial_ptr + first_row * N
     if ONE_BLOCK:
         cols = tl.arange(0, BLOCK)
         mask = cols < N
         w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         dw_acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for r in range(pid, rows, step):
-            row = r.to(tl.int64)
+        for i in range(0, my_rows):
+            row = first_row + i * step
             rstd = tl.load(rstd_ptr + row)
             x_hat = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32) * rstd
             dy = tl.load(dy_ptr + row * dy_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
@@ -126,8 +128,8 @@ def rms_norm_backward_kernel(
         for start in range(0, N, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             tl.store(partial_row + cols, tl.zeros([BLOCK], dtype=tl.float32), mask=cols < N)
-        for r in range(pid, rows, step):
-            row = r.to(tl.int64)
+        for i in range(0, my_rows):
+            row = first_row + i * step
             rstd = tl.load(rstd_ptr + row)
             dot = tl.zeros([BLOCK], dtype=tl.float32)
             for start in range(0, N, BLOCK):
