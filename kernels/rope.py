@@ -40,6 +40,7 @@ def _rotate_heads(
     c, sn,  # [1, HALF_BLOCK] fp32 cos and (signed) sin of this position
     HALF_BLOCK: tl.constexpr,
     BLOCK_H: tl.constexpr,
+    D_CONTIGUOUS: tl.constexpr,  # sd == 1: plain offsets, so loads vectorize
 ):
     d = tl.arange(0, HALF_BLOCK)[None, :]
     base = in_ptr + b * sb + s * ss
@@ -47,9 +48,14 @@ def _rotate_heads(
     for h0 in range(0, H, BLOCK_H):
         h = h0 + tl.arange(0, BLOCK_H)[:, None]
         mask = (h < H) & (d < HALF)
-        src = base + h.to(tl.int64) * sh + d.to(tl.int64) * sd
+        if D_CONTIGUOUS:
+            src = base + h.to(tl.int64) * sh + d
+            second = src + HALF
+        else:
+            src = base + h.to(tl.int64) * sh + d.to(tl.int64) * sd
+            second = src + HALF * sd
         x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(src + HALF * sd, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(second, mask=mask, other=0.0).to(tl.float32)
         dst = out_base + h * (2 * HALF) + d
         tl.store(dst, (x1 * c - x2 * sn).to(out_ptr.dtype.element_ty), mask=mask)
         tl.store(dst + HALF, (x2 * c + x1 * sn).to(out_ptr.dtype.element_ty), mask=mask)
@@ -65,6 +71,8 @@ def rope_kernel(
     BACKWARD: tl.constexpr,  # rotate by -theta (the gradient of the forward rotation)
     HALF_BLOCK: tl.constexpr,  # HALF rounded up to a power of two
     BLOCK_H: tl.constexpr,  # heads per tile
+    Q_D_CONTIGUOUS: tl.constexpr,  # q's head dim has stride 1
+    K_D_CONTIGUOUS: tl.constexpr,  # k's head dim has stride 1
 ):
     token = tl.program_id(0).to(tl.int64)
     b = token // S
@@ -74,8 +82,10 @@ def rope_kernel(
     sn = tl.load(sin_ptr + s * cs_row_stride + d, mask=d < HALF, other=0.0)
     if BACKWARD:
         sn = -sn
-    _rotate_heads(q_ptr, q_sb, q_ss, q_sh, q_sd, q_out_ptr, b, s, token, Hq, HALF, c, sn, HALF_BLOCK, BLOCK_H)
-    _rotate_heads(k_ptr, k_sb, k_ss, k_sh, k_sd, k_out_ptr, b, s, token, Hkv, HALF, c, sn, HALF_BLOCK, BLOCK_H)
+    _rotate_heads(q_ptr, q_sb, q_ss, q_sh, q_sd, q_out_ptr, b, s, token, Hq, HALF, c, sn,
+                  HALF_BLOCK, BLOCK_H, Q_D_CONTIGUOUS)
+    _rotate_heads(k_ptr, k_sb, k_ss, k_sh, k_sd, k_out_ptr, b, s, token, Hkv, HALF, c, sn,
+                  HALF_BLOCK, BLOCK_H, K_D_CONTIGUOUS)
 
 
 def rope_rotate(q, k, cos, sin, backward: bool):
@@ -93,6 +103,7 @@ def rope_rotate(q, k, cos, sin, backward: bool):
     rope_kernel[(B * S,)](
         q, *q.stride(), k, *k.stride(), q_out, k_out, cos, sin, cos.stride(0),
         S, Hq, Hkv, D // 2,
-        BACKWARD=backward, HALF_BLOCK=half_block, BLOCK_H=block_h, num_warps=num_warps,
+        BACKWARD=backward, HALF_BLOCK=half_block, BLOCK_H=block_h,
+        Q_D_CONTIGUOUS=q.stride(3) == 1, K_D_CONTIGUOUS=k.stride(3) == 1, num_warps=num_warps,
     )
     return q_out, k_out

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.usefixtures("poison_empty")
 def run_rope(B, S, Hq, Hkv, D, dtype, device="cpu", *, layout="bshd", table_len=None, theta=10000.0):
     """Checks rope on q [B, S, Hq, D], k [B, S, Hkv, D] built in `layout`:
     "bshd" contiguous; "bhsd" [B, H, S, D] tensors transposed; "qkv" split views of one fused
-    [B, S, (Hq + 2 Hkv) * D] projection output."""
+    [B, S, (Hq + 2 Hkv) * D] projection output; "d_strided" every other element of a 2D-wide last dim."""
     cos, sin = reference.rope_tables(table_len or S, D, theta, device=device)
     if layout == "qkv":
         base = torch.randn(B, S, (Hq + 2 * Hkv) * D, device=device).to(dtype).requires_grad_()
@@ -24,8 +24,9 @@ def run_rope(B, S, Hq, Hkv, D, dtype, device="cpu", *, layout="bshd", table_len=
 
         check_op(ops.rope, reference.rope, [base, cos, sin], make, out_names=["q", "k"], grad_names=["dqkv"])
         return
-    shape = {"bshd": lambda h: (B, S, h, D), "bhsd": lambda h: (B, h, S, D)}[layout]
-    to_bshd = (lambda t: t) if layout == "bshd" else (lambda t: t.transpose(1, 2))
+    shape = {"bshd": lambda h: (B, S, h, D), "bhsd": lambda h: (B, h, S, D), "d_strided": lambda h: (B, S, h, 2 * D)}
+    shape = shape[layout]
+    to_bshd = {"bshd": lambda t: t, "bhsd": lambda t: t.transpose(1, 2), "d_strided": lambda t: t[..., ::2]}[layout]
     q = torch.randn(shape(Hq), device=device).to(dtype).requires_grad_()
     k = torch.randn(shape(Hkv), device=device).to(dtype).requires_grad_()
     check_op(
@@ -44,6 +45,10 @@ CPU_CASES = [(1, 1, 4, 1, 128), (2, 17, 4, 4, 64), (1, 13, 8, 1, 16), (3, 5, 2, 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_cpu_matches_reference(dtype, case, layout):
     run_rope(*case, dtype, layout=layout)
+
+
+def test_head_dim_not_contiguous():
+    run_rope(2, 5, 4, 2, 16, torch.float32, layout="d_strided")
 
 
 def test_table_longer_than_the_sequence():
@@ -116,7 +121,7 @@ GPU_CASES = [(1, 1, 32, 8, 128), (2, 113, 32, 32, 128), (2, 1023, 8, 1, 64), (1,
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("layout", ["bshd", "bhsd", "qkv"])
+@pytest.mark.parametrize("layout", ["bshd", "bhsd", "qkv", "d_strided"])
 @pytest.mark.parametrize("case", GPU_CASES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_gpu_matches_reference(dtype, case, layout):
