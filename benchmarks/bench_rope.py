@@ -78,5 +78,6 @@ def test_backward(benchmark, provider):
     validate("dk", dk, hi[3], lo[3], strict=provider != "liger")
     record(
         benchmark, lambda: torch.autograd.grad(outs, (q, k), grads, retain_graph=True),
-        bytes=2 * (q.numel() + k.numel()) * q.element_size(), formula="read + write dq and dk = 2 * (q.numel + k.numel) * 2 B",
+        bytes=2 * (q.numel() + k.numel()) * q.element_size(),
+        formula="read + write dq and dk = 2 * (q.numel + k.numel) * 2 B",
     )

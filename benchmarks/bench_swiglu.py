@@ -65,5 +65,6 @@ def test_backward(benchmark, provider):
     validate("dup", dup, hi[2], lo[2], strict=provider != "liger")
     record(
         benchmark, lambda: torch.autograd.grad(y, (gate, up), dy, retain_graph=True),
-        bytes=5 * gate.numel() * gate.element_size(), formula="read dy, gate, up + write dgate, dup = 5 * rows * F * 2 B",
+        bytes=5 * gate.numel() * gate.element_size(),
+        formula="read dy, gate, up + write dgate, dup = 5 * rows * F * 2 B",
     )

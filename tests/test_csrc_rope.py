@@ -72,7 +72,8 @@ def test_meta_shapes_and_opcheck():
     a, b = torch.ops.llama_fast.rope_backward(dq, dk, c, c)
     assert a.shape == dq.shape and b.shape == dk.shape and a.dtype == torch.bfloat16
     cos, sin = reference.rope_tables(7, 16)
-    torch.library.opcheck(torch.ops.llama_fast.rope_backward, (torch.randn(2, 7, 4, 16), torch.randn(2, 7, 1, 16), cos, sin))
+    dq, dk = torch.randn(2, 7, 4, 16), torch.randn(2, 7, 1, 16)
+    torch.library.opcheck(torch.ops.llama_fast.rope_backward, (dq, dk, cos, sin))
 
 
 @pytest.mark.gpu

@@ -5,6 +5,9 @@ The rule, in one place:
     Triton kernels); otherwise plain PyTorch math equal to the reference, with the same saved stats;
   * backward: the compiled op torch.ops.llama_fast.*_backward when the extension has a kernel for the
     device; otherwise (after one warning) the Triton backward where Triton can run, else PyTorch math.
+
+The ops import their Triton modules (llama_fast.kernels.*) on first use, not at import: the package
+imports where Triton is missing, and TRITON_INTERPRET set after `import llama_fast` still applies.
 """
 from __future__ import annotations
 

@@ -21,7 +21,9 @@ def _check(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Optional
         check_like("x", x, "residual", residual)
     check_float("weight", weight)
     if weight.shape != (x.shape[-1],):
-        raise ValueError(f"weight must be 1-D of size {x.shape[-1]} (the last dim of x), got shape {tuple(weight.shape)}")
+        raise ValueError(
+            f"weight must be 1-D of size {x.shape[-1]} (the last dim of x), got shape {tuple(weight.shape)}"
+        )
     if weight.dtype not in (torch.float32, x.dtype):
         raise TypeError(f"weight must be float32 or the dtype of x ({x.dtype}), got {weight.dtype}")
     check_same_device("x", x, "weight", weight)
