@@ -78,7 +78,7 @@ def compile_all() -> dict:
         ptx = compiled.asm["ptx"]
         scalar_bf16 = re.findall(r"ld\.global(?:\.\w+)*\.b16", ptx)
         if vectorized and (scalar_bf16 or not re.search(r"ld\.global(?:\.\w+)*\.v4", ptx)):
-            results[name] = f"compiles, but bf16 data is not loaded in 16-byte vectors ({len(scalar_bf16)} scalar loads)"
+            results[name] = f"compiles, but {len(scalar_bf16)} scalar bf16 loads (expected 16-byte vectors)"
         else:
             results[name] = "ok"
     return results
