@@ -34,6 +34,12 @@ def launch_config(cols: int) -> tuple[int, bool, int]:
     return block, one_block, num_warps
 
 
+def backward_programs(device: torch.device, rows: int) -> int:
+    """Programs of the persistent backward grid (= dw partial rows): two per SM (four on the CPU)."""
+    per_device = 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    return max(1, min(rows, per_device))
+
+
 @triton.jit
 def rms_norm_forward_kernel(
     x_ptr, x_row_stride,  # input rows [rows, N]
@@ -176,15 +182,15 @@ def rms_norm_forward(x, residual, weight, eps):
     return y, total, rstd
 
 
-def rms_norm_backward(dy, x, weight, rstd, dsum, num_programs):
+def rms_norm_backward(dy, x, weight, rstd, dsum):
     """Launches the fallback backward on [rows, N] views; dsum (contiguous) may be None.
 
     Returns (dx contiguous [rows, N] in x.dtype, dw [N] in weight.dtype). dw is reduced in two
-    stages: `num_programs` fp32 partial rows, then a sum over them in a fixed order.
+    stages: one fp32 partial row per program, then a sum over them in a fixed order.
     """
     rows, cols = x.shape
     dx = torch.empty((rows, cols), dtype=x.dtype, device=x.device)
-    grid = max(1, min(rows, num_programs))
+    grid = backward_programs(x.device, rows)
     partials = torch.empty((grid, cols), dtype=torch.float32, device=x.device)
     if rows == 0:
         return dx, torch.zeros_like(weight)
