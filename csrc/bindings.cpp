@@ -118,21 +118,151 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cuda_impl(const at::Tensor&
 }
 #endif
 
+// --- elementwise ops (issue 3): swiglu_backward, rope_backward ---
+// ------------------------------------------------------------------------------------------------
+// swiglu_backward(dy, gate, up) -> (dgate, dup)
+// ------------------------------------------------------------------------------------------------
+void check_swiglu_backward(const at::Tensor& dy, const at::Tensor& gate, const at::Tensor& up) {
+  dtype_of(gate, "gate");
+  TORCH_CHECK(gate.dim() >= 1, "llama_fast: gate must have at least one dimension, got a scalar");
+  check_same_shape_dtype(gate, "gate", up, "up");
+  check_same_shape_dtype(gate, "gate", dy, "dy");
+}
+
+std::tuple<at::Tensor, at::Tensor> swiglu_backward_cpu_impl(const at::Tensor& dy, const at::Tensor& gate,
+                                                            const at::Tensor& up) {
+  check_swiglu_backward(dy, gate, up);
+  at::Tensor d = as_rows(dy).to(at::kFloat), g = as_rows(gate).to(at::kFloat), u = as_rows(up).to(at::kFloat);
+  at::Tensor dgate = at::empty({g.size(0), g.size(1)}, g.options());
+  at::Tensor dup = at::empty_like(dgate);
+  swiglu_backward_cpu(d.data_ptr<float>(), d.stride(0), g.data_ptr<float>(), g.stride(0), u.data_ptr<float>(),
+                      u.stride(0), dgate.data_ptr<float>(), dup.data_ptr<float>(), g.size(0), g.size(1));
+  return {dgate.to(gate.scalar_type()).view(gate.sizes()), dup.to(gate.scalar_type()).view(gate.sizes())};
+}
+
+#ifdef LLAMA_FAST_WITH_CUDA
+std::tuple<at::Tensor, at::Tensor> swiglu_backward_cuda_impl(const at::Tensor& dy, const at::Tensor& gate,
+                                                             const at::Tensor& up) {
+  check_swiglu_backward(dy, gate, up);
+  const c10::cuda::CUDAGuard guard(gate.device());
+  at::Tensor d = as_rows(dy), g = as_rows(gate), u = as_rows(up);  // (rows, cols), row strides kept
+  at::Tensor dgate = at::empty_like(gate, at::MemoryFormat::Contiguous);
+  at::Tensor dup = at::empty_like(gate, at::MemoryFormat::Contiguous);
+  SwigluBackwardArgs args{dtype_of(gate, "gate"), d.data_ptr(), d.stride(0), g.data_ptr(), g.stride(0),
+                          u.data_ptr(), u.stride(0), dgate.data_ptr(), dup.data_ptr(), g.size(0), g.size(1)};
+  check_cuda(swiglu_backward_cuda(args, at::cuda::getCurrentCUDAStream().stream()), "swiglu_backward");
+  return {dgate, dup};
+}
+#endif
+
+// ------------------------------------------------------------------------------------------------
+// rope_backward(dq, dk, cos, sin) -> (dq rotated back, dk rotated back), positions 0..S-1
+// ------------------------------------------------------------------------------------------------
+void check_rope_backward(const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& cos, const at::Tensor& sin) {
+  dtype_of(dq, "dq");
+  TORCH_CHECK(dq.dim() == 4, "llama_fast: dq must be 4-D [B, S, Hq, D], got shape ", dq.sizes());
+  TORCH_CHECK(dk.dim() == 4 && dk.size(0) == dq.size(0) && dk.size(1) == dq.size(1) && dk.size(3) == dq.size(3),
+              "llama_fast: dk must be [B, S, Hkv, D] with B, S, D of dq ", dq.sizes(), ", got shape ", dk.sizes());
+  TORCH_CHECK(dk.scalar_type() == dq.scalar_type(), "llama_fast: dk must have the dtype of dq (", dq.scalar_type(),
+              "), got ", dk.scalar_type());
+  check_same_device(dq, "dq", dk, "dk");
+  TORCH_CHECK(dq.size(3) % 2 == 0, "llama_fast: the head dim of dq must be even, got ", dq.size(3));
+  auto check_table = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.scalar_type() == at::kFloat, "llama_fast: ", name, " must be float32, got ", t.scalar_type());
+    TORCH_CHECK(t.dim() == 2 && t.size(1) == dq.size(3) / 2 && t.size(0) >= dq.size(1), "llama_fast: ", name,
+                " must be [>= ", dq.size(1), ", ", dq.size(3) / 2, "] (seq len, head dim / 2), got shape ", t.sizes());
+    check_same_device(dq, "dq", t, name);
+  };
+  check_table(cos, "cos");
+  check_table(sin, "sin");
+  TORCH_CHECK(sin.sizes() == cos.sizes(), "llama_fast: sin must have the shape of cos ", cos.sizes(), ", got ",
+              sin.sizes());
+}
+
+// The first S rows of cos and sin with contiguous columns and one shared row stride.
+std::pair<at::Tensor, at::Tensor> rope_tables(const at::Tensor& cos, const at::Tensor& sin, int64_t seq) {
+  at::Tensor c = cos.narrow(0, 0, seq), s = sin.narrow(0, 0, seq);
+  if (c.stride(1) != 1 || s.stride(1) != 1 || c.stride(0) != s.stride(0)) {
+    c = c.contiguous();
+    s = s.contiguous();
+  }
+  return {c, s};
+}
+
+std::tuple<at::Tensor, at::Tensor> rope_backward_cpu_impl(const at::Tensor& dq, const at::Tensor& dk,
+                                                          const at::Tensor& cos, const at::Tensor& sin) {
+  check_rope_backward(dq, dk, cos, sin);
+  auto [c, s] = rope_tables(cos, sin, dq.size(1));
+  std::vector<at::Tensor> outs;
+  for (const at::Tensor& grad : {dq, dk}) {
+    at::Tensor g = grad.to(at::kFloat).contiguous();
+    at::Tensor out = at::empty_like(g);
+    rope_backward_cpu(g.data_ptr<float>(), out.data_ptr<float>(), c.data_ptr<float>(), s.data_ptr<float>(),
+                      c.stride(0), g.size(0), g.size(1), g.size(2), g.size(3));
+    outs.push_back(out.to(grad.scalar_type()));
+  }
+  return {outs[0], outs[1]};
+}
+
+#ifdef LLAMA_FAST_WITH_CUDA
+std::tuple<at::Tensor, at::Tensor> rope_backward_cuda_impl(const at::Tensor& dq, const at::Tensor& dk,
+                                                           const at::Tensor& cos, const at::Tensor& sin) {
+  check_rope_backward(dq, dk, cos, sin);
+  const c10::cuda::CUDAGuard guard(dq.device());
+  auto [c, s] = rope_tables(cos, sin, dq.size(1));
+  at::Tensor dq_out = at::empty_like(dq, at::MemoryFormat::Contiguous);
+  at::Tensor dk_out = at::empty_like(dk, at::MemoryFormat::Contiguous);
+  RopeBackwardArgs args{};
+  args.dtype = dtype_of(dq, "dq");
+  args.dq = dq.data_ptr();
+  args.dk = dk.data_ptr();
+  for (int d = 0; d < 4; ++d) {
+    args.dq_stride[d] = dq.stride(d);
+    args.dk_stride[d] = dk.stride(d);
+  }
+  args.dq_out = dq_out.data_ptr();
+  args.dk_out = dk_out.data_ptr();
+  args.cos = c.data_ptr<float>();
+  args.sin = s.data_ptr<float>();
+  args.table_row_stride = c.stride(0);
+  args.batch = dq.size(0);
+  args.seq = dq.size(1);
+  args.q_heads = dq.size(2);
+  args.k_heads = dk.size(2);
+  args.head_dim = dq.size(3);
+  check_cuda(rope_backward_cuda(args, at::cuda::getCurrentCUDAStream().stream()), "rope_backward");
+  return {dq_out, dk_out};
+}
+#endif
+// --- end elementwise ops ---
+
 }  // namespace
 }  // namespace llama_fast
 
 TORCH_LIBRARY(llama_fast, m) {
   m.def("rms_norm_backward(Tensor dy, Tensor x, Tensor weight, Tensor rstd, Tensor? dresidual=None)"
         " -> (Tensor, Tensor)");
+  // --- elementwise ops (issue 3) ---
+  m.def("swiglu_backward(Tensor dy, Tensor gate, Tensor up) -> (Tensor, Tensor)");
+  m.def("rope_backward(Tensor dq, Tensor dk, Tensor cos, Tensor sin) -> (Tensor, Tensor)");
+  // --- end elementwise ops ---
 }
 
 TORCH_LIBRARY_IMPL(llama_fast, CPU, m) {
   m.impl("rms_norm_backward", &llama_fast::rms_norm_backward_cpu_impl);
+  // --- elementwise ops (issue 3) ---
+  m.impl("swiglu_backward", &llama_fast::swiglu_backward_cpu_impl);
+  m.impl("rope_backward", &llama_fast::rope_backward_cpu_impl);
+  // --- end elementwise ops ---
 }
 
 #ifdef LLAMA_FAST_WITH_CUDA
 TORCH_LIBRARY_IMPL(llama_fast, CUDA, m) {
   m.impl("rms_norm_backward", &llama_fast::rms_norm_backward_cuda_impl);
+  // --- elementwise ops (issue 3) ---
+  m.impl("swiglu_backward", &llama_fast::swiglu_backward_cuda_impl);
+  m.impl("rope_backward", &llama_fast::rope_backward_cuda_impl);
+  // --- end elementwise ops ---
 }
 #endif
 

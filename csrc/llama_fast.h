@@ -43,4 +43,57 @@ void rms_norm_backward_cpu(const float* dy, int64_t dy_row_stride, const float* 
 // of stage one; the caller picks it, e.g. a few per SM). Returns 0 or a cudaError_t value.
 int rms_norm_backward_cuda(const RmsNormBackwardArgs& args, float* partials, int num_partials, void* stream);
 
+// ---------------------------------------------------------------------------------------------
+// SwiGLU backward.   y = silu(gate) * up,  s = sigmoid(gate)   (s recomputed, not saved)
+//   dgate = dy * up * s * (1 + gate * (1 - s))
+//   dup   = dy * gate * s
+// dy, gate, up: [rows, cols] in `dtype` with row strides (gate and up may be the two halves of one
+// fused [rows, 2 * cols] GEMM output); dgate, dup: [rows, cols] contiguous in `dtype`.
+// ---------------------------------------------------------------------------------------------
+struct SwigluBackwardArgs {
+  DType dtype;
+  const void* dy;   int64_t dy_row_stride;
+  const void* gate; int64_t gate_row_stride;
+  const void* up;   int64_t up_row_stride;
+  void* dgate;
+  void* dup;
+  int64_t rows, cols;
+};
+
+// CPU: fp32 only (the binding converts).
+void swiglu_backward_cpu(const float* dy, int64_t dy_row_stride, const float* gate, int64_t gate_row_stride,
+                         const float* up, int64_t up_row_stride, float* dgate, float* dup, int64_t rows,
+                         int64_t cols);
+
+// CUDA: returns 0 or a cudaError_t value.
+int swiglu_backward_cuda(const SwigluBackwardArgs& args, void* stream);
+
+// ---------------------------------------------------------------------------------------------
+// RoPE backward (half-split convention). The forward rotates each head vector x at position p by
+// +theta: out1 = x1 c - x2 s, out2 = x2 c + x1 s (x1, x2 the two halves, c = cos[p], s = sin[p]);
+// the gradient is the rotation by -theta:
+//   dx1 = d1 c + d2 s,   dx2 = d2 c - d1 s
+// dq: [batch, seq, q_heads, head_dim], dk: [batch, seq, k_heads, head_dim], both in `dtype` with
+// arbitrary element strides (b, s, h, d); dq_out, dk_out: contiguous in `dtype`;
+// cos, sin: fp32 [>= seq, head_dim / 2] with contiguous columns and row stride table_row_stride.
+// ---------------------------------------------------------------------------------------------
+struct RopeBackwardArgs {
+  DType dtype;
+  const void* dq; int64_t dq_stride[4];
+  const void* dk; int64_t dk_stride[4];
+  void* dq_out;
+  void* dk_out;
+  const float* cos;
+  const float* sin;
+  int64_t table_row_stride;
+  int64_t batch, seq, q_heads, k_heads, head_dim;
+};
+
+// CPU: fp32, contiguous grad [batch, seq, heads, head_dim] -> contiguous out; called per tensor.
+void rope_backward_cpu(const float* grad, float* out, const float* cos, const float* sin, int64_t table_row_stride,
+                       int64_t batch, int64_t seq, int64_t heads, int64_t head_dim);
+
+// CUDA: dq and dk in one launch. Returns 0 or a cudaError_t value.
+int rope_backward_cuda(const RopeBackwardArgs& args, void* stream);
+
 }  // namespace llama_fast

@@ -30,6 +30,17 @@ if AVAILABLE:
     def _rms_norm_backward_fake(dy, x, weight, rstd, dresidual=None):
         return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight)
 
+    # --- elementwise ops (issue 3) ---
+    @torch.library.register_fake("llama_fast::swiglu_backward")
+    def _swiglu_backward_fake(dy, gate, up):
+        return gate.new_empty(gate.shape), gate.new_empty(gate.shape)
+
+    @torch.library.register_fake("llama_fast::rope_backward")
+    def _rope_backward_fake(dq, dk, cos, sin):
+        return dq.new_empty(dq.shape), dk.new_empty(dk.shape)
+
+    # --- end elementwise ops ---
+
 
 def has_kernel(device_type: str) -> bool:
     """Whether the extension holds kernels for tensors on this device type ("cpu" or "cuda")."""

@@ -3,3 +3,8 @@
 Same names and signatures as ``llama_fast.reference``. This package is the only
 place that chooses an implementation for a given device and build.
 """
+# --- elementwise and normalisation ops (issue 3) ---
+from .rms_norm import add_rms_norm, rms_norm
+from .rope import rope
+from .swiglu import swiglu
+# --- end elementwise and normalisation ops ---

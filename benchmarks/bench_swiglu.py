@@ -1,0 +1,70 @@
+"""SwiGLU forward and backward, 16384 x 11008 bf16: ours, eager reference, compiled reference, Liger.
+
+Bytes: forward reads gate and up and writes y (3 * rows * F * 2 B); backward reads dy, gate, up
+and writes dgate, dup (5 * rows * F * 2 B).
+"""
+import pytest
+import torch
+from common import compiled, liger, record, requires_cuda, validate
+
+from llama_fast import ops, reference
+
+pytestmark = requires_cuda
+
+ROWS, F, DTYPE = 16384, 11008, torch.bfloat16
+PROVIDERS = ["ours", "torch_eager", "torch_compile", "liger"]
+
+
+def provider_fn(name):
+    if name == "ours":
+        return ops.swiglu
+    if name == "torch_eager":
+        return reference.swiglu
+    if name == "torch_compile":
+        return compiled(reference.swiglu)
+    sw = liger("ops.swiglu")
+    return lambda g, u: sw.LigerSiLUMulFunction.apply(g, u)
+
+
+def make_inputs():
+    gate = (torch.randn(ROWS, F, device="cuda") * 3).to(DTYPE).requires_grad_()
+    up = torch.randn(ROWS, F, device="cuda", dtype=DTYPE).requires_grad_()
+    return gate, up, torch.randn(ROWS, F, device="cuda", dtype=DTYPE)
+
+
+def reference_grads(gate, up, dy, dtype):
+    gate = gate.detach().to(dtype).requires_grad_()
+    up = up.detach().to(dtype).requires_grad_()
+    y = reference.swiglu(gate, up)
+    return (y.detach(), *torch.autograd.grad(y, (gate, up), dy.to(dtype)))
+
+
+@pytest.mark.benchmark(group="swiglu forward 16384x11008 bf16")
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_forward(benchmark, provider):
+    fn = provider_fn(provider)
+    gate, up, dy = make_inputs()
+    hi, lo = reference_grads(gate, up, dy, torch.float32)[0], reference_grads(gate, up, dy, DTYPE)[0]
+    with torch.no_grad():
+        validate("y", fn(gate, up), hi, lo, strict=provider != "liger")
+        record(
+            benchmark, lambda: fn(gate, up), bytes=3 * gate.numel() * gate.element_size(),
+            formula="read gate, up + write y = 3 * rows * F * 2 B",
+        )
+
+
+@pytest.mark.benchmark(group="swiglu backward 16384x11008 bf16")
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_backward(benchmark, provider):
+    fn = provider_fn(provider)
+    gate, up, dy = make_inputs()
+    hi, lo = reference_grads(gate, up, dy, torch.float32), reference_grads(gate, up, dy, DTYPE)
+    y = fn(gate, up)
+    dgate, dup = torch.autograd.grad(y, (gate, up), dy, retain_graph=True)
+    validate("dgate", dgate, hi[1], lo[1], strict=provider != "liger")
+    validate("dup", dup, hi[2], lo[2], strict=provider != "liger")
+    record(
+        benchmark, lambda: torch.autograd.grad(y, (gate, up), dy, retain_graph=True),
+        bytes=5 * gate.numel() * gate.element_size(),
+        formula="read dy, gate, up + write dgate, dup = 5 * rows * F * 2 B",
+    )

@@ -1,0 +1,120 @@
+"""Shared helpers for the pytest-benchmark suites in benchmarks/.
+
+Every case follows the same steps (llm.c's habit: validate, then time):
+
+    fn = ...                                   # a zero-argument callable that launches the work
+    validate("y", got, ref_high, ref_low)      # result checked against llama_fast.reference first
+    record(benchmark, fn, bytes=..., formula="...")   # CUDA-event timing, GB/s or TFLOP/s in extra_info
+
+API:
+  requires_cuda               pytest mark: skip (with the reason) where no CUDA device is visible
+  cuda_time_ms(fn, warmup, reps) -> float
+                              median milliseconds of fn() over `reps` runs, each timed by its own pair
+                              of CUDA events on the current stream, after `warmup` untimed runs
+  record(benchmark, fn, *, bytes=None, flops=None, formula="", warmup=10, reps=50) -> float
+                              times fn with cuda_time_ms, stores ms, GB/s (bytes / s / 1e9) and/or
+                              TFLOP/s with the formula in benchmark.extra_info, and lets pytest-benchmark
+                              time synchronized calls for its own table; returns the median ms
+  validate(name, got, ref_high, ref_low, *, strict=True, floor_scale=1.0)
+                              strict: llama_fast.testing's 2x rule (floor_scale widens the absolute
+                              floor, e.g. sqrt(rows) for a sum over rows); strict=False (peers that round
+                              differently, e.g. Liger's casting modes): within 2e-2 of the
+                              fp32 reference, relative to its largest magnitude
+  liger(module)               imports liger_kernel.<module> or skips with the reason
+  compiled(fn)                torch.compile(fn), cached per function (compile once per session)
+"""
+from __future__ import annotations
+
+import importlib
+import statistics
+from typing import Callable
+
+import pytest
+import torch
+
+from llama_fast.testing import assert_within_2x, default_floor, max_abs_error
+
+requires_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="benchmarks time CUDA kernels; no CUDA device is visible"
+)
+
+
+def cuda_time_ms(fn: Callable[[], object], warmup: int = 10, reps: int = 50) -> float:
+    """Median milliseconds of fn() on the current CUDA stream (per-run CUDA events after warm-up)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for start, end in zip(starts, ends):
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+
+
+def record(
+    benchmark,
+    fn: Callable[[], object],
+    *,
+    bytes: int | None = None,
+    flops: float | None = None,
+    formula: str = "",
+    warmup: int = 10,
+    reps: int = 50,
+) -> float:
+    """Times fn, writes ms / GB/s / TFLOP/s and the formula into benchmark.extra_info; returns ms."""
+    ms = cuda_time_ms(fn, warmup, reps)
+    info = {"median_ms_cuda_events": ms, "formula": formula}
+    if bytes is not None:
+        info["bytes"] = bytes
+        info["GB/s"] = bytes / (ms * 1e-3) / 1e9
+    if flops is not None:
+        info["flops"] = flops
+        info["TFLOP/s"] = flops / (ms * 1e-3) / 1e12
+    benchmark.extra_info.update(info)
+
+    def synchronized():
+        fn()
+        torch.cuda.synchronize()
+
+    benchmark.pedantic(synchronized, rounds=reps, warmup_rounds=warmup, iterations=1)
+    return ms
+
+
+def validate(
+    name: str,
+    got: torch.Tensor,
+    ref_high: torch.Tensor,
+    ref_low: torch.Tensor,
+    *,
+    strict: bool = True,
+    floor_scale: float = 1.0,
+) -> None:
+    """Checks a provider's result before it is timed (see the module docstring)."""
+    if strict:
+        floor = default_floor(got.dtype) * floor_scale
+        assert_within_2x(name, got.float(), ref_high.float(), ref_low.float(), floor=floor)
+        return
+    scale = ref_high.float().abs().max().item() or 1.0
+    err = max_abs_error(got.float(), ref_high.float())
+    assert err <= 2e-2 * scale, f"{name}: max abs error {err:.3e} exceeds 2e-2 of the reference's max {scale:.3e}"
+
+
+def liger(module: str):
+    """liger_kernel.<module>, or a skip saying why it cannot be compared."""
+    try:
+        return importlib.import_module(f"liger_kernel.{module}")
+    except ImportError as exc:
+        pytest.skip(f"Liger-Kernel not importable ({exc}); install liger-kernel to compare against it")
+
+
+_compiled: dict[Callable, Callable] = {}
+
+
+def compiled(fn: Callable) -> Callable:
+    """torch.compile(fn), built once per function."""
+    if fn not in _compiled:
+        _compiled[fn] = torch.compile(fn)
+    return _compiled[fn]

@@ -1,0 +1,79 @@
+"""swiglu: Triton forward, compiled backward, as torch.library custom ops.
+
+gate and up may be the two halves of one fused [gate, up] GEMM output (``.chunk(2, -1)`` views with
+row stride 2F): the kernels read them in place. Saved for backward: gate and up themselves (which
+the GEMM output already holds); silu is recomputed rather than stored.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._common import as_rows, check_float, check_like, compiled_backward, triton_runs_on
+
+
+def _check(gate: torch.Tensor, up: torch.Tensor) -> None:
+    check_float("gate", gate)
+    if gate.dim() == 0:
+        raise ValueError("gate must have at least one dimension, got a scalar")
+    check_like("gate", gate, "up", up)
+
+
+@torch.library.custom_op("llama_fast::swiglu_forward", mutates_args=())
+def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, contiguous, in gate.dtype."""
+    gate2, up2 = as_rows(gate), as_rows(up)  # (rows, F), row strides kept
+    if triton_runs_on(gate.device):
+        from llama_fast.kernels import swiglu as kernels
+
+        y = kernels.swiglu_forward(gate2, up2)
+    else:
+        y = (torch.nn.functional.silu(gate2.float()) * up2.float()).to(gate.dtype)
+    return y.contiguous().view(gate.shape)
+
+
+@swiglu_forward.register_fake
+def _(gate, up):
+    return gate.new_empty(gate.shape)
+
+
+@torch.library.custom_op("llama_fast::swiglu_backward_fallback", mutates_args=())
+def swiglu_backward_fallback(
+    dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dgate, dup) where the extension has no kernel: Triton where it runs, else PyTorch math."""
+    dy2, gate2, up2 = as_rows(dy), as_rows(gate), as_rows(up)  # (rows, F)
+    if triton_runs_on(gate.device):
+        from llama_fast.kernels import swiglu as kernels
+
+        dgate, dup = kernels.swiglu_backward(dy2, gate2, up2)
+    else:
+        g, u, d = gate2.float(), up2.float(), dy2.float()
+        s = torch.sigmoid(g)
+        dgate = (d * u * s * (1 + g * (1 - s))).to(gate.dtype)
+        dup = (d * g * s).to(gate.dtype)
+    return dgate.contiguous().view(gate.shape), dup.contiguous().view(gate.shape)
+
+
+@swiglu_backward_fallback.register_fake
+def _(dy, gate, up):
+    return gate.new_empty(gate.shape), gate.new_empty(gate.shape)
+
+
+def _setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, dy):
+    gate, up = ctx.saved_tensors
+    if compiled_backward("swiglu", gate.device):
+        return torch.ops.llama_fast.swiglu_backward(dy, gate, up)
+    return swiglu_backward_fallback(dy, gate, up)
+
+
+swiglu_forward.register_autograd(_backward, setup_context=_setup)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up; math in fp32, result in gate.dtype. gate, up: [..., F], same dtype, any strides."""
+    _check(gate, up)
+    return swiglu_forward(gate, up)
