@@ -103,7 +103,7 @@ def expand_paths(inputs: list[str]) -> list[Path]:
     return sorted(files)
 
 
-def _read_text(path: Path) -> str | None:
+def read_text(path: Path) -> str | None:
     """The file's text, or None for a binary (non-UTF-8) or empty file."""
     try:
         text = path.read_text(encoding="utf-8")
@@ -160,7 +160,7 @@ def prepare(
     try:
         if tokenizer is None:
             all_files = [f for s in sources for f in files[s.name]]
-            texts = (t for t in map(_read_text, all_files) if t is not None)
+            texts = (t for t in map(read_text, all_files) if t is not None)
             tok = Tokenizer.train(texts, vocab_size, tmp / "tokenizer.model", input_sentence_size=300_000)
         else:
             tok = Tokenizer(tokenizer)
@@ -204,7 +204,7 @@ def _tokenize_source(source, files, tok, dtype, out, val_fraction, seed, progres
     index = {f: i for i, f in enumerate(files)}
     with open(out / f"{source.name}.train.bin", "wb") as train_f, open(out / f"{source.name}.val.bin", "wb") as val_f:
         for chunk in _chunks(files, ENCODE_CHUNK_BYTES):
-            texts = [(f, _read_text(f)) for f in chunk]
+            texts = [(f, read_text(f)) for f in chunk]
             kept = [(f, t) for f, t in texts if t is not None]
             skipped += len(texts) - len(kept)
             encoded = tok.encode_batch([t for _, t in kept], bos=True, eos=True)

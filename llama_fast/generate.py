@@ -38,8 +38,13 @@ def sample(
     top_p: float = 0.95,
     seed: int = 0,
     eos_id: int | None = None,
+    vocab_size: int | None = None,
 ) -> list[int]:
-    """The new token ids after ``prompt`` (stops early at ``eos_id``)."""
+    """The new token ids after ``prompt`` (stops early at ``eos_id``).
+
+    ``vocab_size``: draw only ids below it (the tokenizer's vocabulary, when the model's
+    embedding is padded beyond it).
+    """
     if not prompt:
         raise ValueError("sample: prompt must hold at least one token id (e.g. bos), got none")
     if temperature < 0:
@@ -65,7 +70,7 @@ def sample(
     with autocast:
         for _ in range(max_new_tokens):
             logits, _ = model(tokens, cache=cache)  # (1, S, vocab)
-            tokens = next_token(logits[:, -1], temperature, top_p, generator)  # (1, 1)
+            tokens = next_token(logits[:, -1, :vocab_size], temperature, top_p, generator)  # (1, 1)
             out.append(int(tokens))
             if eos_id is not None and out[-1] == eos_id:
                 break
@@ -114,7 +119,7 @@ def _cmd_generate(args) -> int:
     prompt = tok.encode(args.prompt, bos=True)
     for i in range(args.num_samples):
         new = sample(model, prompt, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                     seed=args.seed + i, eos_id=tok.eos_id)
+                     seed=args.seed + i, eos_id=tok.eos_id, vocab_size=tok.vocab_size)
         if args.num_samples > 1:
             print(f"--- sample {i}")
         print(tok.decode(prompt[1:] + new))

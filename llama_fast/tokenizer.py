@@ -155,15 +155,11 @@ def _nonempty_lines(texts: Iterable[str]) -> Iterator[str]:
         raise ValueError("Tokenizer.train inputs: the text iterator held no non-empty line")
 
 
-def _read_inputs(paths: list[str]) -> list[Path]:
-    from .data import expand_paths  # data imports this module; import lazily to keep the cycle one way
-
-    return expand_paths(paths)
-
-
 def _cmd_train(args) -> int:
-    files = _read_inputs(args.input)
-    texts = (f.read_text(encoding="utf-8", errors="replace") for f in files)
+    from .data import expand_paths, read_text  # data imports this module: import lazily
+
+    files = expand_paths(args.input)
+    texts = (t for t in map(read_text, files) if t is not None)  # binary files skipped
     tok = Tokenizer.train(texts, args.vocab_size, args.output, input_sentence_size=args.input_sentence_size)
     print(f"wrote {tok.path} (vocab {tok.vocab_size}, trained on {len(files)} files)")
     return 0

@@ -289,7 +289,8 @@ class Trainer:
         """A sample from the trained model (every rank samples: FSDP's forward is collective)."""
         tok = Tokenizer(self.tokenizer_path)
         prompt = tok.encode(self.config.log.sample_prompt, bos=True)
-        new = sample(self.model, prompt, self.config.log.sample_tokens, seed=self.config.train.seed, eos_id=tok.eos_id)
+        new = sample(self.model, prompt, self.config.log.sample_tokens, seed=self.config.train.seed, eos_id=tok.eos_id,
+                     vocab_size=tok.vocab_size)
         return tok.decode(prompt[1:] + new)
 
 
