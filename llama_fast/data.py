@@ -93,7 +93,7 @@ def expand_paths(inputs: list[str]) -> list[Path]:
             found = [path]
         elif path.is_dir():
             found = [p for p in path.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.relative_to(path).parts)]
-        elif glob.has_magic(spec):
+        elif any(ch in spec for ch in "*?["):
             found = [Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True) if Path(p).is_file()]
         else:
             raise FileNotFoundError(f"data input {spec!r}: no such file or directory")

@@ -14,7 +14,8 @@ VOCAB = 400
 def corpus(tmp_path_factory):
     rng = random.Random(0)
     path = tmp_path_factory.mktemp("tok") / "train.txt"
-    path.write_text("".join(document(rng, 30) for _ in range(30)))
+    # Frequent numbers: without split_digits BPE would merge "2024" or "100" into pieces.
+    path.write_text("".join(document(rng, 30) + "year 2024 count 1000 id 100\n" * 20 for _ in range(30)))
     return path
 
 
