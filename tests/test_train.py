@@ -115,6 +115,9 @@ def test_resume_after_sigterm_matches_uninterrupted_run(tmp_path, data, monkeypa
     state = ckpt.read_state(tmp_path / "resumed" / "checkpoints" / "step_0000006")
     assert state["config"]["model"]["overrides"] == {"vocab_size": VOCAB} and state["data"]["next_step"] == 7
     assert (tmp_path / "resumed" / "checkpoints" / "loss_curve.png").stat().st_size > 0
+    again = run(tmp_path / "resumed", data, "--checkpoint.interval", "1", "--checkpoint.keep", "2")
+    assert again["step"] == 6 and again["checkpoint"].endswith("step_0000006")  # nothing left to train
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "full")
 
 
 def torchrun(*args, nproc=2) -> subprocess.CompletedProcess:

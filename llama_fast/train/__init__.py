@@ -18,10 +18,16 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 
 def main_from_args(args: argparse.Namespace) -> int:
-    from .config import from_args
-    from .trainer import train
+    import sys
 
-    train(from_args(args))
+    from .config import from_args
+    from .trainer import NonFiniteError, train
+
+    try:
+        train(from_args(args))
+    except NonFiniteError as exc:
+        print(f"llama-fast train: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

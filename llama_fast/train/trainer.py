@@ -128,9 +128,11 @@ class Trainer:
         # FSDP casts parameters through its policy; elsewhere bf16 is autocast.
         self.autocast = torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=bf16 and t.parallel != "fsdp")
         self.optimizer = torch.optim.AdamW(
-            param_groups(self.model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps
+            param_groups(self.model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+            fused=d.device.type == "cuda" and t.parallel != "fsdp",  # one kernel per step where supported
         )
         self.step = 0
+        self.resumed_from: Path | None = None
         self.stop_requested = False
         self.peak_flops = peak_flops(d.device, config.log.peak_flops)
 
@@ -213,7 +215,7 @@ class Trainer:
         else:
             path = Path(resume)
         state = ckpt.load_checkpoint(path, self.model, self.optimizer, self.d)
-        self.step = state["step"]
+        self.step, self.resumed_from = state["step"], path
         saved_seq = state["data"]["seq_len"]
         if saved_seq != self.seq_len or state["data"]["global_sequences"] != self.global_sequences:
             raise ValueError(
@@ -233,6 +235,7 @@ class Trainer:
             ckpt.remove_stale_temporaries(ckpt.checkpoint_dir(self.run_dir))
         barrier(d)
         self.maybe_resume()
+        start_step = self.step
         metrics = Metrics(self.run_dir, d.is_main, self.step, c.train.max_steps, c.log.progress, c.log.tensorboard)
         n_params = self.model_config.num_params()
         metrics.print(
@@ -270,7 +273,8 @@ class Trainer:
                     break
                 if c.checkpoint.interval and step % c.checkpoint.interval == 0 and step < c.train.max_steps:
                     self.save()
-            path = self.save()
+            # A run resumed at max_steps has nothing new to save.
+            path = self.save() if self.step > start_step or self.resumed_from is None else self.resumed_from
             metrics.print(f"checkpoint: {path}")
         finally:
             for s, handler in previous.items():
