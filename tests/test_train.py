@@ -1,5 +1,4 @@
 """The trainer: schedule, config, resume, multi-process equivalence, robustness, the main job."""
-import json
 import math
 import os
 import signal

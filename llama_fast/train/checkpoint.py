@@ -202,6 +202,10 @@ def load_checkpoint(path: str | os.PathLike, model: Llama, optimizer: torch.opti
     options = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, load_file(path / "model.safetensors"), options=options)
     groups = json.loads((path / "optimizer.json").read_text())
+    # Moments and step counts come from the checkpoint; hyperparameters and the implementation
+    # (fused, foreach) from this run's optimizer, so a resumed run follows its own config.
+    for saved, current in zip(groups["param_groups"], optimizer.param_groups):
+        saved.update({k: v for k, v in current.items() if k != "params"})
     set_optimizer_state_dict(
         model, optimizer, _unflatten_optimizer(load_file(path / "optimizer.safetensors"), groups), options=options
     )
