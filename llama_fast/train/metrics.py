@@ -120,13 +120,16 @@ def _format(key: str, value) -> str:
 
 
 def plot_loss_curve(jsonl_path: str | Path, out_png: str | Path) -> Path | None:
-    """Training and validation loss against step, as a PNG (matplotlib's Agg backend)."""
+    """Training and validation loss against step, as a PNG (matplotlib's Agg backend); None without matplotlib."""
     records = read_jsonl(jsonl_path)
     train = [(r["step"], r["loss"]) for r in records if "loss" in r and math.isfinite(r["loss"])]
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     if not train:
         return None
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # optional: pip install llama_fast[train]
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
