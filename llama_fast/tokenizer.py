@@ -1,0 +1,203 @@
+"""The tokenizer: SentencePiece BPE as in the paper, with digits split and byte fallback.
+
+``Tokenizer(path)`` loads any SentencePiece ``tokenizer.model`` (Meta's included: vocab
+32000, unk=0, bos=1, eos=2, no pad); ``Tokenizer.train(...)`` trains a new one with the
+paper's options. Command line: ``llama-fast tokenizer train|encode|decode``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import sentencepiece as spm
+
+# Byte fallback reserves one piece per byte value, plus unk, bos and eos.
+MIN_VOCAB_SIZE = 256 + 3
+
+
+class Tokenizer:
+    """A SentencePiece model: text <-> token ids."""
+
+    def __init__(self, path: str | os.PathLike):
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer model: expected a SentencePiece .model file, got {str(path)!r} (no such file)")
+        self.path = path
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.Load(str(path))
+        except (OSError, RuntimeError) as exc:
+            raise ValueError(f"tokenizer model: {str(path)!r} is not a SentencePiece model ({exc})") from exc
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.GetPieceSize()
+
+    @property
+    def bos_id(self) -> int:
+        return self.sp.bos_id()
+
+    @property
+    def eos_id(self) -> int:
+        return self.sp.eos_id()
+
+    @property
+    def pad_id(self) -> int:
+        """-1 when the model has no pad piece (Meta's tokenizer and ours)."""
+        return self.sp.pad_id()
+
+    @property
+    def unk_id(self) -> int:
+        return self.sp.unk_id()
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"encode: text must be str, got {type(text).__name__}")
+        ids = self.sp.EncodeAsIds(text)
+        return [self.bos_id] * bos + ids + [self.eos_id] * eos
+
+    def encode_batch(self, texts: list[str], bos: bool = True, eos: bool = False, num_threads: int = 0) -> list[list[int]]:
+        """Several texts at once on ``num_threads`` threads (0: all cores)."""
+        ids = self.sp.Encode(texts, out_type=int, num_threads=num_threads or os.cpu_count() or 1)
+        head, tail = [self.bos_id] * bos, [self.eos_id] * eos
+        return [head + x + tail for x in ids]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"decode: ids must lie in [0, {self.vocab_size}), got {bad[:5]}")
+        return self.sp.DecodeIds(ids)
+
+    @classmethod
+    def train(
+        cls,
+        inputs: Iterable[str | os.PathLike] | Iterator[str],
+        vocab_size: int,
+        output_path: str | os.PathLike,
+        *,
+        input_sentence_size: int = 2_000_000,
+        character_coverage: float = 0.9995,
+        max_sentence_length: int = 16384,
+        num_threads: int = 0,
+        seed_sentencepiece_size: int = 200_000,
+    ) -> "Tokenizer":
+        """Train a BPE model on text files or an iterator of text lines; write ``output_path``.
+
+        The paper's options: BPE, numbers split into single digits, byte fallback for
+        characters outside the vocabulary, unk=0, bos=1, eos=2 and no pad (as Meta's
+        tokenizer). At most ``input_sentence_size`` lines are sampled from the input,
+        which keeps training fast on large corpora.
+        """
+        if not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB_SIZE:
+            raise ValueError(
+                f"vocab_size must be an int >= {MIN_VOCAB_SIZE} (256 byte-fallback pieces + unk, bos, eos), "
+                f"got {vocab_size!r}"
+            )
+        output_path = Path(output_path)
+        if output_path.suffix != ".model":
+            raise ValueError(f"output_path must end in .model, got {str(output_path)!r}")
+        output_path.parent.mkdir(parents=True, exist_ok=True)
+        options = dict(
+            model_prefix=str(output_path.with_suffix("")),
+            vocab_size=vocab_size,
+            model_type="bpe",
+            split_digits=True,
+            byte_fallback=True,
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=-1,
+            character_coverage=character_coverage,
+            input_sentence_size=input_sentence_size,
+            shuffle_input_sentence=True,
+            max_sentence_length=max_sentence_length,
+            seed_sentencepiece_size=seed_sentencepiece_size,
+            # Keep whitespace runs (indentation in code) and do not rewrite the text.
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True,
+            split_by_whitespace=True,
+            num_threads=num_threads or os.cpu_count() or 1,
+            minloglevel=2,
+        )
+        if isinstance(inputs, (str, os.PathLike)):
+            inputs = [inputs]
+        if isinstance(inputs, (list, tuple)):
+            paths = [Path(p) for p in inputs]
+            missing = [str(p) for p in paths if not p.is_file()]
+            if missing:
+                raise FileNotFoundError(f"Tokenizer.train inputs: expected text files, missing {missing}")
+            if not paths:
+                raise ValueError("Tokenizer.train inputs: expected at least one text file, got none")
+            options["input"] = ",".join(str(p) for p in paths)
+        else:
+            options["sentence_iterator"] = _nonempty_lines(inputs)
+        try:
+            spm.SentencePieceTrainer.Train(**options)
+        except RuntimeError as exc:
+            raise ValueError(f"SentencePiece training failed for vocab_size={vocab_size}: {exc}") from exc
+        return cls(output_path)
+
+
+def _nonempty_lines(texts: Iterable[str]) -> Iterator[str]:
+    """SentencePiece trains on lines; split multi-line texts and drop empty lines."""
+    seen = False
+    for text in texts:
+        for line in text.splitlines():
+            if line.strip():
+                seen = True
+                yield line
+    if not seen:
+        raise ValueError("Tokenizer.train inputs: the text iterator held no non-empty line")
+
+
+def _cmd_train(args) -> int:
+    from .data import expand_paths, read_text  # data imports this module: import lazily
+
+    files = expand_paths(args.input)
+    texts = (t for t in map(read_text, files) if t is not None)  # binary files skipped
+    tok = Tokenizer.train(texts, args.vocab_size, args.output, input_sentence_size=args.input_sentence_size)
+    print(f"wrote {tok.path} (vocab {tok.vocab_size}, trained on {len(files)} files)")
+    return 0
+
+
+def _cmd_encode(args) -> int:
+    tok = Tokenizer(args.model)
+    text = args.text if args.text is not None else sys.stdin.read()
+    print(" ".join(map(str, tok.encode(text, bos=args.bos, eos=args.eos))))
+    return 0
+
+
+def _cmd_decode(args) -> int:
+    tok = Tokenizer(args.model)
+    ids = args.ids if args.ids else sys.stdin.read().split()
+    print(tok.decode(int(i) for i in ids))
+    return 0
+
+
+def add_cli(subparsers) -> None:
+    parser = subparsers.add_parser("tokenizer", help="train a SentencePiece tokenizer, encode or decode text")
+    sub = parser.add_subparsers(dest="tokenizer_command", required=True)
+
+    train = sub.add_parser("train", help="train a BPE tokenizer (digits split, byte fallback)")
+    train.add_argument("--input", nargs="+", required=True, help="text files, directories or globs")
+    train.add_argument("--vocab-size", type=int, required=True)
+    train.add_argument("--output", required=True, help="path of the .model file to write")
+    train.add_argument("--input-sentence-size", type=int, default=2_000_000, help="lines sampled for training")
+    train.set_defaults(func=_cmd_train)
+
+    encode = sub.add_parser("encode", help="print the token ids of a text (or of stdin)")
+    encode.add_argument("--model", required=True)
+    encode.add_argument("--text")
+    encode.add_argument("--bos", action=argparse.BooleanOptionalAction, default=True)
+    encode.add_argument("--eos", action=argparse.BooleanOptionalAction, default=False)
+    encode.set_defaults(func=_cmd_encode)
+
+    decode = sub.add_parser("decode", help="print the text of token ids (arguments or stdin)")
+    decode.add_argument("--model", required=True)
+    decode.add_argument("ids", nargs="*")
+    decode.set_defaults(func=_cmd_decode)

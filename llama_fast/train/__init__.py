@@ -1,0 +1,42 @@
+"""The trainer: ``llama-fast train`` (one process) or ``torchrun ... -m llama_fast.train`` (many).
+
+Parts: config (file + flags), parallelize (DDP / FSDP2 from outside the model),
+checkpoint (atomic, pickle-free), metrics (progress, JSONL, plot), trainer (the loop).
+"""
+from __future__ import annotations
+
+import argparse
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    from .config import add_arguments
+
+    parser = parser or argparse.ArgumentParser(prog="python -m llama_fast.train", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    parser.set_defaults(func=main_from_args)
+    return parser
+
+
+def main_from_args(args: argparse.Namespace) -> int:
+    import sys
+
+    from .config import from_args
+    from .trainer import NonFiniteError, train
+
+    try:
+        train(from_args(args))
+    except NonFiniteError as exc:
+        print(f"llama-fast train: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return main_from_args(build_parser().parse_args(argv))
+
+
+def add_cli(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "train", help="train a LLaMA model (default: the small flavor on the Python standard library)"
+    )
+    build_parser(parser)

@@ -1,0 +1,134 @@
+"""Parallelism, applied to a model from outside it (the model never imports torch.distributed).
+
+``init_distributed`` joins the process group torchrun describes (NCCL on GPUs, gloo on
+CPU). ``build_model`` builds the model on the meta device and materializes it on the
+target device: whole for one process or DDP, shard by shard for FSDP2 (``fully_shard`` on
+each block, then the root; ``to_empty`` then ``init_weights``, so no process ever holds the
+full model).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from ..config import LlamaConfig
+from ..model import Llama
+
+try:  # torch >= 2.6
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+except ImportError:  # torch 2.4 / 2.5
+    from torch.distributed._composable.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+# "auto" picks FSDP when parameters, gradients and AdamW's two moments (16 bytes per
+# parameter in fp32) would take more than this share of one device's memory.
+DDP_MEMORY_SHARE = 0.5
+
+
+@dataclass
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str = "auto") -> Dist:
+    """Join torchrun's process group when WORLD_SIZE > 1; pick this process's device."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device='cuda' but torch.cuda.is_available() is False")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        kwargs = {"device_id": dev} if dev.type == "cuda" else {}
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", **kwargs)
+    return Dist(rank, world_size, local_rank, dev)
+
+
+def choose_parallel(requested: str, config: LlamaConfig, d: Dist) -> str:
+    if requested != "auto":
+        if requested != "none" and d.world_size == 1:
+            return "none"  # one process: nothing to wrap
+        if requested == "none" and d.world_size > 1:
+            raise ValueError(f"train.parallel='none' with {d.world_size} processes; expected ddp or fsdp")
+        return requested
+    if d.world_size == 1:
+        return "none"
+    if d.device.type == "cuda":
+        state_bytes = 16 * config.num_params()
+        if state_bytes > DDP_MEMORY_SHARE * torch.cuda.get_device_properties(d.device).total_memory:
+            return "fsdp"
+    return "ddp"
+
+
+def build_model(
+    config: LlamaConfig,
+    backend: str,
+    d: Dist,
+    parallel: str,
+    seed: int,
+    param_dtype: torch.dtype | None = None,
+) -> tuple[Llama, nn.Module]:
+    """(the model, the module to call for training): the same object except under DDP.
+
+    ``param_dtype`` (FSDP only) is the dtype parameters are gathered in for compute;
+    gradients are reduced in fp32.
+    """
+    with torch.device("meta"):
+        model = Llama(config, backend=backend)
+    if parallel == "fsdp":
+        mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+        for block in model.layers:
+            fully_shard(block, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
+    model.to_empty(device=d.device)
+    model.init_weights(seed=seed)
+    if parallel == "ddp":
+        ids = [d.device.index] if d.device.type == "cuda" else None
+        return model, nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    return model, model
+
+
+def is_fsdp(model: nn.Module) -> bool:
+    return isinstance(model, FSDPModule)
+
+
+def all_reduce_mean(value: torch.Tensor, d: Dist) -> torch.Tensor:
+    if d.world_size > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value = value / d.world_size
+    return value
+
+
+def any_rank(flag: bool, d: Dist) -> bool:
+    """True on every rank when it is True on one (e.g. a stop signal seen by some)."""
+    if d.world_size == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=d.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def barrier(d: Dist) -> None:
+    if d.world_size > 1:
+        dist.barrier()
+
+
+def shutdown(d: Dist) -> None:
+    if d.world_size > 1 and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,259 @@
+"""The trainer: schedule, config, resume, multi-process equivalence, robustness, the main job."""
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from synthetic_text import write_corpus
+
+from llama_fast.data import parse_source, prepare
+from llama_fast.train import build_parser
+from llama_fast.train import checkpoint as ckpt
+from llama_fast.train.config import TrainConfig, from_args
+from llama_fast.train.metrics import read_jsonl
+from llama_fast.train.trainer import NonFiniteError, Trainer, lr_at, param_groups, train
+
+VOCAB = 512
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_data")
+    sources = [parse_source(f"a={write_corpus(root / 'a', 30, seed=1)}:0.6"),
+               parse_source(f"b={write_corpus(root / 'b', 20, seed=2)}:0.4")]
+    return prepare(sources, root / "prepared", vocab_size=VOCAB, val_fraction=0.1, progress=False)
+
+
+def tiny_args(run_dir, data, *extra) -> list[str]:
+    """A tiny model, 8 sequences of 32 tokens per step in 2 micro-batches of 4, every step logged."""
+    return ["--run-dir", str(run_dir), "--data", str(data), "--flavor", "tiny", "--model.vocab_size", str(VOCAB),
+            "--seq-len", "32", "--train.batch_tokens", "256", "--train.micro_batch", "4", "--steps", "6",
+            "--log.interval", "1", "--log.eval_interval", "0", "--log.progress", "false", "--log.sample_tokens", "0",
+            "--checkpoint.interval", "0", *extra]
+
+
+def run(run_dir, data, *extra) -> dict:
+    return train(from_args(build_parser().parse_args(tiny_args(run_dir, data, *extra))))
+
+
+def losses(run_dir) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_jsonl(Path(run_dir) / "metrics.jsonl") if "loss" in r}
+
+
+def test_lr_schedule():
+    peak, warmup, steps = 1e-3, 10, 110
+    assert lr_at(1, peak, warmup, steps, 0.1) == pytest.approx(1e-4)
+    assert lr_at(10, peak, warmup, steps, 0.1) == pytest.approx(peak)
+    assert lr_at(60, peak, warmup, steps, 0.1) == pytest.approx(0.55 * peak)  # cosine half way
+    assert lr_at(110, peak, warmup, steps, 0.1) == pytest.approx(0.1 * peak)
+    lrs = [lr_at(s, peak, warmup, steps, 0.1) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_weight_decay_skips_norms_and_embedding():
+    from llama_fast import Llama, LlamaConfig
+
+    model = Llama(LlamaConfig.from_name("tiny"))
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert {names[id(p)] for p in no_decay["params"]} == {"embed.weight", "norm.weight"} | {
+        f"layers.{i}.{n}_norm.weight" for i in range(2) for n in ("attn", "mlp")}
+    assert "lm_head.weight" in {names[id(p)] for p in decay["params"]}
+
+
+def test_config_file_then_flags(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('run_dir = "r"\n[model]\nflavor = "tiny"\ndim = 128\n[optim]\nlr = 3e-4\n'
+                    '[data]\nsources = ["code=/x:0.7", "prose=/y:0.3"]\n')
+    config = from_args(build_parser().parse_args(["--config", str(toml), "--optim.lr", "1e-4", "--model.n_layers", "3"]))
+    assert (config.run_dir, config.model.flavor, config.optim.lr) == ("r", "tiny", 1e-4)
+    assert config.model.overrides == {"dim": 128, "n_layers": 3}
+    assert config.llama_config().dim == 128 and config.data.sources == ["code=/x:0.7", "prose=/y:0.3"]
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("train:\n  max_steps: 7\nlog:\n  progress: false\n")
+    config = from_args(build_parser().parse_args(["--config", str(yaml_file), "--steps", "9"]))
+    assert config.train.max_steps == 9 and config.log.progress is False
+    assert TrainConfig.from_dict(config.to_dict()) == config
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[optim]\nlearning_rate = 1\n")
+    with pytest.raises(ValueError, match="unknown field 'optim.learning_rate'"):
+        from_args(build_parser().parse_args(["--config", str(bad)]))
+    with pytest.raises(ValueError, match="train.max_steps: expected int, got 'many'"):
+        from_args(build_parser().parse_args(["--steps", "many"]))
+    with pytest.raises(ValueError, match="train.parallel: expected one of"):
+        from_args(build_parser().parse_args(["--train.parallel", "tp"]))
+
+
+def test_resume_after_sigterm_matches_uninterrupted_run(tmp_path, data, monkeypatch):
+    full = run(tmp_path / "full", data)
+    assert full["step"] == 6 and not full["stopped"]
+
+    original = Trainer.train_step
+
+    def stop_after_step_3(self, step):
+        out = original(self, step)
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler saves and exits at the end of the step
+        return out
+
+    monkeypatch.setattr(Trainer, "train_step", stop_after_step_3)
+    stopped = run(tmp_path / "resumed", data, "--checkpoint.interval", "1", "--checkpoint.keep", "2")
+    assert stopped["step"] == 3 and stopped["stopped"]
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "resumed" / "checkpoints")] == ["step_0000002", "step_0000003"]
+    monkeypatch.setattr(Trainer, "train_step", original)
+
+    resumed = run(tmp_path / "resumed", data, "--checkpoint.interval", "1", "--checkpoint.keep", "2")
+    assert resumed["step"] == 6
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "full")  # bit-identical, steps 1..6
+    state = ckpt.read_state(tmp_path / "resumed" / "checkpoints" / "step_0000006")
+    assert state["config"]["model"]["overrides"] == {"vocab_size": VOCAB} and state["data"]["next_step"] == 7
+    assert (tmp_path / "resumed" / "checkpoints" / "loss_curve.png").stat().st_size > 0
+    again = run(tmp_path / "resumed", data, "--checkpoint.interval", "1", "--checkpoint.keep", "2")
+    assert again["step"] == 6 and again["checkpoint"].endswith("step_0000006")  # nothing left to train
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "full")
+
+
+def torchrun(*args, nproc=2) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "llama_fast.train", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_two_processes_match_one(tmp_path, data):
+    """2 gloo processes x 1 micro-batch == 1 process x 2 accumulated micro-batches (same global batch)."""
+    run(tmp_path / "one", data, "--steps", "4")
+    torchrun(*tiny_args(tmp_path / "two", data, "--steps", "4"))
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(one) == sorted(two) == [1, 2, 3, 4]
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-5, abs=0)
+    state = ckpt.read_state(tmp_path / "two" / "checkpoints" / "step_0000004")
+    assert state["world_size"] == 2 and state["config"]["train"]["parallel"] == "ddp"
+
+
+def test_fsdp_resumes_a_checkpoint_and_matches_one_process(tmp_path, data):
+    """FSDP2 (gloo, CPU) loads a full checkpoint shard by shard and trains as one process does."""
+    run(tmp_path / "start", data, "--steps", "4", "--checkpoint.interval", "2")
+    start = tmp_path / "start" / "checkpoints" / "step_0000002"
+    run(tmp_path / "one", data, "--steps", "4", "--resume", str(start))
+    torchrun(*tiny_args(tmp_path / "fsdp", data, "--steps", "4", "--resume", str(start), "--train.parallel", "fsdp"))
+    one, fsdp = losses(tmp_path / "one"), losses(tmp_path / "fsdp")
+    assert sorted(fsdp) == [3, 4]
+    for step in fsdp:
+        assert fsdp[step] == pytest.approx(one[step], rel=1e-5, abs=0)
+    # The FSDP checkpoint holds the full model: it loads into one process.
+    model = ckpt.load_model(tmp_path / "fsdp")
+    reference = ckpt.load_model(tmp_path / "one")
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, data, monkeypatch):
+    calls = {"n": 0}
+    cross_entropy = torch.nn.functional.cross_entropy
+
+    def nan_from_step_3(*args, **kwargs):
+        calls["n"] += 1
+        loss = cross_entropy(*args, **kwargs)
+        return loss * math.nan if calls["n"] > 4 else loss  # 2 micro-batches per step
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", nan_from_step_3)
+    with pytest.raises(NonFiniteError, match="non-finite training at step 3: loss nan"):
+        run(tmp_path, data, "--checkpoint.interval", "2")
+    (last,) = ckpt.list_checkpoints(tmp_path / "checkpoints")
+    assert last.name == "step_0000002"
+    model = ckpt.load_model(tmp_path)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_checkpoint_is_atomic(tmp_path, data, monkeypatch):
+    run(tmp_path, data, "--steps", "2")
+    (tmp_path / "checkpoints" / ".step_0000009.tmp").mkdir()  # left by a save that was killed
+    real_save = ckpt.save_file
+
+    def disk_full(tensors, path):
+        if Path(path).name == "optimizer.safetensors":
+            raise OSError("No space left on device")
+        real_save(tensors, path)
+
+    monkeypatch.setattr(ckpt, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        run(tmp_path, data, "--steps", "4")
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir())
+    assert names == ["step_0000002"]  # no temporary, no partial step_0000004
+    assert ckpt.latest_checkpoint(tmp_path / "checkpoints").name == "step_0000002"
+    ckpt.load_model(tmp_path)
+
+
+def test_bad_inputs_get_clear_errors(tmp_path, data):
+    with pytest.raises(ValueError, match="vocabulary of 512 ids, which does not fit the model's vocab_size 256"):
+        run(tmp_path / "a", data, "--model.vocab_size", "256")
+    with pytest.raises(FileNotFoundError, match="no such file or directory"):
+        run(tmp_path / "b", tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "blank.txt").write_text("\n\n")
+    with pytest.raises(ValueError, match="no text found"):
+        run(tmp_path / "c", tmp_path / "empty", "--data.tokenizer", str(data / "tokenizer.model"))
+    with pytest.raises(ValueError, match="must be a multiple of seq_len \\* micro_batch"):
+        run(tmp_path / "d", data, "--train.batch_tokens", "100")
+    run(tmp_path / "e", data, "--steps", "1")
+    with pytest.raises(ValueError, match="another model config \\(dim: checkpoint 64 vs run 32"):
+        run(tmp_path / "e", data, "--model.dim", "32")
+    with pytest.raises(ValueError, match="data.seq_len \\(300\\) exceeds the model's max_seq_len \\(128\\)"):
+        run(tmp_path / "f", data, "--seq-len", "300")
+
+
+def _cli(*args) -> list[str]:
+    return [sys.executable, "-m", "llama_fast.cli", "train", *args]
+
+
+def test_main_job_shortened(tmp_path, data):
+    """The README's main job (small flavor, CLI, sample at the end) on small data and few steps."""
+    args = ["--run-dir", str(tmp_path), "--data", str(data), "--model.vocab_size", str(VOCAB), "--steps", "16",
+            "--seq-len", "32", "--train.batch_tokens", "256", "--train.micro_batch", "8", "--log.interval", "4",
+            "--log.eval_interval", "8", "--log.sample_tokens", "16", "--log.sample_prompt", "def kalo"]
+    proc = subprocess.run(_cli(*args), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "small (" in proc.stdout and "sample (prompt 'def kalo'):\ndef kalo" in proc.stdout
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    train_losses = [r["loss"] for r in records if "loss" in r]
+    assert len(train_losses) == 4 and train_losses[-1] < train_losses[0] - 0.5
+    assert [r["step"] for r in records if "val_loss" in r] == [8, 16]
+    last = [r for r in records if "loss" in r][-1]
+    assert last["tokens_per_s"] > 0 and last["mfu"] is None and last["peak_mem_gib"] > 0
+    assert (tmp_path / "checkpoints" / "loss_curve.png").is_file()
+
+
+def test_sigterm_from_outside_saves_and_exits_cleanly(tmp_path, data):
+    proc = subprocess.Popen(_cli(*tiny_args(tmp_path, data, "--steps", "100000")), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while len(losses(tmp_path)) < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert "stop requested: saving a checkpoint" in out
+    last = ckpt.latest_checkpoint(tmp_path / "checkpoints")
+    assert ckpt.read_state(last)["step"] == max(losses(tmp_path)) >= 2
+
+
+@pytest.mark.gpu
+def test_single_gpu_bf16_run(tmp_path, data):
+    """On a GPU: bf16 autocast, peak memory and MFU reported (reference backend: the trainer's path only)."""
+    summary = run(tmp_path, data, "--train.device", "cuda", "--backend", "reference", "--steps", "3")
+    state = ckpt.read_state(summary["checkpoint"])
+    assert state["config"]["train"]["mixed_precision"] == "bf16"
+    records = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "loss" in r]
+    assert len(records) == 3 and all(math.isfinite(r["loss"]) for r in records)
+    assert records[-1]["peak_mem_gib"] > 0
+    if "H100" in torch.cuda.get_device_name():
+        assert 0 < records[-1]["mfu"] < 1
