@@ -1,7 +1,4 @@
 """Sampling with the KV cache, from our checkpoints and (through llama_fast.convert) imported weights."""
-import sys
-import types
-
 import pytest
 import torch
 from synthetic_text import write_corpus
@@ -80,27 +77,31 @@ def test_cli_from_a_trained_checkpoint(tmp_path, capsys):
     assert capsys.readouterr().out == first  # seeded
 
 
-def test_imported_weights_go_through_convert(tmp_path, monkeypatch, capsys, model):
-    """A directory that is not a llama_fast checkpoint is read by llama_fast.convert.load_pretrained."""
+def test_imported_weights_go_through_convert(tmp_path, capsys):
+    """A Hugging Face directory is read by llama_fast.convert.load_pretrained and sampled from."""
+    from llama_fast.convert import save_hf
+    from llama_fast.tokenizer import Tokenizer
+
     data = prepare([parse_source(str(write_corpus(tmp_path / "text", 5)))], tmp_path / "prep", vocab_size=256 + 3 + 60,
                    progress=False)
-    hf_dir = tmp_path / "hf"
-    hf_dir.mkdir()
-    (hf_dir / "tokenizer.model").write_bytes((data / "tokenizer.model").read_bytes())
-    calls = []
     imported = Llama(LlamaConfig.from_name("tiny", vocab_size=512)).eval()
-
-    def load_pretrained(path, backend="reference", dtype=None, device="cpu"):
-        calls.append((path, backend, dtype, device))
-        return imported
-
-    monkeypatch.setitem(sys.modules, "llama_fast.convert", types.SimpleNamespace(load_pretrained=load_pretrained))
-    assert cli.main(["generate", "--checkpoint", str(hf_dir), "--prompt", "ka", "--max-new-tokens", "3",
-                     "--device", "cpu"]) == 0
-    assert calls == [(str(hf_dir), "reference", None, "cpu")]
-    assert capsys.readouterr().out.startswith("ka")
+    hf_dir = tmp_path / "hf"
+    save_hf(imported, None, hf_dir)
+    (hf_dir / "tokenizer.model").write_bytes((data / "tokenizer.model").read_bytes())
+    assert cli.main(["generate", "--checkpoint", str(hf_dir), "--prompt", "ka", "--max-new-tokens", "5",
+                     "--temperature", "0", "--device", "cpu"]) == 0
+    tok = Tokenizer(hf_dir / "tokenizer.model")
+    prompt = tok.encode("ka")
+    expected = tok.decode(prompt[1:] + sample(imported, prompt, 5, temperature=0, eos_id=tok.eos_id, vocab_size=tok.vocab_size))
+    assert capsys.readouterr().out.strip() == expected.strip()
     with pytest.raises(FileNotFoundError, match="no such file or directory"):
         cli.main(["generate", "--checkpoint", str(tmp_path / "nope"), "--prompt", "x"])
-    imported = model  # the closure now returns a vocab-256 model, less than the tokenizer's 319
+    small_dir = tmp_path / "hf-small"
+    save_hf(model_with_vocab(256), None, small_dir)  # less than the tokenizer's 319
+    (small_dir / "tokenizer.model").write_bytes((data / "tokenizer.model").read_bytes())
     with pytest.raises(ValueError, match=r"tokenizer vocabulary \(319\) does not fit the model's vocab_size \(256\)"):
-        cli.main(["generate", "--checkpoint", str(hf_dir), "--prompt", "x", "--device", "cpu"])
+        cli.main(["generate", "--checkpoint", str(small_dir), "--prompt", "x", "--device", "cpu"])
+
+
+def model_with_vocab(vocab_size):
+    return Llama(LlamaConfig.from_name("tiny", vocab_size=vocab_size)).eval()
