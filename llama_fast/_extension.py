@@ -30,6 +30,13 @@ if AVAILABLE:
     def _rms_norm_backward_fake(dy, x, weight, rstd, dresidual=None):
         return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight)
 
+    # --- attention (issue 4) ---
+    @torch.library.register_fake("llama_fast::attention_backward")
+    def _attention_backward_fake(dout, q, k, v, out, lse, cos, sin, causal=True, deterministic=False):
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+    # --- end attention ---
+
 
 def has_kernel(device_type: str) -> bool:
     """Whether the extension holds kernels for tensors on this device type ("cpu" or "cuda")."""
