@@ -44,21 +44,27 @@ LOG2E = 1.4426950408889634
 # ------------------------------------------------------------------------------------------------
 # Launch heuristics: the one place where block sizes, warps and pipeline stages are chosen.
 # ------------------------------------------------------------------------------------------------
-# (block_m, block_n, num_warps, num_stages) per GPU generation and padded head dim. block_m must be
-# a multiple of block_n (the causal split walks the diagonal block of queries in key blocks).
+# (block_m, block_n, num_warps, num_stages) per GPU generation and padded head dim, for 16-bit
+# inputs. block_m must be a multiple of block_n (the causal split walks the diagonal block of
+# queries in key blocks). Shared memory per pipeline stage is dominated by the k and v tiles and
+# the fp32 cos / sin tiles of the key block (2 * block_n * D/2 * 4 bytes).
 _FORWARD_CONFIGS = {
-    # Hopper (sm_90): 228 KB of shared memory, large tiles keep the tensor cores fed.
-    9: {64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 32, 4, 2)},
-    # Ampere (sm_80 / sm_86): 164 KB (sm_80) or 100 KB (sm_86) of shared memory.
-    8: {64: (128, 64, 4, 3), 128: (128, 32, 4, 2), 256: (64, 32, 4, 1)},
+    # Hopper (sm_90): 227 KB of shared memory per block.
+    9: {64: (128, 64, 4, 3), 128: (128, 64, 8, 2), 256: (64, 32, 4, 2)},
+    # Ampere: 163 KB (sm_80) or 99 KB (sm_86 / sm_89) of shared memory per block.
+    8: {64: (128, 64, 4, 2), 128: (128, 32, 4, 2), 256: (64, 16, 4, 1)},
 }
-# Backward (block_m for queries, block_n for keys, warps, stages), used by both backward kernels.
-# The key-block kernel needs block_n a multiple of block_m; the query-block kernel the reverse, so
-# the query-block kernel swaps the roles (its queries get block_n rows, its keys block_m rows).
+# Backward (block_m, block_n, warps, stages). The key-block kernel takes block_n keys per program
+# and block_m queries per step (block_n a multiple of block_m); the query-block kernel swaps the
+# roles (block_n queries per program, block_m keys per step).
 _BACKWARD_CONFIGS = {
-    9: {64: (64, 128, 8, 2), 128: (64, 128, 8, 2), 256: (32, 64, 8, 1)},
+    9: {64: (64, 128, 8, 2), 128: (32, 128, 8, 2), 256: (32, 64, 8, 1)},
     8: {64: (64, 128, 8, 2), 128: (32, 64, 4, 2), 256: (16, 32, 4, 1)},
 }
+# Tried in order after the tuned entry when a GPU rejects it for shared memory or registers
+# (fp32 inputs double every tile; consumer GPUs have less shared memory).
+_FORWARD_FALLBACKS = [(64, 32, 4, 1), (32, 16, 4, 1)]
+_BACKWARD_FALLBACKS = [(16, 32, 4, 1), (16, 16, 4, 1)]
 # The CPU interpreter runs every block op as a numpy call: few, mid-sized blocks are fastest.
 _INTERPRETER_FORWARD = (64, 32, 4, 1)
 _INTERPRETER_BACKWARD = (32, 64, 4, 1)
@@ -81,12 +87,27 @@ def _precision(q: torch.Tensor) -> str:
     return "ieee" if q.dtype == torch.float32 else "tf32"
 
 
-def _config(table: dict, interpreter_config: tuple, device: torch.device, d_pad: int) -> tuple:
+def _configs(table: dict, fallbacks: list, interpreter_config: tuple, device: torch.device, d_pad: int) -> list:
+    """Configurations to try in order: the tuned one for this GPU and head dim, then smaller ones."""
     if device.type != "cuda" or _interpreting():
-        return interpreter_config
+        return [interpreter_config]
     major = torch.cuda.get_device_capability(device)[0]
     per_dim = table[9 if major >= 9 else 8]
-    return per_dim[min(256, max(64, d_pad))]
+    return [per_dim[min(256, max(64, d_pad))], *fallbacks]
+
+
+def _launch_first_fitting(configs: list, launch) -> None:
+    """Calls launch(*config) with each configuration until one fits the GPU (a compile-time check,
+    so a rejected configuration has run nothing)."""
+    from triton.runtime.errors import OutOfResources
+
+    for i, config in enumerate(configs):
+        try:
+            launch(*config)
+            return
+        except OutOfResources:
+            if i == len(configs) - 1:
+                raise
 
 
 # ------------------------------------------------------------------------------------------------
@@ -249,15 +270,17 @@ def attention_forward(q, k, v, cos, sin, causal: bool = True) -> tuple[torch.Ten
     if out.numel() == 0:
         return out, lse
     d_pad, half_pad = _padded(D)
-    block_m, block_n, warps, stages = _config(_FORWARD_CONFIGS, _INTERPRETER_FORWARD, q.device, d_pad)
-    grid = (triton.cdiv(S, block_m), B * Hq)
-    _attention_forward_kernel[grid](
-        q, k, v, out, lse, cos, sin,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), cos.stride(0),
-        Hq, S, D, D // 2, LOG2E / math.sqrt(D),
-        GROUP=Hq // Hkv, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, D_PAD=d_pad, HALF_PAD=half_pad,
-        PRECISION=_precision(q), num_warps=warps, num_stages=stages,
-    )
+
+    def launch(block_m, block_n, warps, stages):
+        _attention_forward_kernel[(triton.cdiv(S, block_m), B * Hq)](
+            q, k, v, out, lse, cos, sin,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), cos.stride(0),
+            Hq, S, D, D // 2, LOG2E / math.sqrt(D),
+            GROUP=Hq // Hkv, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, D_PAD=d_pad, HALF_PAD=half_pad,
+            PRECISION=_precision(q), num_warps=warps, num_stages=stages,
+        )
+
+    _launch_first_fitting(_configs(_FORWARD_CONFIGS, _FORWARD_FALLBACKS, _INTERPRETER_FORWARD, q.device, d_pad), launch)
     return out, lse
 
 
@@ -500,25 +523,31 @@ def attention_backward(dout, q, k, v, out, lse, cos, sin, causal: bool = True):
     if dq.numel() == 0:
         return dq, dk, dv
     d_pad, half_pad = _padded(D)
-    block_m, block_n, warps, stages = _config(_BACKWARD_CONFIGS, _INTERPRETER_BACKWARD, q.device, d_pad)
     delta = torch.empty((B, Hq, S), dtype=torch.float32, device=q.device)
     _backward_delta_kernel[(triton.cdiv(S, 64), B * Hq)](
         out, dout, delta, *out.stride(), *dout.stride(), Hq, S, D, BLOCK_M=64, D_PAD=d_pad,
     )
     sm_scale = 1.0 / math.sqrt(D)
-    common = dict(
-        GROUP=Hq // Hkv, CAUSAL=causal, D_PAD=d_pad, HALF_PAD=half_pad, PRECISION=_precision(q),
-        num_warps=warps, num_stages=stages,
-    )
-    _attention_backward_kv_kernel[(triton.cdiv(S, block_n), B * Hkv)](
-        q, k, v, dout, lse, delta, dk, dv, cos, sin,
-        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), cos.stride(0),
-        Hkv, S, D, D // 2, sm_scale * LOG2E, sm_scale, BLOCK_M=block_m, BLOCK_N=block_n, **common,
-    )
-    # Roles swapped: block_n query rows per program, block_m key rows per step.
-    _attention_backward_q_kernel[(triton.cdiv(S, block_n), B * Hq)](
-        q, k, v, dout, lse, delta, dq, cos, sin,
-        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), cos.stride(0),
-        Hq, S, D, D // 2, sm_scale * LOG2E, sm_scale, BLOCK_M=block_n, BLOCK_N=block_m, **common,
-    )
+    configs = _configs(_BACKWARD_CONFIGS, _BACKWARD_FALLBACKS, _INTERPRETER_BACKWARD, q.device, d_pad)
+    common = dict(GROUP=Hq // Hkv, CAUSAL=causal, D_PAD=d_pad, HALF_PAD=half_pad, PRECISION=_precision(q))
+
+    def launch_kv(block_m, block_n, warps, stages):
+        _attention_backward_kv_kernel[(triton.cdiv(S, block_n), B * Hkv)](
+            q, k, v, dout, lse, delta, dk, dv, cos, sin,
+            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), cos.stride(0),
+            Hkv, S, D, D // 2, sm_scale * LOG2E, sm_scale,
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **common,
+        )
+
+    def launch_q(block_m, block_n, warps, stages):
+        # Roles swapped: block_n query rows per program, block_m key rows per step.
+        _attention_backward_q_kernel[(triton.cdiv(S, block_n), B * Hq)](
+            q, k, v, dout, lse, delta, dq, cos, sin,
+            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), cos.stride(0),
+            Hq, S, D, D // 2, sm_scale * LOG2E, sm_scale,
+            BLOCK_M=block_n, BLOCK_N=block_m, num_warps=warps, num_stages=stages, **common,
+        )
+
+    _launch_first_fitting(configs, launch_kv)
+    _launch_first_fitting(configs, launch_q)
     return dq, dk, dv
