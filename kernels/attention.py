@@ -45,29 +45,31 @@ LOG2E = 1.4426950408889634
 # Launch heuristics: the one place where block sizes, warps and pipeline stages are chosen.
 # ------------------------------------------------------------------------------------------------
 # (block_m, block_n, num_warps, num_stages) per GPU generation and padded head dim, for 16-bit
-# inputs. block_m must be a multiple of block_n (the causal split walks the diagonal block of
-# queries in key blocks). Shared memory per pipeline stage is dominated by the k and v tiles and
-# the fp32 cos / sin tiles of the key block (2 * block_n * D/2 * 4 bytes).
-_FORWARD_CONFIGS = {
-    # Hopper (sm_90): 227 KB of shared memory per block.
-    9: {64: (128, 64, 4, 3), 128: (128, 64, 8, 2), 256: (64, 32, 4, 2)},
-    # Ampere: 163 KB (sm_80) or 99 KB (sm_86 / sm_89) of shared memory per block.
-    8: {64: (128, 64, 4, 2), 128: (128, 32, 4, 2), 256: (64, 16, 4, 1)},
+# inputs. Each kernel's block_m / block_n keep their meaning in that kernel (see its arguments); the
+# larger must be a multiple of the smaller (the causal split walks a diagonal block in steps).
+# Chosen for no or little register spilling in an offline compile (triton 3.9, ptxas, sm_80 and
+# sm_90a; rotating the k tiles in fp32 costs registers): 8 warps throughout.
+_FORWARD_CONFIGS = {  # block_m queries per program, block_n keys per step
+    9: {64: (128, 64, 8, 3), 128: (128, 32, 8, 3), 256: (64, 32, 4, 2)},
+    8: {64: (128, 32, 8, 3), 128: (128, 32, 8, 3), 256: (64, 16, 4, 1)},
 }
-# Backward (block_m, block_n, warps, stages). The key-block kernel takes block_n keys per program
-# and block_m queries per step (block_n a multiple of block_m); the query-block kernel swaps the
-# roles (block_n queries per program, block_m keys per step).
-_BACKWARD_CONFIGS = {
-    9: {64: (64, 128, 8, 2), 128: (32, 128, 8, 2), 256: (32, 64, 8, 1)},
-    8: {64: (64, 128, 8, 2), 128: (32, 64, 4, 2), 256: (16, 32, 4, 1)},
+_BACKWARD_KV_CONFIGS = {  # block_m queries per step, block_n keys per program
+    9: {64: (32, 64, 8, 2), 128: (32, 64, 8, 2), 256: (16, 32, 4, 1)},
+    8: {64: (32, 64, 8, 2), 128: (32, 64, 8, 2), 256: (16, 32, 4, 1)},
+}
+_BACKWARD_Q_CONFIGS = {  # block_m queries per program, block_n keys per step
+    9: {64: (128, 32, 8, 2), 128: (128, 32, 8, 2), 256: (32, 16, 4, 1)},
+    8: {64: (128, 32, 8, 2), 128: (128, 32, 8, 2), 256: (32, 16, 4, 1)},
 }
 # Tried in order after the tuned entry when a GPU rejects it for shared memory or registers
 # (fp32 inputs double every tile; consumer GPUs have less shared memory).
 _FORWARD_FALLBACKS = [(64, 32, 4, 1), (32, 16, 4, 1)]
-_BACKWARD_FALLBACKS = [(16, 32, 4, 1), (16, 16, 4, 1)]
+_BACKWARD_KV_FALLBACKS = [(16, 32, 4, 1), (16, 16, 4, 1)]
+_BACKWARD_Q_FALLBACKS = [(32, 16, 4, 1), (16, 16, 4, 1)]
 # The CPU interpreter runs every block op as a numpy call: few, mid-sized blocks are fastest.
 _INTERPRETER_FORWARD = (64, 32, 4, 1)
-_INTERPRETER_BACKWARD = (32, 64, 4, 1)
+_INTERPRETER_BACKWARD_KV = (32, 64, 4, 1)
+_INTERPRETER_BACKWARD_Q = (64, 32, 4, 1)
 
 
 def _interpreting() -> bool:
@@ -528,7 +530,6 @@ def attention_backward(dout, q, k, v, out, lse, cos, sin, causal: bool = True):
         out, dout, delta, *out.stride(), *dout.stride(), Hq, S, D, BLOCK_M=64, D_PAD=d_pad,
     )
     sm_scale = 1.0 / math.sqrt(D)
-    configs = _configs(_BACKWARD_CONFIGS, _BACKWARD_FALLBACKS, _INTERPRETER_BACKWARD, q.device, d_pad)
     common = dict(GROUP=Hq // Hkv, CAUSAL=causal, D_PAD=d_pad, HALF_PAD=half_pad, PRECISION=_precision(q))
 
     def launch_kv(block_m, block_n, warps, stages):
@@ -540,14 +541,16 @@ def attention_backward(dout, q, k, v, out, lse, cos, sin, causal: bool = True):
         )
 
     def launch_q(block_m, block_n, warps, stages):
-        # Roles swapped: block_n query rows per program, block_m key rows per step.
-        _attention_backward_q_kernel[(triton.cdiv(S, block_n), B * Hq)](
+        _attention_backward_q_kernel[(triton.cdiv(S, block_m), B * Hq)](
             q, k, v, dout, lse, delta, dq, cos, sin,
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), cos.stride(0),
             Hq, S, D, D // 2, sm_scale * LOG2E, sm_scale,
-            BLOCK_M=block_n, BLOCK_N=block_m, num_warps=warps, num_stages=stages, **common,
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **common,
         )
 
-    _launch_first_fitting(configs, launch_kv)
-    _launch_first_fitting(configs, launch_q)
+    device = q.device
+    kv_configs = _configs(_BACKWARD_KV_CONFIGS, _BACKWARD_KV_FALLBACKS, _INTERPRETER_BACKWARD_KV, device, d_pad)
+    _launch_first_fitting(kv_configs, launch_kv)
+    q_configs = _configs(_BACKWARD_Q_CONFIGS, _BACKWARD_Q_FALLBACKS, _INTERPRETER_BACKWARD_Q, device, d_pad)
+    _launch_first_fitting(q_configs, launch_q)
     return dq, dk, dv
