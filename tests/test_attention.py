@@ -195,6 +195,15 @@ def test_forward_is_bitwise_reproducible():
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
 
 
+def test_fp64_runs_the_reference_math():
+    """fp64 (the tests' oracle dtype) skips Triton and the fp32 C++ kernel: exact against autograd."""
+    q, k, v, cos, sin = make_inputs(1, 21, 2, 1, 16, torch.float64)
+    dout = torch.randn(1, 21, 2, 16, dtype=torch.float64)
+    high = reference_run(q, k, v, cos, sin, True, dout, torch.float64)
+    for a, b in zip(run_ops(q, k, v, cos, sin, True, dout), high):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
 def test_math_fallback_matches_reference_in_fp64():
     """The PyTorch backward of last resort (no extension, no Triton) in fp64 against autograd."""
     q, k, v, cos, sin = make_inputs(2, 29, 4, 2, 16, torch.float64)

@@ -8,7 +8,7 @@ Same math as ``llama_fast.reference.attention``; the LSE (natural log, fp32 [B, 
 without a gradient.
 
 Forward: Triton on CUDA (kernels/attention.py); on the CPU, Triton in the interpreter when
-TRITON_INTERPRET=1, else the reference math.
+TRITON_INTERPRET=1, else the reference math (which also serves fp64 inputs everywhere).
 Backward, from the saved unrotated q, k, v, O and LSE: the compiled op
 torch.ops.llama_fast.attention_backward (CUDA for fp16/bf16, C++ on the CPU) when the extension has
 it; else the Triton backward (CUDA, or the CPU interpreter); else PyTorch math. Falling back warns once.
@@ -110,7 +110,7 @@ def _attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     causal: bool, deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if _use_triton(q.device):
+    if _use_triton(q.device) and q.dtype != torch.float64:
         from llama_fast.kernels.attention import attention_forward
 
         return attention_forward(q, k, v, cos, sin, causal)
