@@ -3,7 +3,7 @@ torch's scaled_dot_product_attention backends (flash, cuDNN, efficient).
 
 FLOPs (causal): forward 4 * B * H * S^2 * D / 2; backward 2.5x the forward. RoPE is part of every
 provider's time: ours rotates inside the kernel; the others rotate q and k first
-(torch.compile of reference.rope) and then call their attention.
+(llama_fast.ops.rope, or torch.compile of reference.rope) and then call their attention.
 
 Providers, forward: llama_fast (Triton), reference, sdpa-flash, sdpa-cudnn, sdpa-efficient.
 Backward: llama_fast-cuda (csrc, dQ with atomics), llama_fast-cuda-deterministic, llama_fast-triton,
@@ -81,16 +81,18 @@ def make_inputs(B, H, S, D):
     return q, k, v, cos, sin
 
 
-_compiled_rope = None
+_rope_fn = None
 
 
 def rope_then(q, k, cos, sin):
-    global _compiled_rope
-    if _compiled_rope is None:
-        from llama_fast import reference
+    """Rotates q and k before an SDPA call: llama_fast.ops.rope (one Triton launch) where this build
+    has it, else torch.compile of reference.rope."""
+    global _rope_fn
+    if _rope_fn is None:
+        from llama_fast import ops, reference
 
-        _compiled_rope = torch.compile(reference.rope)
-    return _compiled_rope(q, k, cos, sin)
+        _rope_fn = getattr(ops, "rope", None) or torch.compile(reference.rope)
+    return _rope_fn(q, k, cos, sin)
 
 
 def forward_fn(provider, q, k, v, cos, sin):
