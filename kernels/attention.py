@@ -47,8 +47,9 @@ LOG2E = 1.4426950408889634
 # (block_m, block_n, num_warps, num_stages) per GPU generation and padded head dim, for 16-bit
 # inputs. Each kernel's block_m / block_n keep their meaning in that kernel (see its arguments); the
 # larger must be a multiple of the smaller (the causal split walks a diagonal block in steps).
-# Chosen for no or little register spilling in an offline compile (triton 3.9, ptxas, sm_80 and
-# sm_90a; rotating the k tiles in fp32 costs registers): 8 warps throughout.
+# Head dims 64 / 128 chosen for no or little register spilling in an offline compile (triton 3.9,
+# ptxas, sm_80 and sm_90a; rotating the k tiles in fp32 costs registers); not yet timed on a GPU.
+# Head dim 256 (padded sizes over 128) is sized for correctness within shared memory only.
 _FORWARD_CONFIGS = {  # block_m queries per program, block_n keys per step
     9: {64: (128, 64, 8, 3), 128: (128, 32, 8, 3), 256: (64, 32, 4, 2)},
     8: {64: (128, 32, 8, 3), 128: (128, 32, 8, 3), 256: (64, 16, 4, 1)},
