@@ -236,6 +236,112 @@ std::tuple<at::Tensor, at::Tensor> rope_backward_cuda_impl(const at::Tensor& dq,
 #endif
 // --- end elementwise ops ---
 
+// ------------------------------------------------------------------------------------------------
+// attention_backward(dout, q, k, v, out, lse, cos, sin, causal=True, deterministic=False)
+//   -> (dq, dk, dv)          (issue 4: RoPE-fused flash attention; math in llama_fast.h)
+// ------------------------------------------------------------------------------------------------
+void check_attention_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                              const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                              const at::Tensor& cos, const at::Tensor& sin) {
+  dtype_of(q, "q");
+  TORCH_CHECK(q.dim() == 4, "llama_fast: q must be 4-D [batch, seq, heads, head_dim], got shape ", q.sizes());
+  TORCH_CHECK(k.dim() == 4, "llama_fast: k must be 4-D [batch, seq, kv_heads, head_dim], got shape ", k.sizes());
+  const int64_t B = q.size(0), S = q.size(1), Hq = q.size(2), D = q.size(3), Hkv = k.size(2);
+  TORCH_CHECK(k.size(0) == B && k.size(1) == S && k.size(3) == D, "llama_fast: k must be [", B, ", ", S,
+              ", kv_heads, ", D, "] to match q ", q.sizes(), ", got ", k.sizes());
+  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "llama_fast: the query heads of q (", Hq,
+              ") must be a multiple of the kv heads of k (", Hkv, ")");
+  TORCH_CHECK(D > 0 && D % 2 == 0 && D <= 256, "llama_fast: head_dim must be even and at most 256, got ", D);
+  for (auto [t, name] : {std::pair{&k, "k"}, std::pair{&v, "v"}}) {
+    TORCH_CHECK(t->scalar_type() == q.scalar_type(), "llama_fast: ", name, " must have the dtype of q (",
+                q.scalar_type(), "), got ", t->scalar_type());
+    check_same_device(q, "q", *t, name);
+  }
+  TORCH_CHECK(v.sizes() == k.sizes(), "llama_fast: v must have the shape of k ", k.sizes(), ", got ", v.sizes());
+  check_same_shape_dtype(q, "q", dout, "dout");
+  check_same_shape_dtype(q, "q", out, "out");
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == 3 && lse.size(0) == B && lse.size(1) == Hq &&
+                  lse.size(2) == S,
+              "llama_fast: lse must be float32 [", B, ", ", Hq, ", ", S, "] (batch, heads, seq), got ",
+              lse.scalar_type(), " ", lse.sizes());
+  check_same_device(q, "q", lse, "lse");
+  for (auto [t, name] : {std::pair{&cos, "cos"}, std::pair{&sin, "sin"}}) {
+    TORCH_CHECK(t->scalar_type() == at::kFloat, "llama_fast: ", name, " must be float32, got ", t->scalar_type());
+    TORCH_CHECK(t->dim() == 2 && t->size(0) >= S && t->size(1) == D / 2, "llama_fast: ", name, " must be [>= ", S,
+                ", ", D / 2, "] (seq, head_dim / 2), got ", t->sizes());
+    check_same_device(q, "q", *t, name);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu_impl(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const at::Tensor& cos, const at::Tensor& sin, bool causal, bool deterministic) {
+  (void)deterministic;  // the CPU kernel is always deterministic
+  check_attention_backward(dout, q, k, v, out, lse, cos, sin);
+  auto f32 = [](const at::Tensor& t) { return t.to(at::kFloat).contiguous(); };
+  at::Tensor dout_f = f32(dout), q_f = f32(q), k_f = f32(k), v_f = f32(v), out_f = f32(out);
+  at::Tensor lse_c = lse.contiguous(), cos_c = cos.contiguous(), sin_c = sin.contiguous();
+  at::Tensor dq = at::empty_like(q_f), dk = at::empty_like(k_f), dv = at::empty_like(v_f);
+  attention_backward_cpu(dout_f.data_ptr<float>(), q_f.data_ptr<float>(), k_f.data_ptr<float>(),
+                         v_f.data_ptr<float>(), out_f.data_ptr<float>(), lse_c.data_ptr<float>(),
+                         cos_c.data_ptr<float>(), sin_c.data_ptr<float>(), cos_c.stride(0), dq.data_ptr<float>(),
+                         dk.data_ptr<float>(), dv.data_ptr<float>(), q.size(0), q.size(1), q.size(2), k.size(2),
+                         q.size(3), causal);
+  return {dq.to(q.scalar_type()), dk.to(k.scalar_type()), dv.to(v.scalar_type())};
+}
+
+#ifdef LLAMA_FAST_WITH_CUDA
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda_impl(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const at::Tensor& cos, const at::Tensor& sin, bool causal, bool deterministic) {
+  check_attention_backward(dout, q, k, v, out, lse, cos, sin);
+  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
+              "llama_fast: attention_backward on CUDA needs q, k, v in float16 or bfloat16, got ", q.scalar_type());
+  const c10::cuda::CUDAGuard guard(q.device());
+  // Rows may have any strides; the head dim must be contiguous (a copy only where it is not).
+  auto last_contig = [](const at::Tensor& t) { return t.stride(3) == 1 ? t : t.contiguous(); };
+  at::Tensor dout_c = last_contig(dout), q_c = last_contig(q), k_c = last_contig(k), v_c = last_contig(v),
+             out_c = last_contig(out);
+  at::Tensor lse_c = lse.contiguous(), cos_c = cos.stride(1) == 1 ? cos : cos.contiguous(),
+             sin_c = sin.stride(1) == 1 ? sin : sin.contiguous();
+  TORCH_CHECK(cos_c.stride(0) == sin_c.stride(0), "llama_fast: cos and sin must have the same row stride, got ",
+              cos_c.stride(0), " and ", sin_c.stride(0));
+  at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options()),
+             dv = at::empty(v.sizes(), v.options());
+  AttentionBackwardArgs a{};
+  a.dtype = dtype_of(q, "q");
+  auto set = [](const at::Tensor& t, const void*& ptr, int64_t (&stride)[4]) {
+    ptr = t.data_ptr();
+    for (int i = 0; i < 4; ++i) stride[i] = t.stride(i);
+  };
+  set(dout_c, a.dout, a.dout_stride);
+  set(q_c, a.q, a.q_stride);
+  set(k_c, a.k, a.k_stride);
+  set(v_c, a.v, a.v_stride);
+  set(out_c, a.out, a.out_stride);
+  a.lse = lse_c.data_ptr<float>();
+  a.cos = cos_c.data_ptr<float>();
+  a.sin = sin_c.data_ptr<float>();
+  a.cs_stride = cos_c.stride(0);
+  a.dq = dq.data_ptr();
+  a.dk = dk.data_ptr();
+  a.dv = dv.data_ptr();
+  a.batch = q.size(0);
+  a.seq_len = q.size(1);
+  a.num_heads = q.size(2);
+  a.num_kv_heads = k.size(2);
+  a.head_dim = q.size(3);
+  a.causal = causal;
+  a.deterministic = deterministic;
+  at::Tensor workspace =
+      at::empty({std::max<int64_t>(1, attention_backward_cuda_workspace(a))}, q.options().dtype(at::kFloat));
+  check_cuda(attention_backward_cuda(a, workspace.data_ptr<float>(), at::cuda::getCurrentCUDAStream().stream()),
+             "attention_backward");
+  return {dq, dk, dv};
+}
+#endif
+// --- end attention_backward ---
+
 }  // namespace
 }  // namespace llama_fast
 
@@ -246,6 +352,9 @@ TORCH_LIBRARY(llama_fast, m) {
   m.def("swiglu_backward(Tensor dy, Tensor gate, Tensor up) -> (Tensor, Tensor)");
   m.def("rope_backward(Tensor dq, Tensor dk, Tensor cos, Tensor sin) -> (Tensor, Tensor)");
   // --- end elementwise ops ---
+  // attention (issue 4)
+  m.def("attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor cos,"
+        " Tensor sin, bool causal=True, bool deterministic=False) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(llama_fast, CPU, m) {
@@ -254,6 +363,7 @@ TORCH_LIBRARY_IMPL(llama_fast, CPU, m) {
   m.impl("swiglu_backward", &llama_fast::swiglu_backward_cpu_impl);
   m.impl("rope_backward", &llama_fast::rope_backward_cpu_impl);
   // --- end elementwise ops ---
+  m.impl("attention_backward", &llama_fast::attention_backward_cpu_impl);  // attention (issue 4)
 }
 
 #ifdef LLAMA_FAST_WITH_CUDA
@@ -263,6 +373,7 @@ TORCH_LIBRARY_IMPL(llama_fast, CUDA, m) {
   m.impl("swiglu_backward", &llama_fast::swiglu_backward_cuda_impl);
   m.impl("rope_backward", &llama_fast::rope_backward_cuda_impl);
   // --- end elementwise ops ---
+  m.impl("attention_backward", &llama_fast::attention_backward_cuda_impl);  // attention (issue 4)
 }
 #endif
 

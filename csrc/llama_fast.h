@@ -95,5 +95,45 @@ void rope_backward_cpu(const float* grad, float* out, const float* cos, const fl
 
 // CUDA: dq and dk in one launch. Returns 0 or a cudaError_t value.
 int rope_backward_cuda(const RopeBackwardArgs& args, void* stream);
+// Attention backward (RoPE fused; issue 4).   Forward: S = rot(q) rot(k)^T * scale (causal: -inf
+// above the diagonal), LSE = logsumexp_j S (natural log, saved), O = exp(S - LSE) v, scale = 1/sqrt(D).
+// rot is the half-split rotation x -> [x1 c - x2 s, x2 c + x1 s] with c = cos[pos], s = sin[pos].
+//   P = exp(S - LSE), delta = rowsum(dO * O), dV = P^T dO, dP = dO V^T, dS = P * (dP - delta)
+//   dQ = rot^-1(dS rot(K) * scale), dK = rot^-1(dS^T rot(Q) * scale)   (rot^-1: rotation by -theta)
+// dK and dV are summed over the Hq / Hkv query heads of a kv head (grouped-query attention).
+// q, dout, out: [B, S, Hq, D]; k, v: [B, S, Hkv, D]; lse: fp32 [B, Hq, S] contiguous;
+// cos, sin: fp32 [>= S, D / 2] with row stride cs_stride and contiguous columns.
+// ---------------------------------------------------------------------------------------------
+struct AttentionBackwardArgs {
+  DType dtype;  // of dout, q, k, v, out, dq, dk, dv: F16 or BF16 on CUDA
+  // Inputs with element strides along [batch, seq, head, head_dim]; the last stride must be 1.
+  const void* dout; int64_t dout_stride[4];
+  const void* q;    int64_t q_stride[4];
+  const void* k;    int64_t k_stride[4];
+  const void* v;    int64_t v_stride[4];
+  const void* out;  int64_t out_stride[4];
+  const float* lse;
+  const float* cos; const float* sin; int64_t cs_stride;
+  // Outputs, contiguous: dq [B, S, Hq, D], dk and dv [B, S, Hkv, D].
+  void* dq; void* dk; void* dv;
+  int64_t batch, seq_len, num_heads, num_kv_heads, head_dim;
+  bool causal;
+  // true: dQ from its own kernel (no atomics), bitwise reproducible; false: dQ accumulated with
+  // fp32 atomics in the key-block kernel (one fewer recomputation of S and dP, order-dependent).
+  bool deterministic;
+};
+
+// CUDA workspace: fp32 elements the launcher needs in `workspace` (delta, and the fp32 dQ
+// accumulator when not deterministic).
+int64_t attention_backward_cuda_workspace(const AttentionBackwardArgs& args);
+// CUDA: head_dim even and <= 256. Returns 0 or a cudaError_t value.
+int attention_backward_cuda(const AttentionBackwardArgs& args, float* workspace, void* stream);
+
+// CPU: fp32, every tensor contiguous ([B, S, H, D] and lse [B, Hq, S]); cos / sin rows cs_stride apart.
+// Accumulates in double, in a fixed order: deterministic.
+void attention_backward_cpu(const float* dout, const float* q, const float* k, const float* v, const float* out,
+                            const float* lse, const float* cos, const float* sin, int64_t cs_stride, float* dq,
+                            float* dk, float* dv, int64_t batch, int64_t seq_len, int64_t num_heads,
+                            int64_t num_kv_heads, int64_t head_dim, bool causal);
 
 }  // namespace llama_fast

@@ -8,3 +8,7 @@ from .rms_norm import add_rms_norm, rms_norm
 from .rope import rope
 from .swiglu import swiglu
 # --- end elementwise and normalisation ops ---
+
+# --- attention (issue 4) ---
+from .attention import attention
+# --- end attention ---

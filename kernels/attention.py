@@ -1,0 +1,557 @@
+"""Flash attention with RoPE fused in: Triton forward and backward.
+
+Shapes: q [B, S, Hq, D], k and v [B, S, Hkv, D] (any strides), cos and sin fp32 [S' >= S, D / 2],
+Hq = GROUP * Hkv (grouped-query attention: query head h reads kv head h // GROUP; k and v are
+never repeated in memory). D is even, at most 256.
+
+RoPE (half-split): for a row x at position p, with x1 = x[:D/2], x2 = x[D/2:], c = cos[p], s = sin[p],
+    rot(x) = [x1 * c - x2 * s,  x2 * c + x1 * s]
+q and k are rotated tile by tile in registers after they are loaded; no rotated copy is written.
+
+Forward, per (batch, query head), with scale = 1 / sqrt(D):
+    S = rot(q) rot(k)^T * scale            (S[i, j] = -inf where j > i when causal)
+    LSE_i = log sum_j exp(S[i, j])          (natural log, fp32 [B, Hq, S])
+    O = exp(S - LSE) v
+computed by the online softmax over key blocks in base 2: scores are multiplied by
+scale * log2(e) so exp2 replaces exp, and the running max m and sum l are rescaled per block.
+Causal tiling: key blocks wholly above the diagonal are never loaded; blocks wholly below it run
+without a mask; only the blocks that straddle the diagonal (or the sequence end) pay for one.
+
+Backward (the flash recipe), with P = exp(S - LSE) recomputed from the saved LSE:
+    delta_i = sum_d dO[i, d] * O[i, d]
+    dV = P^T dO                            summed over the query heads of a group
+    dP = dO V^T
+    dS = P * (dP - delta)
+    dQr = dS rot(K) * scale,   dKr = dS^T rot(Q) * scale   (gradients wrt the rotated q, k)
+and the gradient wrt the unrotated inputs is the inverse rotation (by -theta):
+    dx1 = dxr1 * c + dxr2 * s,   dx2 = dxr2 * c - dxr1 * s
+Two kernels, both deterministic (no atomics): one per key block accumulating dK and dV over
+every query block and every query head of the group, one per query block accumulating dQ.
+
+Matmuls take operands in the input dtype with fp32 accumulation; rotation, softmax and all
+row statistics are fp32. Head dims that are not a power of two are padded (masked) to the next one.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+# ------------------------------------------------------------------------------------------------
+# Launch heuristics: the one place where block sizes, warps and pipeline stages are chosen.
+# ------------------------------------------------------------------------------------------------
+# (block_m, block_n, num_warps, num_stages) per GPU generation and padded head dim, for 16-bit
+# inputs. Each kernel's block_m / block_n keep their meaning in that kernel (see its arguments); the
+# larger must be a multiple of the smaller (the causal split walks a diagonal block in steps).
+# Head dims 64 / 128 chosen for no or little register spilling in an offline compile (triton 3.9,
+# ptxas, sm_80 and sm_90a; rotating the k tiles in fp32 costs registers); not yet timed on a GPU.
+# Head dim 256 (padded sizes over 128) is sized for correctness within shared memory only.
+_FORWARD_CONFIGS = {  # block_m queries per program, block_n keys per step
+    9: {64: (128, 64, 8, 3), 128: (128, 32, 8, 3), 256: (64, 32, 4, 2)},
+    8: {64: (128, 32, 8, 3), 128: (128, 32, 8, 3), 256: (64, 16, 4, 1)},
+}
+_BACKWARD_KV_CONFIGS = {  # block_m queries per step, block_n keys per program
+    9: {64: (32, 64, 8, 2), 128: (32, 64, 8, 2), 256: (16, 32, 4, 1)},
+    8: {64: (32, 64, 8, 2), 128: (32, 64, 8, 2), 256: (16, 32, 4, 1)},
+}
+_BACKWARD_Q_CONFIGS = {  # block_m queries per program, block_n keys per step
+    9: {64: (128, 32, 8, 2), 128: (128, 32, 8, 2), 256: (32, 16, 4, 1)},
+    8: {64: (128, 32, 8, 2), 128: (128, 32, 8, 2), 256: (32, 16, 4, 1)},
+}
+# Tried in order after the tuned entry when a GPU rejects it for shared memory or registers
+# (fp32 inputs double every tile; consumer GPUs have less shared memory).
+_FORWARD_FALLBACKS = [(64, 32, 4, 1), (32, 16, 4, 1)]
+_BACKWARD_KV_FALLBACKS = [(16, 32, 4, 1), (16, 16, 4, 1)]
+_BACKWARD_Q_FALLBACKS = [(32, 16, 4, 1), (16, 16, 4, 1)]
+# The CPU interpreter runs every block op as a numpy call: few, mid-sized blocks are fastest.
+_INTERPRETER_FORWARD = (64, 32, 4, 1)
+_INTERPRETER_BACKWARD_KV = (32, 64, 4, 1)
+_INTERPRETER_BACKWARD_Q = (64, 32, 4, 1)
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _padded(head_dim: int) -> tuple[int, int]:
+    """(padded head dim, padded half dim): powers of two, at least 16 (the tl.dot minimum)."""
+    half = max(16, triton.next_power_of_2(head_dim // 2))
+    return 2 * half, half
+
+
+def _precision(q: torch.Tensor) -> str:
+    """fp32 inputs multiply in full fp32 (as the reference does), not tf32."""
+    return "ieee" if q.dtype == torch.float32 else "tf32"
+
+
+def _configs(table: dict, fallbacks: list, interpreter_config: tuple, device: torch.device, d_pad: int) -> list:
+    """Configurations to try in order: the tuned one for this GPU and head dim, then smaller ones."""
+    if device.type != "cuda" or _interpreting():
+        return [interpreter_config]
+    major = torch.cuda.get_device_capability(device)[0]
+    per_dim = table[9 if major >= 9 else 8]
+    return [per_dim[min(256, max(64, d_pad))], *fallbacks]
+
+
+def _launch_first_fitting(configs: list, launch) -> None:
+    """Calls launch(*config) with each configuration until one fits the GPU (a compile-time check,
+    so a rejected configuration has run nothing)."""
+    from triton.runtime.errors import OutOfResources
+
+    for i, config in enumerate(configs):
+        try:
+            launch(*config)
+            return
+        except OutOfResources:
+            if i == len(configs) - 1:
+                raise
+
+
+# ------------------------------------------------------------------------------------------------
+# Shared building blocks
+# ------------------------------------------------------------------------------------------------
+@triton.jit
+def _load_rotated(
+    base,  # pointer to element [0, 0] of one head: x[b, 0, h, 0]
+    stride_s, stride_d,  # element strides of x along the sequence and the head dim
+    cos_ptr, sin_ptr, stride_cs,  # rotary tables and their row stride (columns contiguous)
+    offs_s,  # [BLOCK] int64 positions of the rows to load
+    seq_len, HALF, HALF_PAD: tl.constexpr,
+):
+    """Loads rows offs_s of one head as its two halves and rotates them: returns fp32 (xr1, xr2).
+
+    Rows past seq_len and columns past HALF read as zero."""
+    offs_h = tl.arange(0, HALF_PAD)
+    row_ok = offs_s < seq_len
+    mask = row_ok[:, None] & (offs_h[None, :] < HALF)
+    ptr1 = base + offs_s[:, None] * stride_s + offs_h[None, :] * stride_d  # [BLOCK, HALF_PAD]
+    x1 = tl.load(ptr1, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(ptr1 + HALF * stride_d, mask=mask, other=0.0).to(tl.float32)
+    cs_off = offs_s[:, None] * stride_cs + offs_h[None, :]
+    c = tl.load(cos_ptr + cs_off, mask=mask, other=0.0)
+    s = tl.load(sin_ptr + cs_off, mask=mask, other=0.0)
+    return x1 * c - x2 * s, x2 * c + x1 * s
+
+
+@triton.jit
+def _store_unrotated(
+    base, stride_s, stride_d, cos_ptr, sin_ptr, stride_cs, offs_s, seq_len, HALF, HALF_PAD: tl.constexpr,
+    g1, g2,  # fp32 gradient wrt the rotated halves, [BLOCK, HALF_PAD]
+):
+    """Applies the inverse rotation (by -theta) to (g1, g2) and stores rows offs_s of one head."""
+    offs_h = tl.arange(0, HALF_PAD)
+    mask = (offs_s < seq_len)[:, None] & (offs_h[None, :] < HALF)
+    cs_off = offs_s[:, None] * stride_cs + offs_h[None, :]
+    c = tl.load(cos_ptr + cs_off, mask=mask, other=0.0)
+    s = tl.load(sin_ptr + cs_off, mask=mask, other=0.0)
+    ptr1 = base + offs_s[:, None] * stride_s + offs_h[None, :] * stride_d
+    tl.store(ptr1, (g1 * c + g2 * s).to(base.dtype.element_ty), mask=mask)
+    tl.store(ptr1 + HALF * stride_d, (g2 * c - g1 * s).to(base.dtype.element_ty), mask=mask)
+
+
+# ------------------------------------------------------------------------------------------------
+# Forward
+# ------------------------------------------------------------------------------------------------
+@triton.jit
+def _forward_block(
+    acc, m_i, l_i, qr1, qr2,  # running output, max (base 2), sum; rotated q halves (input dtype)
+    k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
+    cos_ptr, sin_ptr, stride_cs,
+    offs_m, start_n, seq_len, qk_scale, HALF,
+    MASK: tl.constexpr,  # apply the causal / sequence-end mask (diagonal and tail blocks only)
+    CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, HALF_PAD: tl.constexpr, D, D_PAD: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    offs_n = start_n + tl.arange(0, BLOCK_N).to(tl.int64)
+    kr1, kr2 = _load_rotated(k_base, stride_ks, stride_kd, cos_ptr, sin_ptr, stride_cs, offs_n, seq_len, HALF, HALF_PAD)
+    qk = tl.dot(qr1, tl.trans(kr1.to(qr1.dtype)), input_precision=PRECISION)
+    qk = tl.dot(qr2, tl.trans(kr2.to(qr2.dtype)), qk, input_precision=PRECISION)
+    qk = qk * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
+    if MASK:
+        keep = offs_n[None, :] < seq_len
+        if CAUSAL:
+            keep = keep & (offs_n[None, :] <= offs_m[:, None])
+        qk = tl.where(keep, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    offs_d = tl.arange(0, D_PAD)
+    v_mask = (offs_n < seq_len)[:, None] & (offs_d[None, :] < D)
+    v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=v_mask, other=0.0)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _attention_forward_kernel(
+    q_ptr, k_ptr, v_ptr,  # inputs, any strides
+    o_ptr,  # output [B, S, Hq, D], contiguous
+    lse_ptr,  # output log-sum-exp, natural log, fp32 [B, Hq, S] contiguous
+    cos_ptr, sin_ptr,  # fp32 rotary tables [S', D/2], columns contiguous
+    stride_qb, stride_qs, stride_qh, stride_qd,
+    stride_kb, stride_ks, stride_kh, stride_kd,
+    stride_vb, stride_vs, stride_vh, stride_vd,
+    stride_ob, stride_os, stride_oh, stride_od,
+    stride_cs,  # row stride of cos and sin
+    num_heads, seq_len, D, HALF,  # Hq, S, head dim, head dim / 2
+    qk_scale,  # softmax scale times log2(e)
+    GROUP: tl.constexpr,  # Hq // Hkv
+    CAUSAL: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # query rows per program
+    BLOCK_N: tl.constexpr,  # key rows per inner step; BLOCK_M % BLOCK_N == 0
+    D_PAD: tl.constexpr,  # head dim padded to a power of two
+    HALF_PAD: tl.constexpr,  # D_PAD // 2
+    PRECISION: tl.constexpr,  # tl.dot input precision: "ieee" for fp32 inputs (no tf32), else "tf32" (unused)
+):
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    kv_h = h // GROUP
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M).to(tl.int64)
+
+    q_base = q_ptr + b * stride_qb + h * stride_qh
+    k_base = k_ptr + b * stride_kb + kv_h * stride_kh
+    v_base = v_ptr + b * stride_vb + kv_h * stride_vh
+    qr1, qr2 = _load_rotated(q_base, stride_qs, stride_qd, cos_ptr, sin_ptr, stride_cs, offs_m, seq_len, HALF, HALF_PAD)
+    qr1 = qr1.to(q_ptr.dtype.element_ty)
+    qr2 = qr2.to(q_ptr.dtype.element_ty)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+
+    # Key blocks every query of this block sees in full: no mask.
+    if CAUSAL:
+        unmasked_end = start_m
+    else:
+        unmasked_end = (seq_len // BLOCK_N) * BLOCK_N
+    for start_n in range(0, unmasked_end, BLOCK_N):
+        acc, m_i, l_i = _forward_block(
+            acc, m_i, l_i, qr1, qr2, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
+            cos_ptr, sin_ptr, stride_cs, offs_m, start_n, seq_len, qk_scale, HALF,
+            False, CAUSAL, BLOCK_N, HALF_PAD, D, D_PAD, PRECISION,
+        )
+    # The diagonal blocks (causal) or the sequence tail (not causal): masked. Every query row
+    # keeps at least one key (its own position, or key 0), so no row is all -inf.
+    if CAUSAL:
+        masked_end = tl.minimum(start_m + BLOCK_M, seq_len)
+    else:
+        masked_end = seq_len
+    for start_n in range(unmasked_end, masked_end, BLOCK_N):
+        acc, m_i, l_i = _forward_block(
+            acc, m_i, l_i, qr1, qr2, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
+            cos_ptr, sin_ptr, stride_cs, offs_m, start_n, seq_len, qk_scale, HALF,
+            True, CAUSAL, BLOCK_N, HALF_PAD, D, D_PAD, PRECISION,
+        )
+
+    acc = acc / l_i[:, None]
+    row_ok = offs_m < seq_len
+    offs_d = tl.arange(0, D_PAD)
+    o_ptrs = o_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, acc.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
+    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # back to natural log
+    tl.store(lse_ptr + pid_bh * seq_len + offs_m, lse, mask=row_ok)
+
+
+def attention_forward(q, k, v, cos, sin, causal: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launches the forward: returns (O [B, S, Hq, D] contiguous in q.dtype, LSE fp32 [B, Hq, S]).
+
+    Inputs are assumed validated (llama_fast.ops.attention checks them)."""
+    B, S, Hq, D = q.shape
+    Hkv = k.shape[2]
+    out = torch.empty((B, S, Hq, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, Hq, S), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    d_pad, half_pad = _padded(D)
+
+    def launch(block_m, block_n, warps, stages):
+        _attention_forward_kernel[(triton.cdiv(S, block_m), B * Hq)](
+            q, k, v, out, lse, cos, sin,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), cos.stride(0),
+            Hq, S, D, D // 2, LOG2E / math.sqrt(D),
+            GROUP=Hq // Hkv, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, D_PAD=d_pad, HALF_PAD=half_pad,
+            PRECISION=_precision(q), num_warps=warps, num_stages=stages,
+        )
+
+    _launch_first_fitting(_configs(_FORWARD_CONFIGS, _FORWARD_FALLBACKS, _INTERPRETER_FORWARD, q.device, d_pad), launch)
+    return out, lse
+
+
+# ------------------------------------------------------------------------------------------------
+# Backward
+# ------------------------------------------------------------------------------------------------
+@triton.jit
+def _backward_delta_kernel(
+    o_ptr, do_ptr,  # O [B, S, Hq, D] and dO, any strides
+    delta_ptr,  # output fp32 [B, Hq, S]: rowsum(dO * O)
+    stride_ob, stride_os, stride_oh, stride_od,
+    stride_db, stride_ds, stride_dh, stride_dd,
+    num_heads, seq_len, D,
+    BLOCK_M: tl.constexpr, D_PAD: tl.constexpr,
+):
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    offs_d = tl.arange(0, D_PAD)
+    mask = (offs_m < seq_len)[:, None] & (offs_d[None, :] < D)
+    o = tl.load(o_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od,
+                mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(do_ptr + b * stride_db + h * stride_dh + offs_m[:, None] * stride_ds + offs_d[None, :] * stride_dd,
+                 mask=mask, other=0.0).to(tl.float32)
+    tl.store(delta_ptr + pid_bh * seq_len + offs_m, tl.sum(o * do, 1), mask=offs_m < seq_len)
+
+
+@triton.jit
+def _backward_kv_block(
+    dk1, dk2, dv, kr1, kr2, v,  # accumulators (fp32) and this program's key block (input dtype)
+    q_base, do_base, lse_base, delta_base,  # one query head: q, dO, and its LSE / delta rows
+    stride_qs, stride_qd, stride_ds, stride_dd,
+    cos_ptr, sin_ptr, stride_cs,
+    offs_n, start_m, seq_len, qk_scale, HALF, D,
+    MASK: tl.constexpr, BLOCK_M: tl.constexpr, HALF_PAD: tl.constexpr, D_PAD: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    offs_m = start_m + tl.arange(0, BLOCK_M).to(tl.int64)
+    qr1, qr2 = _load_rotated(q_base, stride_qs, stride_qd, cos_ptr, sin_ptr, stride_cs, offs_m, seq_len, HALF, HALF_PAD)
+    qr1 = qr1.to(kr1.dtype)
+    qr2 = qr2.to(kr1.dtype)
+    row_ok = offs_m < seq_len
+    # Rows past the sequence end: LSE = +inf makes their P exactly 0 (q and dO read as 0).
+    lse2 = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+    offs_d = tl.arange(0, D_PAD)
+    do = tl.load(do_base + offs_m[:, None] * stride_ds + offs_d[None, :] * stride_dd,
+                 mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    # Transposed scores: keys along rows, queries along columns. [BLOCK_N, BLOCK_M]
+    st = tl.dot(kr1, tl.trans(qr1), input_precision=PRECISION)
+    st = tl.dot(kr2, tl.trans(qr2), st, input_precision=PRECISION) * qk_scale
+    pt = tl.math.exp2(st - lse2[None, :])
+    if MASK:
+        pt = tl.where(offs_m[None, :] >= offs_n[:, None], pt, 0.0)
+    dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PRECISION)
+    dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # [BLOCK_N, BLOCK_M]
+    dst = (pt * (dpt - delta[None, :])).to(kr1.dtype)
+    dk1 = tl.dot(dst, qr1, dk1, input_precision=PRECISION)
+    dk2 = tl.dot(dst, qr2, dk2, input_precision=PRECISION)
+    return dk1, dk2, dv
+
+
+@triton.jit
+def _attention_backward_kv_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr,  # inputs (q, k, v unrotated), any strides
+    lse_ptr, delta_ptr,  # fp32 [B, Hq, S]
+    dk_ptr, dv_ptr,  # outputs [B, S, Hkv, D], contiguous
+    cos_ptr, sin_ptr,
+    stride_qb, stride_qs, stride_qh, stride_qd,
+    stride_kb, stride_ks, stride_kh, stride_kd,
+    stride_vb, stride_vs, stride_vh, stride_vd,
+    stride_db, stride_ds, stride_dh, stride_dd,  # strides of dO
+    stride_gb, stride_gs, stride_gh, stride_gd,  # strides of dk and dv (same layout)
+    stride_cs,
+    num_kv_heads, seq_len, D, HALF, qk_scale, sm_scale,
+    GROUP: tl.constexpr, CAUSAL: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # query rows per inner step
+    BLOCK_N: tl.constexpr,  # key rows per program; BLOCK_N % BLOCK_M == 0
+    D_PAD: tl.constexpr, HALF_PAD: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One program per (key block, batch, kv head): dK and dV summed over the group's query heads."""
+    pid_n = tl.program_id(0).to(tl.int64)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // num_kv_heads
+    kv_h = pid_bh % num_kv_heads
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N).to(tl.int64)
+    offs_d = tl.arange(0, D_PAD)
+    row_ok = offs_n < seq_len
+
+    k_base = k_ptr + b * stride_kb + kv_h * stride_kh
+    kr1, kr2 = _load_rotated(k_base, stride_ks, stride_kd, cos_ptr, sin_ptr, stride_cs, offs_n, seq_len, HALF, HALF_PAD)
+    kr1 = kr1.to(k_ptr.dtype.element_ty)
+    kr2 = kr2.to(k_ptr.dtype.element_ty)
+    v = tl.load(v_ptr + b * stride_vb + kv_h * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+
+    dk1 = tl.zeros([BLOCK_N, HALF_PAD], tl.float32)
+    dk2 = tl.zeros([BLOCK_N, HALF_PAD], tl.float32)
+    dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+    if CAUSAL:
+        masked_end = tl.minimum(start_n + BLOCK_N, seq_len)
+        first_m = start_n  # query blocks before the key block see none of it
+    else:
+        masked_end = 0
+        first_m = 0
+    for g in range(GROUP):
+        h = kv_h * GROUP + g
+        q_base = q_ptr + b * stride_qb + h * stride_qh
+        do_base = do_ptr + b * stride_db + h * stride_dh
+        lse_base = lse_ptr + (b * num_kv_heads * GROUP + h) * seq_len
+        delta_base = delta_ptr + (b * num_kv_heads * GROUP + h) * seq_len
+        # Query blocks on the diagonal of this key block: masked.
+        for start_m in range(first_m, masked_end, BLOCK_M):
+            dk1, dk2, dv = _backward_kv_block(
+                dk1, dk2, dv, kr1, kr2, v, q_base, do_base, lse_base, delta_base,
+                stride_qs, stride_qd, stride_ds, stride_dd, cos_ptr, sin_ptr, stride_cs,
+                offs_n, start_m, seq_len, qk_scale, HALF, D, True, BLOCK_M, HALF_PAD, D_PAD, PRECISION,
+            )
+        # Query blocks below the diagonal (or all of them, not causal): no mask.
+        for start_m in range(tl.maximum(masked_end, first_m), seq_len, BLOCK_M):
+            dk1, dk2, dv = _backward_kv_block(
+                dk1, dk2, dv, kr1, kr2, v, q_base, do_base, lse_base, delta_base,
+                stride_qs, stride_qd, stride_ds, stride_dd, cos_ptr, sin_ptr, stride_cs,
+                offs_n, start_m, seq_len, qk_scale, HALF, D, False, BLOCK_M, HALF_PAD, D_PAD, PRECISION,
+            )
+
+    g_off = b * stride_gb + kv_h * stride_gh
+    _store_unrotated(dk_ptr + g_off, stride_gs, stride_gd, cos_ptr, sin_ptr, stride_cs, offs_n, seq_len,
+                     HALF, HALF_PAD, dk1 * sm_scale, dk2 * sm_scale)
+    tl.store(dv_ptr + g_off + offs_n[:, None] * stride_gs + offs_d[None, :] * stride_gd,
+             dv.to(dv_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
+
+
+@triton.jit
+def _backward_q_block(
+    dq1, dq2, qr1, qr2, do, lse2, delta,  # accumulators and this program's query block
+    k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
+    cos_ptr, sin_ptr, stride_cs,
+    offs_m, start_n, seq_len, qk_scale, HALF, D,
+    MASK: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, HALF_PAD: tl.constexpr, D_PAD: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    offs_n = start_n + tl.arange(0, BLOCK_N).to(tl.int64)
+    kr1, kr2 = _load_rotated(k_base, stride_ks, stride_kd, cos_ptr, sin_ptr, stride_cs, offs_n, seq_len, HALF, HALF_PAD)
+    kr1 = kr1.to(qr1.dtype)
+    kr2 = kr2.to(qr1.dtype)
+    offs_d = tl.arange(0, D_PAD)
+    v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+                mask=(offs_n < seq_len)[:, None] & (offs_d[None, :] < D), other=0.0)
+    s = tl.dot(qr1, tl.trans(kr1), input_precision=PRECISION)
+    s = tl.dot(qr2, tl.trans(kr2), s, input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+    p = tl.math.exp2(s - lse2[:, None])
+    if MASK:
+        keep = offs_n[None, :] < seq_len
+        if CAUSAL:
+            keep = keep & (offs_n[None, :] <= offs_m[:, None])
+        p = tl.where(keep, p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    ds = (p * (dp - delta[:, None])).to(qr1.dtype)
+    dq1 = tl.dot(ds, kr1, dq1, input_precision=PRECISION)
+    dq2 = tl.dot(ds, kr2, dq2, input_precision=PRECISION)
+    return dq1, dq2
+
+
+@triton.jit
+def _attention_backward_q_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr,
+    dq_ptr,  # output [B, S, Hq, D], contiguous
+    cos_ptr, sin_ptr,
+    stride_qb, stride_qs, stride_qh, stride_qd,
+    stride_kb, stride_ks, stride_kh, stride_kd,
+    stride_vb, stride_vs, stride_vh, stride_vd,
+    stride_db, stride_ds, stride_dh, stride_dd,
+    stride_gb, stride_gs, stride_gh, stride_gd,  # strides of dq
+    stride_cs,
+    num_heads, seq_len, D, HALF, qk_scale, sm_scale,
+    GROUP: tl.constexpr, CAUSAL: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # query rows per program
+    BLOCK_N: tl.constexpr,  # key rows per inner step; BLOCK_M % BLOCK_N == 0
+    D_PAD: tl.constexpr, HALF_PAD: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One program per (query block, batch, query head): dQ over every key block it attends to."""
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    kv_h = h // GROUP
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M).to(tl.int64)
+    offs_d = tl.arange(0, D_PAD)
+    row_ok = offs_m < seq_len
+
+    q_base = q_ptr + b * stride_qb + h * stride_qh
+    qr1, qr2 = _load_rotated(q_base, stride_qs, stride_qd, cos_ptr, sin_ptr, stride_cs, offs_m, seq_len, HALF, HALF_PAD)
+    qr1 = qr1.to(q_ptr.dtype.element_ty)
+    qr2 = qr2.to(q_ptr.dtype.element_ty)
+    do = tl.load(do_ptr + b * stride_db + h * stride_dh + offs_m[:, None] * stride_ds + offs_d[None, :] * stride_dd,
+                 mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    lse2 = tl.load(lse_ptr + pid_bh * seq_len + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(delta_ptr + pid_bh * seq_len + offs_m, mask=row_ok, other=0.0)
+    k_base = k_ptr + b * stride_kb + kv_h * stride_kh
+    v_base = v_ptr + b * stride_vb + kv_h * stride_vh
+
+    dq1 = tl.zeros([BLOCK_M, HALF_PAD], tl.float32)
+    dq2 = tl.zeros([BLOCK_M, HALF_PAD], tl.float32)
+    if CAUSAL:
+        unmasked_end = start_m
+        masked_end = tl.minimum(start_m + BLOCK_M, seq_len)
+    else:
+        unmasked_end = (seq_len // BLOCK_N) * BLOCK_N
+        masked_end = seq_len
+    for start_n in range(0, unmasked_end, BLOCK_N):
+        dq1, dq2 = _backward_q_block(
+            dq1, dq2, qr1, qr2, do, lse2, delta, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
+            cos_ptr, sin_ptr, stride_cs, offs_m, start_n, seq_len, qk_scale, HALF, D,
+            False, CAUSAL, BLOCK_N, HALF_PAD, D_PAD, PRECISION,
+        )
+    for start_n in range(unmasked_end, masked_end, BLOCK_N):
+        dq1, dq2 = _backward_q_block(
+            dq1, dq2, qr1, qr2, do, lse2, delta, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
+            cos_ptr, sin_ptr, stride_cs, offs_m, start_n, seq_len, qk_scale, HALF, D,
+            True, CAUSAL, BLOCK_N, HALF_PAD, D_PAD, PRECISION,
+        )
+    _store_unrotated(dq_ptr + b * stride_gb + h * stride_gh, stride_gs, stride_gd, cos_ptr, sin_ptr, stride_cs,
+                     offs_m, seq_len, HALF, HALF_PAD, dq1 * sm_scale, dq2 * sm_scale)
+
+
+def attention_backward(dout, q, k, v, out, lse, cos, sin, causal: bool = True):
+    """Launches the backward: returns (dq, dk, dv), contiguous, in the dtypes and shapes of q, k, v.
+
+    Saved tensors are the unrotated q, k, v, the output O and the LSE of the forward."""
+    B, S, Hq, D = q.shape
+    Hkv = k.shape[2]
+    dq = torch.empty((B, S, Hq, D), dtype=q.dtype, device=q.device)
+    dk = torch.empty((B, S, Hkv, D), dtype=k.dtype, device=k.device)
+    dv = torch.empty((B, S, Hkv, D), dtype=v.dtype, device=v.device)
+    if dq.numel() == 0:
+        return dq, dk, dv
+    d_pad, half_pad = _padded(D)
+    delta = torch.empty((B, Hq, S), dtype=torch.float32, device=q.device)
+    _backward_delta_kernel[(triton.cdiv(S, 64), B * Hq)](
+        out, dout, delta, *out.stride(), *dout.stride(), Hq, S, D, BLOCK_M=64, D_PAD=d_pad,
+    )
+    sm_scale = 1.0 / math.sqrt(D)
+    common = dict(GROUP=Hq // Hkv, CAUSAL=causal, D_PAD=d_pad, HALF_PAD=half_pad, PRECISION=_precision(q))
+
+    def launch_kv(block_m, block_n, warps, stages):
+        _attention_backward_kv_kernel[(triton.cdiv(S, block_n), B * Hkv)](
+            q, k, v, dout, lse, delta, dk, dv, cos, sin,
+            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), cos.stride(0),
+            Hkv, S, D, D // 2, sm_scale * LOG2E, sm_scale,
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **common,
+        )
+
+    def launch_q(block_m, block_n, warps, stages):
+        _attention_backward_q_kernel[(triton.cdiv(S, block_m), B * Hq)](
+            q, k, v, dout, lse, delta, dq, cos, sin,
+            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), cos.stride(0),
+            Hq, S, D, D // 2, sm_scale * LOG2E, sm_scale,
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **common,
+        )
+
+    device = q.device
+    kv_configs = _configs(_BACKWARD_KV_CONFIGS, _BACKWARD_KV_FALLBACKS, _INTERPRETER_BACKWARD_KV, device, d_pad)
+    _launch_first_fitting(kv_configs, launch_kv)
+    q_configs = _configs(_BACKWARD_Q_CONFIGS, _BACKWARD_Q_FALLBACKS, _INTERPRETER_BACKWARD_Q, device, d_pad)
+    _launch_first_fitting(q_configs, launch_q)
+    return dq, dk, dv

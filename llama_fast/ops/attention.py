@@ -1,0 +1,198 @@
+"""Causal attention with RoPE fused in: the autograd glue and the one place that picks a kernel.
+
+    out = attention(q, k, v, cos, sin, causal=True)
+    out, lse = attention(q, k, v, cos, sin, return_lse=True)
+
+q [B, S, Hq, D], k and v [B, S, Hkv, D] with Hq % Hkv == 0, any strides; cos, sin fp32 [S' >= S, D/2].
+Same math as ``llama_fast.reference.attention``; the LSE (natural log, fp32 [B, Hq, S]) is returned
+without a gradient.
+
+Forward: Triton on CUDA (kernels/attention.py); on the CPU, Triton in the interpreter when
+TRITON_INTERPRET=1, else the reference math (which also serves fp64 inputs everywhere).
+Backward, from the saved unrotated q, k, v, O and LSE: the compiled op
+torch.ops.llama_fast.attention_backward (CUDA for fp16/bf16, C++ on the CPU) when the extension has
+it; else the Triton backward (CUDA, or the CPU interpreter); else PyTorch math. Falling back warns once.
+``deterministic`` (default: torch.are_deterministic_algorithms_enabled()) asks the CUDA backward for
+bitwise-reproducible gradients; the Triton and CPU backwards always are.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from .. import _extension, reference
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_MAX_HEAD_DIM = 256
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _use_triton(device: torch.device) -> bool:
+    return device.type == "cuda" or _interpreting()
+
+
+def _check_inputs(q, k, v, cos, sin) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"attention: {name} must be a tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"attention: {name} must be 4-D [batch, seq, heads, head_dim], got shape {tuple(t.shape)}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"attention: {name} must be float32, float16 or bfloat16, got {t.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"attention: {name} must have the dtype of q ({q.dtype}), got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"attention: {name} must be on the device of q ({q.device}), got {t.device}")
+    B, S, Hq, D = q.shape
+    if k.shape[0] != B or k.shape[1] != S or k.shape[3] != D:
+        raise ValueError(
+            f"attention: k must be [batch={B}, seq={S}, kv_heads, head_dim={D}] to match q {tuple(q.shape)}, "
+            f"got {tuple(k.shape)}"
+        )
+    if v.shape != k.shape:
+        raise ValueError(f"attention: v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    Hkv = k.shape[2]
+    if Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"attention: the query heads ({Hq}) must be a multiple of the kv heads (k.shape[2] = {Hkv})")
+    if D % 2 or D == 0 or D > _MAX_HEAD_DIM:
+        raise ValueError(f"attention: head_dim must be even and at most {_MAX_HEAD_DIM}, got {D}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"attention: {name} must be a tensor, got {type(t).__name__}")
+        if t.dtype != torch.float32:
+            raise TypeError(f"attention: {name} must be float32, got {t.dtype}")
+        if t.dim() != 2 or t.shape[1] != D // 2 or t.shape[0] < S:
+            raise ValueError(
+                f"attention: {name} must be [seq >= {S}, head_dim / 2 = {D // 2}] (a rotary table covering every "
+                f"position), got shape {tuple(t.shape)}"
+            )
+        if t.device != q.device:
+            raise ValueError(f"attention: {name} must be on the device of q ({q.device}), got {t.device}")
+
+
+# ------------------------------------------------------------------------------------------------
+# PyTorch math: the CPU forward without the interpreter and the backward of last resort.
+# ------------------------------------------------------------------------------------------------
+def _backward_math(dout, q, k, v, out, lse, cos, sin, causal):
+    """(dq, dk, dv) by the flash recipe in PyTorch (fp32, fp64 for fp64 inputs)."""
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    B, S, Hq, D = q.shape
+    group = Hq // k.shape[2]
+    scale = 1.0 / math.sqrt(D)
+    qr, kr = reference.rope(q.to(acc), k.to(acc), cos, sin)
+    qh = qr.transpose(1, 2)  # (B, Hq, S, D)
+    kh = kr.transpose(1, 2).repeat_interleave(group, dim=1)  # (B, Hq, S, D)
+    vh = v.to(acc).transpose(1, 2).repeat_interleave(group, dim=1)
+    doh = dout.to(acc).transpose(1, 2)  # (B, Hq, S, D)
+    p = torch.exp(qh @ kh.transpose(-1, -2) * scale - lse.to(acc)[..., None])  # (B, Hq, S, S)
+    if causal:
+        p = p.masked_fill(torch.ones(S, S, dtype=torch.bool, device=q.device).triu(1), 0.0)
+    delta = (doh * out.to(acc).transpose(1, 2)).sum(-1, keepdim=True)  # (B, Hq, S, 1)
+    ds = p * (doh @ vh.transpose(-1, -2) - delta)
+    dqr = (ds @ kh * scale).transpose(1, 2)  # (B, S, Hq, D)
+    dkr = (ds.transpose(-1, -2) @ qh * scale).unflatten(1, (-1, group)).sum(2).transpose(1, 2)  # (B, S, Hkv, D)
+    dv = (p.transpose(-1, -2) @ doh).unflatten(1, (-1, group)).sum(2).transpose(1, 2)  # (B, S, Hkv, D)
+    dq, dk = reference.rope(dqr, dkr, cos, -sin)  # rotation by -theta
+    return dq.to(q.dtype).contiguous(), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous()
+
+
+# ------------------------------------------------------------------------------------------------
+# Custom ops (torch.compile traces through them)
+# ------------------------------------------------------------------------------------------------
+@torch.library.custom_op("llama_fast::attention", mutates_args=())
+def _attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    causal: bool, deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if _use_triton(q.device) and q.dtype != torch.float64:
+        from llama_fast.kernels.attention import attention_forward
+
+        return attention_forward(q, k, v, cos, sin, causal)
+    out, lse = reference.attention(q, k, v, cos, sin, causal, return_lse=True)
+    return out.contiguous(), lse
+
+
+@_attention_op.register_fake
+def _attention_fake(q, k, v, cos, sin, causal, deterministic):
+    B, S, Hq, D = q.shape
+    return q.new_empty((B, S, Hq, D)), q.new_empty((B, Hq, S), dtype=torch.float32)
+
+
+@torch.library.custom_op("llama_fast::attention_backward_fallback", mutates_args=())
+def _attention_backward_fallback(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+    lse: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward without the compiled op: Triton where it runs, PyTorch math elsewhere."""
+    if _use_triton(q.device) and q.dtype != torch.float64:
+        from llama_fast.kernels.attention import attention_backward
+
+        return attention_backward(dout, q, k, v, out, lse, cos, sin, causal)
+    return _backward_math(dout, q, k, v, out, lse, cos, sin, causal)
+
+
+@_attention_backward_fallback.register_fake
+def _attention_backward_fallback_fake(dout, q, k, v, out, lse, cos, sin, causal):
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
+
+
+# Dtypes the compiled backward takes: the CUDA kernel multiplies on the tensor cores in fp16 / bf16;
+# the C++ CPU kernel computes in fp32 (fp64 inputs keep fp64 through the PyTorch math instead).
+_COMPILED_DTYPES = {
+    "cuda": (torch.float16, torch.bfloat16),
+    "cpu": (torch.float32, torch.float16, torch.bfloat16),
+}
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cos, sin, causal, deterministic = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, cos, sin, out, lse)
+    ctx.causal = causal
+    ctx.deterministic = deterministic
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, cos, sin, out, lse = ctx.saved_tensors
+    has_kernel = _extension.has_kernel(q.device.type)
+    if has_kernel and q.dtype in _COMPILED_DTYPES.get(q.device.type, ()):
+        dq, dk, dv = torch.ops.llama_fast.attention_backward(
+            dout, q, k, v, out, lse, cos, sin, ctx.causal, ctx.deterministic
+        )
+    else:
+        if not has_kernel:
+            _extension.warn_fallback("attention", q.device.type)
+        dq, dk, dv = _attention_backward_fallback(dout, q, k, v, out, lse, cos, sin, ctx.causal)
+    return dq, dk, dv, None, None, None, None
+
+
+_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    causal: bool = True,
+    *,
+    return_lse: bool = False,
+    deterministic: bool | None = None,
+):
+    """softmax(rope(q) rope(k)^T / sqrt(D) + causal mask) v; see the module docstring."""
+    _check_inputs(q, k, v, cos, sin)
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    # The kernels read the rotary tables row by row with contiguous columns.
+    cos = cos if cos.stride(-1) == 1 else cos.contiguous()
+    sin = sin if sin.stride(-1) == 1 else sin.contiguous()
+    out, lse = _attention_op(q, k, v, cos, sin, bool(causal), bool(deterministic))
+    return (out, lse) if return_lse else out

@@ -1,0 +1,95 @@
+"""csrc/cuda/attention_backward.cu run on the CPU under a host emulation of CUDA and wmma
+(tests/cuda_emulation/), against autograd through the reference with the 2x rule.
+
+No GPU runs in CI; this runs the CUDA kernels' own code (indexing, causal and tail masks, wmma
+operand layouts, GQA sums, both dQ modes, the inverse rotation) compiled by g++, with each CUDA
+thread a std::thread. It says nothing about speed or GPU resource limits; the gpu tests do.
+"""
+import itertools
+import math
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from llama_fast import reference
+from llama_fast.testing import assert_within_2x, default_floor
+
+ROOT = Path(__file__).resolve().parents[1]
+EMU = ROOT / "tests" / "cuda_emulation"
+KERNEL = ROOT / "csrc" / "cuda" / "attention_backward.cu"
+
+
+@pytest.fixture(scope="module")
+def driver(tmp_path_factory):
+    if shutil.which("g++") is None:
+        pytest.skip("the CUDA emulation needs g++ (C++20, _Float16)")
+    build = tmp_path_factory.mktemp("cuda_emulation")
+    src = KERNEL.read_text()
+    smem = "extern __shared__ __align__(128) unsigned char smem[];"
+    launchers = "template <typename T, int DP>\nint launch("
+    assert src.count(smem) == 2 and src.count(launchers) == 1, "attention_backward.cu changed shape: update this test"
+    src = src.replace(smem, "unsigned char* smem = emu_smem_ptr;")
+    src = src[: src.index(launchers)] + "}  // namespace\n}  // namespace llama_fast\n"
+    (build / "kernel_emu.cpp").write_text(src)
+    exe = build / "attention_backward_emulated"
+    cmd = ["g++", "-std=c++20", "-O2", "-pthread", f"-I{EMU}", f"-I{KERNEL.parent}", f"-I{build}",
+           "-include", "emu.h", str(EMU / "driver.cpp"), "-o", str(exe)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode and ("_Float16" in done.stderr or "barrier" in done.stderr):
+        pytest.skip(f"this g++ lacks C++20 <barrier> or _Float16: {done.stderr[-500:]}")
+    assert done.returncode == 0, done.stderr[-5000:]
+    return exe
+
+
+def run_emulated(exe, tmp_path, q, k, v, dout, out, lse, cos, sin, causal, deterministic):
+    B, S, Hq, D = q.shape
+    delta = (dout.float() * out.float()).sum(-1).transpose(1, 2).contiguous()  # (B, Hq, S)
+    inp, outp = tmp_path / "in.bin", tmp_path / "out.bin"
+    with open(inp, "wb") as f:
+        for t in (q, k, v, dout, out):
+            f.write(t.contiguous().view(torch.int16).numpy().tobytes())
+        for t in (lse, delta, cos[:S], sin[:S]):
+            f.write(t.float().contiguous().numpy().tobytes())
+    dtype_code = "1" if q.dtype == torch.float16 else "2"
+    args = [str(x) for x in (B, S, Hq, k.shape[2], D, int(causal), int(deterministic))]
+    done = subprocess.run([str(exe), str(inp), str(outp), *args, dtype_code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    raw = torch.from_numpy(np.fromfile(outp, dtype=np.int16))
+    nq, nk = q.numel(), k.numel()
+    return (raw[:nq].view(q.dtype).view(q.shape), raw[nq:nq + nk].view(k.dtype).view(k.shape),
+            raw[nq + nk:].view(v.dtype).view(v.shape))
+
+
+CASES = [  # B, S, Hq, Hkv, D
+    (1, 1, 1, 1, 64),
+    (2, 17, 4, 1, 64),
+    (1, 130, 8, 1, 80),
+    (1, 70, 2, 2, 128),
+    (1, 40, 2, 1, 256),
+    (1, 65, 2, 1, 16),
+]
+
+
+@pytest.mark.parametrize("shape", CASES, ids=lambda s: "B{}_S{}_Hq{}_Hkv{}_D{}".format(*s))
+@pytest.mark.parametrize(
+    "causal, deterministic, dtype",
+    [(c, d, torch.bfloat16) for c, d in itertools.product((True, False), (True, False))]
+    + [(True, True, torch.float16)],
+)
+def test_cuda_kernels_emulated_match_reference(driver, tmp_path, shape, causal, deterministic, dtype):
+    B, S, Hq, Hkv, D = shape
+    q, k, v = (torch.randn(B, S, h, D, dtype=dtype) for h in (Hq, Hkv, Hkv))
+    cos, sin = reference.rope_tables(S + 3, D)
+    out, lse = reference.attention(q, k, v, cos, sin, causal, return_lse=True)
+    dout = torch.randn_like(out)
+    got = run_emulated(driver, tmp_path, q, k, v, dout, out, lse, cos, sin, causal, deterministic)
+    grads = {}
+    for dt in (torch.float64, dtype):
+        leaves = [t.to(dt).requires_grad_() for t in (q, k, v)]
+        grads[dt] = torch.autograd.grad(reference.attention(*leaves, cos, sin, causal), leaves, dout.to(dt))
+    for name, a, hi, lo in zip(("dq", "dk", "dv"), got, grads[torch.float64], grads[dtype]):
+        assert_within_2x(name, a, hi, lo, floor=default_floor(dtype) * math.sqrt(S))
