@@ -26,6 +26,17 @@ from .config import LlamaConfig
 BACKENDS = ("reference", "fused")
 
 
+class _UsesOps:
+    """Mixin: ``self.ops`` is the op namespace of ``self.backend`` (a string, so modules deep-copy
+    and pickle; llama_fast.replace_modules switches a module by changing it)."""
+
+    backend: str
+
+    @property
+    def ops(self):
+        return ops_for(self.backend)
+
+
 def ops_for(backend: str):
     """The op namespace (rms_norm, add_rms_norm, swiglu, rope, attention) of a backend."""
     if backend == "reference":
@@ -37,12 +48,12 @@ def ops_for(backend: str):
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
-class RMSNorm(nn.Module):
+class RMSNorm(_UsesOps, nn.Module):
     def __init__(self, dim: int, eps: float, backend: str = "reference"):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
-        self.ops = ops_for(backend)
+        self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.ops.rms_norm(x, self.weight, self.eps)
@@ -65,14 +76,14 @@ class KVCache:
         )
 
 
-class Attention(nn.Module):
+class Attention(_UsesOps, nn.Module):
     def __init__(self, config: LlamaConfig, backend: str):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         qkv_out = (config.n_heads + 2 * config.n_kv_heads) * config.head_dim
         self.wqkv = nn.Linear(config.dim, qkv_out, bias=False)
         self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
-        self.ops = ops_for(backend)
+        self.backend = backend
 
     def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0):
         B, S, _ = x.shape
@@ -102,26 +113,26 @@ class Attention(nn.Module):
         return out.transpose(1, 2)
 
 
-class MLP(nn.Module):
+class MLP(_UsesOps, nn.Module):
     def __init__(self, config: LlamaConfig, backend: str):
         super().__init__()
         self.w_gate_up = nn.Linear(config.dim, 2 * config.ffn_hidden, bias=False)
         self.w_down = nn.Linear(config.ffn_hidden, config.dim, bias=False)
-        self.ops = ops_for(backend)
+        self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.w_gate_up(x).chunk(2, dim=-1)  # two strided views of one GEMM's output
         return self.w_down(self.ops.swiglu(gate, up))
 
 
-class Block(nn.Module):
+class Block(_UsesOps, nn.Module):
     def __init__(self, config: LlamaConfig, backend: str):
         super().__init__()
         self.attn_norm = RMSNorm(config.dim, config.norm_eps, backend)
         self.attn = Attention(config, backend)
         self.mlp_norm = RMSNorm(config.dim, config.norm_eps, backend)
         self.mlp = MLP(config, backend)
-        self.ops = ops_for(backend)
+        self.backend = backend
 
     def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0):
         a = self.attn(self.attn_norm(x), cos, sin, cache, layer)

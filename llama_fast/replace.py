@@ -1,0 +1,280 @@
+"""Drop-in replacement: swap a model's RMSNorm, gated MLP and attention modules for fused ones.
+
+    from transformers import LlamaForCausalLM
+    import llama_fast
+    model = LlamaForCausalLM.from_pretrained(path)
+    report = llama_fast.replace_modules(model)      # in place; weights and module names kept
+
+One generic mechanism: a short list of rules, each recognising a kind of module by its structure
+(not by model family) and building its fused counterpart around the same parameters. Recognised:
+
+* RMSNorm: a module named ``*RMSNorm`` with a 1-D ``weight`` and an ``eps`` or
+  ``variance_epsilon`` attribute (Hugging Face's ``LlamaRMSNorm``, Mistral's, Qwen2's, ...);
+* gated SiLU MLP: ``gate_proj``, ``up_proj``, ``down_proj`` linears without bias and a SiLU
+  activation (``LlamaMLP`` and its copies);
+* rotary self-attention: ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj`` linears without bias, a
+  ``head_dim`` and a ``layer_idx`` (``LlamaAttention`` and its copies), called with
+  ``position_embeddings=(cos, sin)`` as transformers does;
+* llama_fast's own ``Llama`` built with ``backend="reference"``: its modules switch to the fused ops.
+
+A module that looks like one of these but differs in a way the fused op cannot reproduce (a bias,
+another activation, attention logit soft-capping, sliding windows, a non-default scaling) makes the
+call fail before anything is changed, naming the module and the reason.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from . import model as llama_model
+from . import ops
+
+
+class FusedRMSNorm(nn.Module):
+    """RMSNorm on the fused kernel; keeps ``weight`` (the same Parameter) and ``variance_epsilon``."""
+
+    def __init__(self, weight: nn.Parameter, eps: float):
+        super().__init__()
+        self.weight = weight
+        self.variance_epsilon = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.rms_norm(x, self.weight, self.variance_epsilon)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+class FusedGatedMLP(nn.Module):
+    """down_proj(silu(gate_proj(x)) * up_proj(x)) with the SwiGLU product on the fused kernel."""
+
+    def __init__(self, gate_proj: nn.Linear, up_proj: nn.Linear, down_proj: nn.Linear):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+class FusedRotaryAttention(nn.Module):
+    """Hugging Face-style rotary self-attention on llama_fast's RoPE-fused flash attention.
+
+    Takes the call of transformers' attention modules (hidden_states, position_embeddings,
+    attention_mask, past_key_values, ...) and returns (output, None). The fused kernel handles
+    causal attention over one shared set of positions; calls it cannot serve exactly (padding
+    masks, per-row position ids, decoding with cached tokens, attention dropout in training) go to
+    the original module's own forward, so results never change, only the speed.
+    """
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (
+            original.q_proj,
+            original.k_proj,
+            original.v_proj,
+            original.o_proj,
+        )
+        self.head_dim = original.head_dim
+        self.layer_idx = original.layer_idx
+        self.attention_dropout = float(getattr(original, "attention_dropout", 0.0) or 0.0)
+        # Kept outside the module tree so parameters are not registered twice.
+        object.__setattr__(self, "_original_forward", original.forward)
+        self.fused_calls = 0
+        self.fallback_calls = 0
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+        B, S, _ = hidden_states.shape
+        tables = _shared_half_tables(position_embeddings, self.head_dim)
+        past = past_key_values.get_seq_length(self.layer_idx) if past_key_values is not None else 0
+        if (
+            tables is None
+            or past > 0
+            or not _is_plain_causal(attention_mask, S)
+            or (self.training and self.attention_dropout > 0)
+        ):
+            self.fallback_calls += 1
+            return self._original_forward(
+                hidden_states,
+                position_embeddings=position_embeddings,
+                attention_mask=attention_mask,
+                past_key_values=past_key_values,
+                **kwargs,
+            )
+        self.fused_calls += 1
+        cos, sin = tables
+        q = self.q_proj(hidden_states).view(B, S, -1, self.head_dim)  # (B, S, Hq, D)
+        k = self.k_proj(hidden_states).view(B, S, -1, self.head_dim)  # (B, S, Hkv, D)
+        v = self.v_proj(hidden_states).view(B, S, -1, self.head_dim)
+        if past_key_values is not None:  # a first, empty-cache call: fill the cache as the original would
+            _, k_rot = ops.rope(q, k, cos, sin)
+            past_key_values.update(k_rot.transpose(1, 2), v.transpose(1, 2), self.layer_idx)
+        out = ops.attention(q, k, v, cos, sin, causal=True)  # (B, S, Hq, D)
+        return self.o_proj(out.reshape(B, S, -1)), None
+
+
+def _shared_half_tables(position_embeddings, head_dim: int):
+    """transformers' (cos, sin), each [B, S, D] with duplicated halves, as our fp32 [S, D/2] tables.
+
+    None when the positions differ between rows of the batch (the kernel takes one table).
+    """
+    if position_embeddings is None:
+        return None
+    cos, sin = position_embeddings
+    if cos.dim() != 3 or cos.shape[-1] != head_dim:
+        return None
+    if cos.shape[0] > 1 and not (torch.equal(cos, cos[:1].expand_as(cos)) and torch.equal(sin, sin[:1].expand_as(sin))):
+        return None
+    half = head_dim // 2
+    return cos[0, :, :half].float(), sin[0, :, :half].float()
+
+
+def _is_plain_causal(mask, seq_len: int) -> bool:
+    """True for no mask or a mask that is exactly causal over seq_len x seq_len (no padding)."""
+    if mask is None:
+        return True
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.shape[-2:] != (seq_len, seq_len):
+        return False
+    allowed = torch.ones(seq_len, seq_len, dtype=torch.bool, device=mask.device).tril()
+    if mask.dtype == torch.bool:
+        return bool((mask == allowed).all())
+    return bool(((mask == 0) == allowed).all())
+
+
+@dataclass
+class ReplacementReport:
+    """What replace_modules changed: module kind -> count, and the qualified names."""
+
+    counts: Counter = field(default_factory=Counter)
+    names: dict[str, list[str]] = field(default_factory=dict)
+
+    def add(self, kind: str, name: str) -> None:
+        self.counts[kind] += 1
+        self.names.setdefault(kind, []).append(name)
+
+    def __str__(self) -> str:
+        parts = ", ".join(f"{n} {kind}" for kind, n in sorted(self.counts.items()))
+        return f"llama_fast replaced {parts or 'nothing'}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The rules. Each returns None (not this kind), a reason string (this kind, but unsupported),
+# or a callable building the fused module.
+# ---------------------------------------------------------------------------------------------
+def _linear_without_bias(m) -> bool:
+    return isinstance(m, nn.Linear) and m.bias is None
+
+
+def _rms_norm_rule(module):
+    if not type(module).__name__.endswith("RMSNorm") or isinstance(module, (FusedRMSNorm, llama_model.RMSNorm)):
+        return None
+    weight = getattr(module, "weight", None)
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    if not isinstance(weight, nn.Parameter) or weight.dim() != 1 or eps is None:
+        return "an RMSNorm needs a 1-D weight and an eps (or variance_epsilon) attribute"
+    if getattr(module, "bias", None) is not None:
+        return "RMSNorm with a bias is not supported"
+    # Gemma-style norms scale by (1 + weight); they carry no marker, so refuse them by name.
+    if "Gemma" in type(module).__name__:
+        return "Gemma's RMSNorm scales by (1 + weight), which the fused kernel does not do"
+    return lambda: FusedRMSNorm(weight, float(eps))
+
+
+def _gated_mlp_rule(module):
+    if not all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj")):
+        return None
+    if isinstance(module, FusedGatedMLP):
+        return None
+    if not all(_linear_without_bias(getattr(module, n)) for n in ("gate_proj", "up_proj", "down_proj")):
+        return "gated MLP projections must be nn.Linear without bias"
+    act = getattr(module, "act_fn", None)
+    if not isinstance(act, nn.SiLU) and type(act).__name__ not in ("SiLUActivation", "SiLU"):
+        return f"gated MLP activation must be SiLU, got {type(act).__name__}"
+    return lambda: FusedGatedMLP(module.gate_proj, module.up_proj, module.down_proj)
+
+
+def _attention_rule(module):
+    if not all(hasattr(module, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
+        return None
+    if isinstance(module, FusedRotaryAttention):
+        return None
+    if not all(_linear_without_bias(getattr(module, n)) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
+        return "attention projections must be nn.Linear without bias"
+    head_dim, layer_idx = getattr(module, "head_dim", None), getattr(module, "layer_idx", None)
+    if not isinstance(head_dim, int) or layer_idx is None:
+        return "attention needs integer head_dim and layer_idx attributes"
+    if head_dim % 2 or head_dim > 256:
+        return f"head_dim must be even and at most 256, got {head_dim}"
+    scaling = getattr(module, "scaling", head_dim**-0.5)
+    if not math.isclose(scaling, head_dim**-0.5, rel_tol=1e-6):
+        return f"attention scaling must be head_dim**-0.5 ({head_dim**-0.5:.6g}), got {scaling}"
+    config = getattr(module, "config", None)
+    for attr in ("sliding_window", "attn_logit_softcapping"):
+        if getattr(module, attr, None) or (config is not None and getattr(config, attr, None)):
+            return f"attention with {attr} is not supported"
+    if module.q_proj.out_features % head_dim or module.k_proj.out_features % head_dim:
+        return "q_proj/k_proj widths must be multiples of head_dim"
+    if (module.q_proj.out_features // head_dim) % (module.k_proj.out_features // head_dim):
+        return "the number of query heads must be a multiple of the number of key/value heads"
+    return lambda: FusedRotaryAttention(module)
+
+
+RULES = (("RMSNorm", _rms_norm_rule), ("MLP", _gated_mlp_rule), ("attention", _attention_rule))
+
+
+def replace_modules(model: nn.Module, *, verbose: bool = False) -> ReplacementReport:
+    """Swaps, in place, the RMSNorm, gated-MLP and attention modules of ``model`` for fused ones.
+
+    Weights are shared (not copied) and module names are kept, so ``state_dict()`` keys, optimizer
+    state and checkpoints are unchanged. Returns a report of what was replaced; raises ValueError,
+    before changing anything, if a recognised module cannot be served exactly or nothing is found.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    report = ReplacementReport()
+    if isinstance(model, llama_model.Llama):
+        return _switch_llama_backend(model, report)
+
+    plan, problems = [], []
+    for name, module in model.named_modules():
+        for kind, rule in RULES:
+            verdict = rule(module)
+            if verdict is None:
+                continue
+            if isinstance(verdict, str):
+                problems.append(f"{name or '<root>'} ({type(module).__name__}): {verdict}")
+            else:
+                plan.append((name, kind, verdict))
+            break
+    if problems:
+        raise ValueError("llama_fast.replace_modules cannot handle this model:\n  " + "\n  ".join(problems))
+    if not plan:
+        raise ValueError(
+            f"llama_fast.replace_modules found no RMSNorm, gated MLP or rotary attention module in "
+            f"{type(model).__name__}; expected a LLaMA-style model"
+        )
+    # Children before parents does not matter: a rule never matches inside a replaced module's
+    # submodules (those are plain Linear layers), so replace in order.
+    for name, kind, build in plan:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, build())
+        report.add(kind, name)
+    if verbose:
+        print(report)
+    return report
+
+
+def _switch_llama_backend(model: llama_model.Llama, report: ReplacementReport) -> ReplacementReport:
+    if model.backend == "fused":
+        raise ValueError("this llama_fast.Llama already uses backend='fused'; nothing to replace")
+    for name, module in model.named_modules():
+        if isinstance(module, llama_model._UsesOps):
+            module.backend = "fused"
+            kind = {"RMSNorm": "RMSNorm", "MLP": "MLP", "Attention": "attention"}.get(type(module).__name__)
+            if kind:
+                report.add(kind, name)
+    model.backend = "fused"
+    return report

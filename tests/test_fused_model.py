@@ -1,0 +1,65 @@
+"""Llama(backend="fused") against backend="reference": logits and every parameter gradient (2x rule),
+with the chunked loss and activation checkpointing, and traced whole by torch.compile(fullgraph=True)."""
+import copy
+
+import pytest
+import torch
+
+from llama_fast import Llama, LlamaConfig
+from llama_fast.testing import assert_within_2x, default_floor
+
+CONFIG = LlamaConfig.from_name("tiny", vocab_size=300, n_layers=2, n_heads=4, n_kv_heads=1)
+
+
+def loss_and_grads(model, tokens, targets):
+    model.zero_grad(set_to_none=True)
+    _, loss = model(tokens, targets)
+    loss.backward()
+    # (a torch.compile wrapper names its parameters "_orig_mod.<name>")
+    return loss.detach(), {n.removeprefix("_orig_mod."): p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("activation_checkpointing", [False, True])
+def test_fused_matches_reference(activation_checkpointing):
+    reference = Llama(CONFIG, backend="reference")
+    fused = Llama(CONFIG, backend="fused", activation_checkpointing=activation_checkpointing)
+    fused.load_state_dict(reference.state_dict())
+    assert list(fused.state_dict()) == list(reference.state_dict())
+    tokens = torch.randint(0, CONFIG.vocab_size, (2, 23))
+    targets = torch.roll(tokens, -1, dims=1)
+    targets[:, -1] = -100
+
+    logits = fused(tokens)[0]
+    logits_hi = copy.deepcopy(reference).double()(tokens)[0]
+    logits_lo = reference(tokens)[0]
+    assert_within_2x("logits", logits, logits_hi.float(), logits_lo, floor=default_floor(torch.float32))
+
+    loss, grads = loss_and_grads(fused, tokens, targets)
+    loss_hi, grads_hi = loss_and_grads(copy.deepcopy(reference).double(), tokens, targets)
+    loss_lo, grads_lo = loss_and_grads(reference, tokens, targets)
+    assert_within_2x("loss", loss, loss_hi.float(), loss_lo, floor=1e-6)
+    for name in grads:
+        assert_within_2x(f"grad {name}", grads[name], grads_hi[name].float(), grads_lo[name], floor=1e-6)
+
+
+def test_fused_loss_returns_no_logits():
+    model = Llama(CONFIG, backend="fused")
+    tokens = torch.randint(0, CONFIG.vocab_size, (1, 5))
+    logits, loss = model(tokens, tokens)
+    assert logits is None and loss.ndim == 0
+    assert Llama(CONFIG, backend="fused", fused_loss=False)(tokens, tokens)[0].shape == (1, 5, CONFIG.vocab_size)
+
+
+def test_compile_fullgraph_traces_the_fused_model():
+    # aot_eager traces forward and backward graphs exactly as inductor would see them, without the
+    # minutes of C++ compilation (tests/test_ops_compile.py runs inductor over the elementwise ops).
+    torch._dynamo.reset()
+    model = Llama(CONFIG, backend="fused")
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    tokens = torch.randint(0, CONFIG.vocab_size, (2, 9))
+    eager_loss, eager_grads = loss_and_grads(model, tokens, tokens)
+    compiled_loss, compiled_grads = loss_and_grads(compiled, tokens, tokens)
+    torch.testing.assert_close(compiled_loss, eager_loss)
+    assert compiled_grads.keys() == eager_grads.keys()
+    for name in eager_grads:
+        torch.testing.assert_close(compiled_grads[name], eager_grads[name])

@@ -1,0 +1,138 @@
+"""replace_modules: a Hugging Face LlamaForCausalLM (and our reference Llama) on the fused ops
+gives the logits and parameter gradients of the unpatched model (2x rule), and trains the same."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import llama_fast
+from llama_fast import Llama, LlamaConfig
+from llama_fast.replace import FusedRotaryAttention, replace_modules
+from llama_fast.testing import assert_within_2x, default_floor
+
+transformers = pytest.importorskip("transformers", reason="the drop-in tests patch transformers' LlamaForCausalLM")
+
+
+def hf_model(**overrides):
+    cfg = dict(
+        hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=256, max_position_embeddings=128, rms_norm_eps=1e-6, rope_theta=500000.0,
+        attention_dropout=0.0, tie_word_embeddings=False,
+    )
+    cfg.update(overrides)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg))
+    with torch.no_grad():  # non-trivial norm weights, so a dropped weight would show
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def loss_and_grads(model, tokens):
+    model.zero_grad(set_to_none=True)
+    logits = model(tokens, use_cache=False).logits
+    # A loss that weighs every logit, so every parameter gradient is exercised.
+    weights = torch.linspace(-1, 1, logits.shape[-1], dtype=logits.dtype)
+    (logits * weights).sum().backward()
+    return logits.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("seq_len", [1, 19])
+def test_hf_llama_logits_and_gradients_match(seq_len):
+    original = hf_model()
+    fused = copy.deepcopy(original)
+    report = replace_modules(fused)
+    assert report.counts == {"RMSNorm": 5, "MLP": 2, "attention": 2}, report.counts
+    assert list(fused.state_dict()) == list(original.state_dict())
+    assert isinstance(fused.model.layers[0].self_attn, FusedRotaryAttention)
+
+    tokens = torch.randint(0, 256, (2, seq_len))
+    logits, grads = loss_and_grads(fused, tokens)
+    logits_hi, grads_hi = loss_and_grads(copy.deepcopy(original).double(), tokens)
+    logits_lo, grads_lo = loss_and_grads(original, tokens)
+    assert fused.model.layers[1].self_attn.fused_calls == 1 and fused.model.layers[1].self_attn.fallback_calls == 0
+    floor = default_floor(torch.float32)
+    assert_within_2x("logits", logits, logits_hi.float(), logits_lo, floor=floor)
+    for name in grads:
+        assert_within_2x(f"grad {name}", grads[name], grads_hi[name].float(), grads_lo[name], floor=floor * 10)
+
+
+def test_hf_padding_mask_falls_back_exactly():
+    original = hf_model(num_key_value_heads=4)
+    fused = copy.deepcopy(original)
+    replace_modules(fused)
+    tokens = torch.randint(0, 256, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :3] = 0  # left padding: not plain causal, so the original attention must run
+    with torch.no_grad():
+        a = fused(tokens, attention_mask=mask, use_cache=False).logits
+        b = original(tokens, attention_mask=mask, use_cache=False).logits
+    attn = fused.model.layers[0].self_attn
+    assert attn.fallback_calls == 1 and attn.fused_calls == 0
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_hf_generate_with_cache_matches():
+    original = hf_model()
+    fused = copy.deepcopy(original)
+    replace_modules(fused)
+    prompt = torch.randint(0, 256, (1, 6))
+    kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(fused.generate(prompt, **kwargs), original.generate(prompt, **kwargs))
+    assert fused.model.layers[0].self_attn.fused_calls >= 1  # the prompt pass, cache filled by us
+
+
+def test_our_reference_llama_switches_to_fused():
+    config = LlamaConfig.from_name("tiny", vocab_size=300)
+    reference = Llama(config, backend="reference")
+    fused = copy.deepcopy(reference)
+    report = replace_modules(fused)
+    assert fused.backend == "fused" and report.counts == {"RMSNorm": 5, "MLP": 2, "attention": 2}
+    tokens = torch.randint(0, 300, (2, 21))
+    out = fused(tokens)[0]
+    hi = copy.deepcopy(reference).double()(tokens)[0]
+    assert_within_2x("logits", out, hi.float(), reference(tokens)[0], floor=1e-5)
+    with pytest.raises(ValueError, match="already uses backend='fused'"):
+        replace_modules(fused)
+
+
+def test_refuses_what_it_cannot_serve():
+    model = hf_model(hidden_act="gelu")
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="activation must be SiLU"):
+        replace_modules(model)
+    assert type(model.model.layers[0].mlp).__name__ == "LlamaMLP"  # nothing changed
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="attention projections must be nn.Linear without bias"):
+        replace_modules(hf_model(attention_bias=True))
+    with pytest.raises(ValueError, match="found no RMSNorm"):
+        replace_modules(nn.Sequential(nn.Linear(4, 4)))
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        replace_modules("model")
+
+
+def test_fused_training_tracks_reference_for_50_steps():
+    config = LlamaConfig.from_name("tiny", vocab_size=128, n_layers=1)
+    torch.manual_seed(0)
+    reference = Llama(config, backend="reference")
+    fused = Llama(config, backend="fused")
+    fused.load_state_dict(reference.state_dict())
+    data = torch.randint(0, 128, (5, 2, 17)).repeat(10, 1, 1)  # 5 batches seen 10 times: learnable
+    curves = []
+    for model in (reference, fused):
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
+        losses = []
+        for batch in data:
+            _, loss = model(batch[:, :-1], batch[:, 1:])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        curves.append(torch.tensor(losses))
+    assert curves[0][-10:].mean() < curves[0][:10].mean() - 0.1, "the reference run must learn something"
+    torch.testing.assert_close(curves[1], curves[0], rtol=2e-3, atol=2e-3)
+
+
+def test_top_level_export():
+    assert llama_fast.replace_modules is replace_modules
