@@ -136,8 +136,35 @@ std::tuple<at::Tensor, at::Tensor> swiglu_backward_cpu_impl(const at::Tensor& dy
   at::Tensor dgate = at::empty({g.size(0), g.size(1)}, g.options());
   at::Tensor dup = at::empty_like(dgate);
   swiglu_backward_cpu(d.data_ptr<float>(), d.stride(0), g.data_ptr<float>(), g.stride(0), u.data_ptr<float>(),
-                      u.stride(0), dgate.data_ptr<float>(), dup.data_ptr<float>(), g.size(0), g.size(1));
+                      u.stride(0), dgate.data_ptr<float>(), g.size(1), dup.data_ptr<float>(), g.size(1), g.size(0),
+                      g.size(1));
   return {dgate.to(gate.scalar_type()).view(gate.sizes()), dup.to(gate.scalar_type()).view(gate.sizes())};
+}
+
+// swiglu_packed_backward(dy, gate_up) -> d(gate_up): gate_up is [..., 2F] = [gate | up] (one GEMM's
+// output); the gradient is written as one [..., 2F] tensor, so nothing concatenates dgate and dup.
+void check_swiglu_packed_backward(const at::Tensor& dy, const at::Tensor& gate_up) {
+  dtype_of(gate_up, "gate_up");
+  TORCH_CHECK(gate_up.dim() >= 1 && gate_up.size(-1) % 2 == 0,
+              "llama_fast: gate_up must have an even last dim (2F = [gate | up]), got shape ", gate_up.sizes());
+  std::vector<int64_t> expected = gate_up.sizes().vec();
+  expected.back() /= 2;
+  TORCH_CHECK(dy.sizes() == at::IntArrayRef(expected), "llama_fast: dy must have shape ", at::IntArrayRef(expected),
+              " (gate_up with its last dim halved), got ", dy.sizes());
+  TORCH_CHECK(dy.scalar_type() == gate_up.scalar_type(), "llama_fast: dy must have the dtype of gate_up (",
+              gate_up.scalar_type(), "), got ", dy.scalar_type());
+  check_same_device(gate_up, "gate_up", dy, "dy");
+}
+
+at::Tensor swiglu_packed_backward_cpu_impl(const at::Tensor& dy, const at::Tensor& gate_up) {
+  check_swiglu_packed_backward(dy, gate_up);
+  at::Tensor d = as_rows(dy).to(at::kFloat), gu = as_rows(gate_up).to(at::kFloat);  // (rows, F), (rows, 2F)
+  const int64_t rows = gu.size(0), cols = gu.size(1) / 2;
+  at::Tensor dgu = at::empty({rows, 2 * cols}, gu.options());
+  float* out = dgu.data_ptr<float>();
+  swiglu_backward_cpu(d.data_ptr<float>(), d.stride(0), gu.data_ptr<float>(), gu.stride(0),
+                      gu.data_ptr<float>() + cols, gu.stride(0), out, 2 * cols, out + cols, 2 * cols, rows, cols);
+  return dgu.to(gate_up.scalar_type()).view(gate_up.sizes());
 }
 
 #ifdef LLAMA_FAST_WITH_CUDA
@@ -149,9 +176,25 @@ std::tuple<at::Tensor, at::Tensor> swiglu_backward_cuda_impl(const at::Tensor& d
   at::Tensor dgate = at::empty_like(gate, at::MemoryFormat::Contiguous);
   at::Tensor dup = at::empty_like(gate, at::MemoryFormat::Contiguous);
   SwigluBackwardArgs args{dtype_of(gate, "gate"), d.data_ptr(), d.stride(0), g.data_ptr(), g.stride(0),
-                          u.data_ptr(), u.stride(0), dgate.data_ptr(), dup.data_ptr(), g.size(0), g.size(1)};
+                          u.data_ptr(), u.stride(0), dgate.data_ptr(), g.size(1), dup.data_ptr(), g.size(1),
+                          g.size(0), g.size(1)};
   check_cuda(swiglu_backward_cuda(args, at::cuda::getCurrentCUDAStream().stream()), "swiglu_backward");
   return {dgate, dup};
+}
+
+at::Tensor swiglu_packed_backward_cuda_impl(const at::Tensor& dy, const at::Tensor& gate_up) {
+  check_swiglu_packed_backward(dy, gate_up);
+  const c10::cuda::CUDAGuard guard(gate_up.device());
+  at::Tensor d = as_rows(dy), gu = as_rows(gate_up);  // (rows, F), (rows, 2F), row strides kept
+  const int64_t rows = gu.size(0), cols = gu.size(1) / 2;
+  at::Tensor dgu = at::empty({rows, 2 * cols}, gu.options());
+  const int64_t half_bytes = cols * gu.element_size();
+  auto* in = static_cast<char*>(gu.data_ptr());
+  auto* out = static_cast<char*>(dgu.data_ptr());
+  SwigluBackwardArgs args{dtype_of(gate_up, "gate_up"), d.data_ptr(), d.stride(0), in, gu.stride(0),
+                          in + half_bytes, gu.stride(0), out, 2 * cols, out + half_bytes, 2 * cols, rows, cols};
+  check_cuda(swiglu_backward_cuda(args, at::cuda::getCurrentCUDAStream().stream()), "swiglu_packed_backward");
+  return dgu.view(gate_up.sizes());
 }
 #endif
 
@@ -350,6 +393,7 @@ TORCH_LIBRARY(llama_fast, m) {
         " -> (Tensor, Tensor)");
   // --- elementwise ops (issue 3) ---
   m.def("swiglu_backward(Tensor dy, Tensor gate, Tensor up) -> (Tensor, Tensor)");
+  m.def("swiglu_packed_backward(Tensor dy, Tensor gate_up) -> Tensor");
   m.def("rope_backward(Tensor dq, Tensor dk, Tensor cos, Tensor sin) -> (Tensor, Tensor)");
   // --- end elementwise ops ---
   // attention (issue 4)
@@ -361,6 +405,7 @@ TORCH_LIBRARY_IMPL(llama_fast, CPU, m) {
   m.impl("rms_norm_backward", &llama_fast::rms_norm_backward_cpu_impl);
   // --- elementwise ops (issue 3) ---
   m.impl("swiglu_backward", &llama_fast::swiglu_backward_cpu_impl);
+  m.impl("swiglu_packed_backward", &llama_fast::swiglu_packed_backward_cpu_impl);
   m.impl("rope_backward", &llama_fast::rope_backward_cpu_impl);
   // --- end elementwise ops ---
   m.impl("attention_backward", &llama_fast::attention_backward_cpu_impl);  // attention (issue 4)
@@ -371,6 +416,7 @@ TORCH_LIBRARY_IMPL(llama_fast, CUDA, m) {
   m.impl("rms_norm_backward", &llama_fast::rms_norm_backward_cuda_impl);
   // --- elementwise ops (issue 3) ---
   m.impl("swiglu_backward", &llama_fast::swiglu_backward_cuda_impl);
+  m.impl("swiglu_packed_backward", &llama_fast::swiglu_packed_backward_cuda_impl);
   m.impl("rope_backward", &llama_fast::rope_backward_cuda_impl);
   // --- end elementwise ops ---
   m.impl("attention_backward", &llama_fast::attention_backward_cuda_impl);  // attention (issue 4)

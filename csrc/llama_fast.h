@@ -55,15 +55,15 @@ struct SwigluBackwardArgs {
   const void* dy;   int64_t dy_row_stride;
   const void* gate; int64_t gate_row_stride;
   const void* up;   int64_t up_row_stride;
-  void* dgate;
-  void* dup;
+  void* dgate;      int64_t dgate_row_stride;
+  void* dup;        int64_t dup_row_stride;
   int64_t rows, cols;
 };
 
 // CPU: fp32 only (the binding converts).
 void swiglu_backward_cpu(const float* dy, int64_t dy_row_stride, const float* gate, int64_t gate_row_stride,
-                         const float* up, int64_t up_row_stride, float* dgate, float* dup, int64_t rows,
-                         int64_t cols);
+                         const float* up, int64_t up_row_stride, float* dgate, int64_t dgate_row_stride,
+                         float* dup, int64_t dup_row_stride, int64_t rows, int64_t cols);
 
 // CUDA: returns 0 or a cudaError_t value.
 int swiglu_backward_cuda(const SwigluBackwardArgs& args, void* stream);

@@ -52,7 +52,8 @@ def swiglu_backward_kernel(
     dy_ptr, dy_row_stride,  # upstream gradient [rows, F]
     gate_ptr, gate_row_stride,  # [rows, F]
     up_ptr, up_row_stride,  # [rows, F]
-    dgate_ptr, dup_ptr,  # outputs [rows, F] contiguous, gate dtype
+    dgate_ptr, dup_ptr,  # outputs [rows, F], gate dtype: separate, or the halves of one [rows, 2F]
+    d_row_stride,  # row stride of both outputs: F (separate) or 2F (packed)
     F,
     BLOCK: tl.constexpr,  # columns per program
 ):
@@ -63,9 +64,9 @@ def swiglu_backward_kernel(
     g = tl.load(gate_ptr + row * gate_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(up_ptr + row * up_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
     s = tl.sigmoid(g)
-    tl.store(dup_ptr + row * F + cols, (dy * g * s).to(dup_ptr.dtype.element_ty), mask=mask)
+    tl.store(dup_ptr + row * d_row_stride + cols, (dy * g * s).to(dup_ptr.dtype.element_ty), mask=mask)
     dgate = dy * u * s * (1.0 + g * (1.0 - s))
-    tl.store(dgate_ptr + row * F + cols, dgate.to(dgate_ptr.dtype.element_ty), mask=mask)
+    tl.store(dgate_ptr + row * d_row_stride + cols, dgate.to(dgate_ptr.dtype.element_ty), mask=mask)
 
 
 def swiglu_forward(gate, up):
@@ -80,16 +81,21 @@ def swiglu_forward(gate, up):
     return y
 
 
-def swiglu_backward(dy, gate, up):
-    """Launches the fallback backward on [rows, F] views; returns (dgate, dup), contiguous [rows, F]."""
+def swiglu_backward(dy, gate, up, packed: bool = False):
+    """Launches the fallback backward on [rows, F] views. Returns (dgate, dup), contiguous [rows, F],
+    or with ``packed`` one [rows, 2F] tensor [dgate | dup] (the gradient of a fused [gate | up])."""
     rows, cols = gate.shape
-    dgate = torch.empty((rows, cols), dtype=gate.dtype, device=gate.device)
-    dup = torch.empty_like(dgate)
-    if dgate.numel() == 0:
-        return dgate, dup
-    block, num_warps = launch_config(cols)
-    grid = (rows, triton.cdiv(cols, block))
-    swiglu_backward_kernel[grid](
-        dy, dy.stride(0), gate, gate.stride(0), up, up.stride(0), dgate, dup, cols, BLOCK=block, num_warps=num_warps
-    )
-    return dgate, dup
+    if packed:
+        out = torch.empty((rows, 2 * cols), dtype=gate.dtype, device=gate.device)  # (rows, 2F)
+        dgate, dup = out[:, :cols], out[:, cols:]
+    else:
+        dgate = torch.empty((rows, cols), dtype=gate.dtype, device=gate.device)
+        dup = torch.empty_like(dgate)
+    if dgate.numel() > 0:
+        block, num_warps = launch_config(cols)
+        grid = (rows, triton.cdiv(cols, block))
+        swiglu_backward_kernel[grid](
+            dy, dy.stride(0), gate, gate.stride(0), up, up.stride(0), dgate, dup, dgate.stride(0), cols,
+            BLOCK=block, num_warps=num_warps,
+        )
+    return out if packed else (dgate, dup)

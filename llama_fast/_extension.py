@@ -35,6 +35,10 @@ if AVAILABLE:
     def _swiglu_backward_fake(dy, gate, up):
         return gate.new_empty(gate.shape), gate.new_empty(gate.shape)
 
+    @torch.library.register_fake("llama_fast::swiglu_packed_backward")
+    def _swiglu_packed_backward_fake(dy, gate_up):
+        return gate_up.new_empty(gate_up.shape)
+
     @torch.library.register_fake("llama_fast::rope_backward")
     def _rope_backward_fake(dq, dk, cos, sin):
         return dq.new_empty(dq.shape), dk.new_empty(dk.shape)

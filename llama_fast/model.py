@@ -121,8 +121,8 @@ class MLP(_UsesOps, nn.Module):
         self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w_gate_up(x).chunk(2, dim=-1)  # two strided views of one GEMM's output
-        return self.w_down(self.ops.swiglu(gate, up))
+        # One GEMM for [gate | up]; swiglu reads both halves in place and returns one gradient.
+        return self.w_down(self.ops.swiglu(self.w_gate_up(x)))  # (B, S, 2F) -> (B, S, F) -> (B, S, dim)
 
 
 class Block(_UsesOps, nn.Module):

@@ -42,8 +42,10 @@ def add_rms_norm(
     return rms_norm(total, weight, eps), total
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up, math in fp32, result in gate.dtype."""
+def swiglu(gate: torch.Tensor, up: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(gate) * up, math in fp32, result in gate.dtype; with up=None, gate is [gate | up] ([..., 2F])."""
+    if up is None:
+        gate, up = gate.chunk(2, dim=-1)
     acc = _acc(gate)
     return (F.silu(gate.to(acc)) * up.to(acc)).to(gate.dtype)
 

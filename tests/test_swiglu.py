@@ -10,16 +10,15 @@ from llama_fast import ops, reference
 pytestmark = pytest.mark.usefixtures("poison_empty")
 
 
-def run_swiglu(shape, dtype, device="cpu", *, fused=True, view=None):
-    """Checks swiglu on the two .chunk(2, -1) halves of one [..., 2F] tensor (fused=True, the model's
-    layout) or on two separate tensors of `shape`, optionally viewed through `view`."""
+def run_swiglu(shape, dtype, device="cpu", *, layout="chunks", view=None):
+    """Checks swiglu on one [..., 2F] tensor: whole (layout "packed", the model's call) or as its two
+    .chunk(2, -1) halves ("chunks"); or on two separate tensors of `shape` ("separate"); inputs
+    optionally viewed through `view`."""
     view = view or (lambda t: t)
-    if fused:
+    if layout in ("packed", "chunks"):
         base = torch.randn(*shape[:-1], 2 * shape[-1], device=device).mul(3).to(dtype).requires_grad_()
-        check_op(
-            ops.swiglu, reference.swiglu, [base], lambda b: view(b).chunk(2, dim=-1),
-            out_names=["y"], grad_names=["d[gate, up]"],
-        )
+        split = (lambda b: (view(b),)) if layout == "packed" else (lambda b: view(b).chunk(2, dim=-1))
+        check_op(ops.swiglu, reference.swiglu, [base], split, out_names=["y"], grad_names=["d[gate, up]"])
     else:
         gate = torch.randn(shape, device=device).mul(3).to(dtype).requires_grad_()
         up = torch.randn(shape, device=device).to(dtype).requires_grad_()
@@ -33,11 +32,11 @@ def run_swiglu(shape, dtype, device="cpu", *, fused=True, view=None):
 CPU_SHAPES = [(1, 123), (5, 4096), (5, 8192), (2, 9000), (1000, 64), (3, 7, 123), (2, 3, 4, 123)]
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["chunks", "separate"])
+@pytest.mark.parametrize("layout", ["packed", "chunks", "separate"])
 @pytest.mark.parametrize("shape", CPU_SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_cpu_matches_reference(dtype, shape, fused):
-    run_swiglu(shape, dtype, fused=fused)
+def test_cpu_matches_reference(dtype, shape, layout):
+    run_swiglu(shape, dtype, layout=layout)
 
 
 @pytest.mark.parametrize(
@@ -46,7 +45,7 @@ def test_cpu_matches_reference(dtype, shape, fused):
     ids=["slice", "transpose"],
 )
 def test_non_contiguous_views(shape, view):
-    run_swiglu(shape, torch.float32, fused=False, view=view)
+    run_swiglu(shape, torch.float32, layout="separate", view=view)
 
 
 def test_reads_the_fused_halves_in_place(monkeypatch):
@@ -67,13 +66,24 @@ def test_reads_the_fused_halves_in_place(monkeypatch):
     assert seen == [(96, 96, fused.data_ptr(), fused.data_ptr() + 48 * 4)]
 
 
+def test_packed_gradient_is_one_tensor(monkeypatch):
+    """swiglu(gate_up) gets its gradient from the packed backward, already [..., 2F]: no concatenation."""
+    calls = []
+    real = torch.ops.llama_fast.swiglu_packed_backward
+    monkeypatch.setattr(torch.ops.llama_fast, "swiglu_packed_backward", lambda *a: calls.append(1) or real(*a))
+    gate_up = torch.randn(3, 5, 2 * 48, requires_grad=True)
+    ops.swiglu(gate_up).sum().backward()
+    assert calls == [1] and gate_up.grad.shape == gate_up.shape
+
+
 @pytest.mark.parametrize("triton_interpret", ["1", "0"], ids=["triton", "torch"])
 def test_fallback_backward_warns_once(fallback_backward, monkeypatch, triton_interpret):
     monkeypatch.setenv("TRITON_INTERPRET", triton_interpret)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         run_swiglu((3, 5, 123), torch.float32)
-        run_swiglu((2, 9000), torch.float16, fused=False)
+        run_swiglu((3, 7), torch.float32, layout="packed")
+        run_swiglu((2, 9000), torch.float16, layout="separate")
     ours = [w for w in caught if "no compiled backward for swiglu on cpu" in str(w.message)]
     assert len(ours) == 1, [str(w.message) for w in caught]
 
@@ -95,12 +105,22 @@ def test_bad_input_is_named(args, error, match):
         ops.swiglu(*args())
 
 
+def test_packed_bad_input_is_named():
+    with pytest.raises(ValueError, match=r"even last dim \(2F\) when up is None, got shape \(4, 15\)"):
+        ops.swiglu(torch.ones(4, 15))
+    with pytest.raises(TypeError, match="gate must be float32"):
+        ops.swiglu(torch.ones(4, 16, dtype=torch.int64))
+
+
 def test_opcheck():
     fused = torch.randn(3, 5, 2 * 40, requires_grad=True)
     gate, up = fused.chunk(2, dim=-1)
     torch.library.opcheck(torch.ops.llama_fast.swiglu_forward, (gate, up))
     dy = torch.randn(3, 5, 40)
     torch.library.opcheck(torch.ops.llama_fast.swiglu_backward_fallback, (dy, gate.detach(), up.detach()))
+    torch.library.opcheck(torch.ops.llama_fast.swiglu_packed_forward, (fused,))
+    torch.library.opcheck(torch.ops.llama_fast.swiglu_packed_backward_fallback, (dy, fused.detach()))
+    torch.library.opcheck(torch.ops.llama_fast.swiglu_packed_backward, (dy, fused.detach()))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -110,23 +130,23 @@ GPU_SHAPES = [(1, 123), (5, 4096), (1000, 8192), (37, 11008), (2, 17, 4096), (2,
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fused", [True, False], ids=["chunks", "separate"])
+@pytest.mark.parametrize("layout", ["packed", "chunks", "separate"])
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-def test_gpu_matches_reference(dtype, shape, fused):
-    run_swiglu(shape, dtype, "cuda", fused=fused)
+def test_gpu_matches_reference(dtype, shape, layout):
+    run_swiglu(shape, dtype, "cuda", layout=layout)
 
 
 @pytest.mark.gpu
 def test_gpu_transposed_views():
-    run_swiglu((4, 64, 5), torch.bfloat16, "cuda", fused=False, view=lambda t: t.transpose(1, 2))
+    run_swiglu((4, 64, 5), torch.bfloat16, "cuda", layout="separate", view=lambda t: t.transpose(1, 2))
 
 
 @pytest.mark.gpu
 def test_gpu_triton_fallback_backward(fallback_backward):
     with pytest.warns(RuntimeWarning, match="no compiled backward for swiglu on cuda"):
         run_swiglu((300, 11008), torch.bfloat16, "cuda")
-        run_swiglu((7, 123), torch.float32, "cuda", fused=False)
+        run_swiglu((7, 123), torch.float32, "cuda", layout="separate")
 
 
 @pytest.mark.gpu

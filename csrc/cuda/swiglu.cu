@@ -2,7 +2,8 @@
 //
 // Layout: dy, gate, up are [rows, cols] with a row stride each and contiguous columns (gate and up
 // are typically the two .chunk(2, -1) halves of one fused [rows, 2 * cols] GEMM output, row stride
-// 2 * cols); dgate and dup are contiguous [rows, cols].
+// 2 * cols); dgate and dup are [rows, cols] with row strides too (contiguous, or the two halves of
+// one [rows, 2 * cols] gradient for the packed form, so no concatenation follows).
 // dtypes: all tensors in one of fp32, fp16, bf16. Math in fp32; sigmoid(gate) is recomputed here
 // instead of being saved by the forward.
 //
@@ -38,8 +39,8 @@ __global__ void __launch_bounds__(kThreads) swiglu_backward_kernel(SwigluBackwar
       du[v] = d[v] * g[v] * s;
       dg[v] = d[v] * u[v] * s * (1.f + g[v] * (1.f - s));
     }
-    store_floats<T, VEC>(dgate + row * a.cols + c, dg);
-    store_floats<T, VEC>(dup + row * a.cols + c, du);
+    store_floats<T, VEC>(dgate + row * a.dgate_row_stride + c, dg);
+    store_floats<T, VEC>(dup + row * a.dup_row_stride + c, du);
   }
 }
 
@@ -49,7 +50,8 @@ template <typename T>
 int launch(const SwigluBackwardArgs& a, cudaStream_t stream) {
   constexpr int VEC = 16 / sizeof(T);
   const bool vectorizable = a.cols % VEC == 0 && a.dy_row_stride % VEC == 0 && a.gate_row_stride % VEC == 0 &&
-                            a.up_row_stride % VEC == 0 && aligned16(a.dy) && aligned16(a.gate) && aligned16(a.up) &&
+                            a.up_row_stride % VEC == 0 && a.dgate_row_stride % VEC == 0 &&
+                            a.dup_row_stride % VEC == 0 && aligned16(a.dy) && aligned16(a.gate) && aligned16(a.up) &&
                             aligned16(a.dgate) && aligned16(a.dup);
   const int vec = vectorizable ? VEC : 1;
   const int64_t col_blocks = (a.cols + int64_t(kThreads) * vec - 1) / (int64_t(kThreads) * vec);
