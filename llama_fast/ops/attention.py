@@ -18,22 +18,14 @@ bitwise-reproducible gradients; the Triton and CPU backwards always are.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
 from .. import _extension, reference
+from ._common import triton_runs_on
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _MAX_HEAD_DIM = 256
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _use_triton(device: torch.device) -> bool:
-    return device.type == "cuda" or _interpreting()
 
 
 def _check_inputs(q, k, v, cos, sin) -> None:
@@ -110,7 +102,7 @@ def _attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     causal: bool, deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if _use_triton(q.device) and q.dtype != torch.float64:
+    if triton_runs_on(q.device) and q.dtype != torch.float64:
         from llama_fast.kernels.attention import attention_forward
 
         return attention_forward(q, k, v, cos, sin, causal)
@@ -130,7 +122,7 @@ def _attention_backward_fallback(
     lse: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, causal: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The backward without the compiled op: Triton where it runs, PyTorch math elsewhere."""
-    if _use_triton(q.device) and q.dtype != torch.float64:
+    if triton_runs_on(q.device) and q.dtype != torch.float64:
         from llama_fast.kernels.attention import attention_backward
 
         return attention_backward(dout, q, k, v, out, lse, cos, sin, causal)
