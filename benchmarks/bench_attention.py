@@ -16,10 +16,10 @@ provider is timed only up to S = 4096 (its S^2 score matrices would not fit beyo
 from __future__ import annotations
 
 import math
-import statistics
 
 import pytest
 import torch
+from common import record
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="timing attention needs a CUDA device")
 
@@ -32,41 +32,6 @@ FORWARD_PROVIDERS = ["llama_fast", "reference", *SDPA_BACKENDS]
 BACKWARD_PROVIDERS = ["llama_fast-cuda", "llama_fast-cuda-deterministic", "llama_fast-triton", "reference", *SDPA_BACKENDS]
 REFERENCE_MAX_SEQ = 4096
 CHECK_HEADS = 4
-
-
-# ------------------------------------------------------------------------------------------------
-# Timing helpers (local until benchmarks/common.py holds the shared ones)
-# ------------------------------------------------------------------------------------------------
-def cuda_time_ms(fn, warmup: int = 3, reps: int = 10) -> float:
-    """Median milliseconds of fn() over `reps` runs, timed with CUDA events after `warmup` runs."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def record(benchmark, fn, flops: float, formula: str) -> None:
-    """Times fn with CUDA events (TFLOP/s into extra_info) and lets pytest-benchmark time it too."""
-    torch.cuda.reset_peak_memory_stats()
-    ms = cuda_time_ms(fn)
-    benchmark.extra_info.update(
-        ms=ms, tflops=flops / (ms * 1e-3) / 1e12, flop_formula=formula,
-        peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30,
-    )
-
-    def synced():
-        fn()
-        torch.cuda.synchronize()
-
-    benchmark.pedantic(synced, rounds=5, warmup_rounds=1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -192,7 +157,8 @@ def test_attention_forward(benchmark, provider, shape):
             pytest.skip(f"{provider} unavailable: {exc}")
         raise
     fn = forward_fn(provider, q, k, v, cos, sin)
-    record(benchmark, fn, flops_forward(B, H, S, D), "4*B*H*S^2*D/2 (causal), RoPE included")
+    record(benchmark, fn, flops=flops_forward(B, H, S, D), formula="4*B*H*S^2*D/2 (causal), RoPE included",
+           warmup=3, reps=10)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}_H{}_S{}_D{}".format(*s))
@@ -210,7 +176,8 @@ def test_attention_backward(benchmark, provider, shape):
             pytest.skip(f"{provider} unavailable: {exc}")
         raise
     fn = backward_fn(provider, q, k, v, cos, sin, dout)
-    record(benchmark, fn, 2.5 * flops_forward(B, H, S, D), "2.5*4*B*H*S^2*D/2 (causal), RoPE backward included")
+    record(benchmark, fn, flops=2.5 * flops_forward(B, H, S, D),
+           formula="2.5*4*B*H*S^2*D/2 (causal), RoPE backward included", warmup=3, reps=10)
 
 
 def test_attention_peak_memory_16k(benchmark):
@@ -235,4 +202,5 @@ def test_attention_peak_memory_16k(benchmark):
     activation = q.numel() * q.element_size()
     benchmark.extra_info.update(peak_extra_mib=extra / 2**20, activation_mib=activation / 2**20)
     assert extra < 12 * activation, f"peak extra memory {extra / 2**20:.0f} MiB is not linear in S"
-    record(benchmark, step, 3.5 * flops_forward(B, H, S, D), "3.5*4*B*H*S^2*D/2 (forward + backward, causal)")
+    record(benchmark, step, flops=3.5 * flops_forward(B, H, S, D),
+           formula="3.5*4*B*H*S^2*D/2 (forward + backward, causal)", warmup=3, reps=10)

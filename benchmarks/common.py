@@ -13,7 +13,8 @@ API:
                               of CUDA events on the current stream, after `warmup` untimed runs
   record(benchmark, fn, *, bytes=None, flops=None, formula="", warmup=10, reps=50) -> float
                               times fn with cuda_time_ms, stores ms, GB/s (bytes / s / 1e9) and/or
-                              TFLOP/s with the formula in benchmark.extra_info, and lets pytest-benchmark
+                              TFLOP/s with the formula, and the peak memory allocated while timing, in
+                              benchmark.extra_info, and lets pytest-benchmark
                               time synchronized calls for its own table; returns the median ms
   validate(name, got, ref_high, ref_low, *, strict=True, floor_scale=1.0)
                               strict: llama_fast.testing's 2x rule (floor_scale widens the absolute
@@ -64,9 +65,11 @@ def record(
     warmup: int = 10,
     reps: int = 50,
 ) -> float:
-    """Times fn, writes ms / GB/s / TFLOP/s and the formula into benchmark.extra_info; returns ms."""
+    """Times fn, writes ms / GB/s / TFLOP/s, the formula and the peak memory of the timed runs into
+    benchmark.extra_info; returns ms."""
+    torch.cuda.reset_peak_memory_stats()
     ms = cuda_time_ms(fn, warmup, reps)
-    info = {"median_ms_cuda_events": ms, "formula": formula}
+    info = {"median_ms_cuda_events": ms, "formula": formula, "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
     if bytes is not None:
         info["bytes"] = bytes
         info["GB/s"] = bytes / (ms * 1e-3) / 1e9
