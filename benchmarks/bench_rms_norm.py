@@ -3,7 +3,6 @@
 Bytes: forward reads x and writes y (2 * rows * cols * 2 B); backward reads x and dy and writes dx
 (3 * rows * cols * 2 B). The weight, its gradient and rstd are a rounding error at this size.
 """
-import math
 
 import pytest
 import torch
@@ -65,7 +64,7 @@ def test_backward(benchmark, provider):
     dx, dw = torch.autograd.grad(y, (x, w), dy, retain_graph=True)
     strict = provider != "liger"
     validate("dx", dx, hi[1], lo[1], strict=strict)
-    validate("dw", dw, hi[2], lo[2], strict=strict, floor_scale=math.sqrt(ROWS))
+    validate("dw", dw, hi[2], lo[2], strict=strict)
     record(
         benchmark, lambda: torch.autograd.grad(y, (x, w), dy, retain_graph=True),
         bytes=3 * x.numel() * x.element_size(), formula="read x, dy + write dx = 3 * rows * cols * 2 B",

@@ -96,6 +96,6 @@ def test_train_step(benchmark, provider):
         first_loss=round(first, 4),
         formula="tokens/s = B*S/step; MFU = tokens/s * (6N + 6*L*d*S) / 989e12",
     )
-    del model, opt
+    model = opt = None  # free the GPU memory before the next provider (the closures hold these cells)
     gc.collect()
     torch.cuda.empty_cache()

@@ -16,9 +16,8 @@ API:
                               TFLOP/s with the formula, and the peak memory allocated while timing, in
                               benchmark.extra_info, and lets pytest-benchmark
                               time synchronized calls for its own table; returns the median ms
-  validate(name, got, ref_high, ref_low, *, strict=True, floor_scale=1.0)
-                              strict: llama_fast.testing's 2x rule (floor_scale widens the absolute
-                              floor, e.g. sqrt(rows) for a sum over rows); strict=False (peers that round
+  validate(name, got, ref_high, ref_low, *, strict=True)
+                              strict: llama_fast.testing's 2x rule; strict=False (peers that round
                               differently, e.g. Liger's casting modes): within 2e-2 of the
                               fp32 reference, relative to its largest magnitude
   liger(module)               imports liger_kernel.<module> or skips with the reason
@@ -93,11 +92,10 @@ def validate(
     ref_low: torch.Tensor,
     *,
     strict: bool = True,
-    floor_scale: float = 1.0,
 ) -> None:
     """Checks a provider's result before it is timed (see the module docstring)."""
     if strict:
-        floor = default_floor(got.dtype) * floor_scale
+        floor = default_floor(got.dtype)
         assert_within_2x(name, got.float(), ref_high.float(), ref_low.float(), floor=floor)
         return
     scale = ref_high.float().abs().max().item() or 1.0

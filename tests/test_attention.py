@@ -3,7 +3,6 @@
 On the CPU the Triton kernels run in the interpreter (conftest sets TRITON_INTERPRET=1), in fp32
 and fp16 (the interpreter's bf16 tl.dot is broken); bf16 runs in the gpu-marked tests.
 """
-import math
 
 import pytest
 import torch
@@ -48,8 +47,9 @@ def reference_run(q, k, v, cos, sin, causal, dout, dtype, device="cpu"):
 def check_all(name, got, high, low, dtype, S):
     floor = default_floor(dtype)
     for label, a, hi, lo in zip(("out", "lse", "dq", "dk", "dv"), got, high, low):
-        # The LSE is fp32 everywhere; the gradients sum S terms of rounded products.
-        f = default_floor(torch.float32) * 10 if label == "lse" else floor * (1 if label == "out" else math.sqrt(S))
+        # The LSE is fp32 everywhere. The gradients' rounding grows with S, but so does PyTorch's own
+        # error in the same dtype, which the 2x term already allows: no S-dependent floor.
+        f = default_floor(torch.float32) * 10 if label == "lse" else floor
         assert_within_2x(f"{name} {label}", a.cpu(), hi.cpu(), lo.cpu(), floor=f)
 
 

@@ -47,6 +47,20 @@ def test_scales_with_upstream_gradient():
     torch.testing.assert_close(w.grad, w2.grad)
 
 
+def test_no_grad_computes_the_loss_alone(monkeypatch):
+    """Evaluation under no_grad must not pay for the softmax gradient or the dW buffer."""
+    softmaxes = []
+    real = torch.softmax
+    monkeypatch.setattr(torch, "softmax", lambda *a, **k: softmaxes.append(1) or real(*a, **k))
+    h, w, t = torch.randn(20, 8, requires_grad=True), torch.randn(11, 8, requires_grad=True), torch.randint(0, 11, (20,))
+    with torch.no_grad():
+        loss = ce.linear_cross_entropy(h, w, t)
+    assert softmaxes == [] and not loss.requires_grad
+    torch.testing.assert_close(loss, full_logits_loss(h, w, t).detach())
+    ce.linear_cross_entropy(h, w, t)
+    assert softmaxes, "with gradients enabled the forward computes them"
+
+
 def test_bad_input():
     with pytest.raises(ValueError, match="weight must be"):
         ce.linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 7), torch.zeros(4, dtype=torch.long))

@@ -35,12 +35,12 @@ def saved_forward(q, k, v, cos, sin, causal):
 
 
 def check_grads(grads, q, k, v, cos, sin, causal, dout):
-    dtype, S = q.dtype, q.shape[1]
+    dtype = q.dtype
     high = reference_grads(q, k, v, cos, sin, causal, dout, torch.float64)
     low = reference_grads(q, k, v, cos, sin, causal, dout, dtype)
     for name, a, hi, lo, like in zip(("dq", "dk", "dv"), grads, high, low, (q, k, v)):
         assert a.shape == like.shape and a.dtype == dtype
-        assert_within_2x(name, a.cpu(), hi, lo, floor=default_floor(dtype) * S**0.5)
+        assert_within_2x(name, a.cpu(), hi, lo, floor=default_floor(dtype))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

@@ -41,9 +41,7 @@ def test_matches_reference(dtype, shape, fp32_weight, with_residual):
     dx_lo, dw_lo = reference_grads(x, w, dy, dres, dtype)
     floor = default_floor(dtype)
     assert_within_2x("dx", dx, dx_hi, dx_lo, floor=floor)
-    # dw sums over rows: its magnitude (and rounding) grows with the row count.
-    rows = x.numel() // shape[-1]
-    assert_within_2x("dw", dw, dw_hi, dw_lo, floor=floor * rows**0.5)
+    assert_within_2x("dw", dw, dw_hi, dw_lo, floor=floor)
 
 
 def test_non_contiguous_views():
@@ -107,8 +105,7 @@ def test_cuda_matches_reference(dtype, shape, with_residual):
     dx, dw = torch.ops.llama_fast.rms_norm_backward(dy, x, w, rstd_of(x), dres)
     dx_hi, dw_hi = reference_grads(x.cpu(), w.cpu(), dy.cpu(), None if dres is None else dres.cpu(), torch.float64)
     dx_lo, dw_lo = reference_grads(x, w, dy, dres, dtype)
-    rows = x.numel() // shape[-1]
     assert_within_2x("dx", dx.cpu(), dx_hi, dx_lo.cpu(), floor=default_floor(dtype))
-    assert_within_2x("dw", dw.cpu(), dw_hi, dw_lo.cpu(), floor=default_floor(dtype) * rows**0.5)
+    assert_within_2x("dw", dw.cpu(), dw_hi, dw_lo.cpu(), floor=default_floor(dtype))
     again = torch.ops.llama_fast.rms_norm_backward(dy, x, w, rstd_of(x), dres)
     assert torch.equal(dw, again[1]), "dw must be bitwise deterministic"

@@ -19,12 +19,12 @@ _CHUNK_ELEMENTS = 64 * 1024 * 1024
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index):
+    def forward(ctx, hidden, weight, targets, ignore_index, with_grad):
         n_rows, vocab = hidden.shape[0], weight.shape[0]
         valid = targets != ignore_index
         n_valid = valid.sum().clamp(min=1).to(torch.float32)
         chunk = max(1, min(n_rows, _CHUNK_ELEMENTS // vocab))
-        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        needs_grad = with_grad  # False under no_grad (evaluation): the loss alone, no gradient buffers
         d_hidden = torch.empty_like(hidden) if needs_grad else None
         d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs_grad else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -53,7 +53,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         d_hidden, d_weight = ctx.saved_tensors
         dh = d_hidden * grad_loss.to(d_hidden.dtype) if ctx.needs_input_grad[0] else None
         dw = (d_weight * grad_loss).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
-        return dh, dw, None, None
+        return dh, dw, None, None, None
 
 
 def linear_cross_entropy(
@@ -73,6 +73,7 @@ def linear_cross_entropy(
         raise TypeError(f"targets must be int64 or int32 class indices, got {targets.dtype}")
     if hidden.dtype != weight.dtype:
         raise TypeError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype")
+    with_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return _LinearCrossEntropy.apply(
-        hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1).long(), ignore_index
+        hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1).long(), ignore_index, with_grad
     )

@@ -144,13 +144,22 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
     x: [..., N] float32/float16/bfloat16, any strides; weight: [N] float32 or x.dtype.
     """
     _check(x, weight, eps)
-    return rms_norm_forward(x, weight, float(eps))[0]
+    return rms_norm_forward(x, weight.contiguous(), float(eps))[0]  # the kernels read weight densely
 
 
 def add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rms_norm(x + residual), x + residual) from one pass; the sum is rounded to x.dtype first."""
+    """(rms_norm(x + residual), x + residual) from one pass; the sum is rounded to its dtype first.
+
+    x and residual of different float dtypes (a bf16 sublayer output under autocast added to an fp32
+    residual stream) are promoted as ``x + residual`` would be, and both results take that dtype.
+    """
+    check_float("x", x)
+    check_float("residual", residual)
+    if x.dtype != residual.dtype:
+        dtype = torch.promote_types(x.dtype, residual.dtype)
+        x, residual = x.to(dtype), residual.to(dtype)
     _check(x, weight, eps, residual)
-    y, total, _ = add_rms_norm_forward(x, residual, weight, float(eps))
+    y, total, _ = add_rms_norm_forward(x, residual, weight.contiguous(), float(eps))
     return y, total
