@@ -34,6 +34,7 @@ row statistics are fp32. Head dims that are not a power of two are padded (maske
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -73,12 +74,6 @@ _INTERPRETER_BACKWARD_KV = (32, 64, 4, 1)
 _INTERPRETER_BACKWARD_Q = (64, 32, 4, 1)
 
 
-def _interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _padded(head_dim: int) -> tuple[int, int]:
     """(padded head dim, padded half dim): powers of two, at least 16 (the tl.dot minimum)."""
     half = max(16, triton.next_power_of_2(head_dim // 2))
@@ -92,7 +87,7 @@ def _precision(q: torch.Tensor) -> str:
 
 def _configs(table: dict, fallbacks: list, interpreter_config: tuple, device: torch.device, d_pad: int) -> list:
     """Configurations to try in order: the tuned one for this GPU and head dim, then smaller ones."""
-    if device.type != "cuda" or _interpreting():
+    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         return [interpreter_config]
     major = torch.cuda.get_device_capability(device)[0]
     per_dim = table[9 if major >= 9 else 8]

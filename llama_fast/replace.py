@@ -251,6 +251,8 @@ def replace_modules(model: nn.Module, *, verbose: bool = False) -> ReplacementRe
             break
     if problems:
         raise ValueError("llama_fast.replace_modules cannot handle this model:\n  " + "\n  ".join(problems))
+    if not plan and any(isinstance(m, (FusedRMSNorm, FusedGatedMLP, FusedRotaryAttention)) for m in model.modules()):
+        raise ValueError(f"llama_fast.replace_modules: this {type(model).__name__} has already been replaced")
     if not plan:
         raise ValueError(
             f"llama_fast.replace_modules found no RMSNorm, gated MLP or rotary attention module in "

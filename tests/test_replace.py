@@ -46,6 +46,8 @@ def test_hf_llama_logits_and_gradients_match(seq_len):
     assert report.counts == {"RMSNorm": 5, "MLP": 2, "attention": 2}, report.counts
     assert list(fused.state_dict()) == list(original.state_dict())
     assert isinstance(fused.model.layers[0].self_attn, FusedRotaryAttention)
+    with pytest.raises(ValueError, match="has already been replaced"):
+        replace_modules(fused)
 
     tokens = torch.randint(0, 256, (2, seq_len))
     logits, grads = loss_and_grads(fused, tokens)

@@ -247,9 +247,10 @@ def test_sigterm_from_outside_saves_and_exits_cleanly(tmp_path, data):
 
 
 @pytest.mark.gpu
-def test_single_gpu_bf16_run(tmp_path, data):
-    """On a GPU: bf16 autocast, peak memory and MFU reported (reference backend: the trainer's path only)."""
-    summary = run(tmp_path, data, "--train.device", "cuda", "--backend", "reference", "--steps", "3")
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+def test_single_gpu_bf16_run(tmp_path, data, backend):
+    """On a GPU: bf16 autocast with either backend, peak memory and MFU reported."""
+    summary = run(tmp_path, data, "--train.device", "cuda", "--backend", backend, "--steps", "3")
     state = ckpt.read_state(summary["checkpoint"])
     assert state["config"]["train"]["mixed_precision"] == "bf16"
     records = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "loss" in r]
