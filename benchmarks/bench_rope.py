@@ -7,7 +7,7 @@ The tensors live as [B, H, S, D] (Hugging Face's layout); ours and the reference
 """
 import pytest
 import torch
-from common import compiled, liger, record, requires_cuda, validate
+from common import bench_backward, bench_forward, compiled, liger, requires_cuda
 
 from llama_fast import ops, reference
 
@@ -39,45 +39,31 @@ def make_inputs():
     return q, k, grads
 
 
-def reference_grads(q, k, grads, cos, sin, dtype):
-    """(q_out, k_out, dq, dk) through the reference in dtype; q_out, k_out [B, S, H, D], dq, dk [B, H, S, D]."""
-    q = q.detach().to(dtype).requires_grad_()
-    k = k.detach().to(dtype).requires_grad_()
-    qo, ko = reference.rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
-    dq, dk = torch.autograd.grad((qo, ko), (q, k), tuple(g.to(dtype) for g in grads))
-    return qo.detach(), ko.detach(), dq, dk
+def reference_fn(cos, sin):
+    """The reference on [B, H, S, D] q, k, as the providers take them."""
+    return lambda q, k: reference.rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+
+
+BYTES = 2 * (2 * B * H * S * D) * 2  # read + write q and k, bf16
 
 
 @pytest.mark.benchmark(group="rope forward q+k 4x32x4096x128 bf16")
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_forward(benchmark, provider):
     cos, sin = reference.rope_tables(S, D, device="cuda")
-    fn = provider_fn(provider, cos, sin)
     q, k, grads = make_inputs()
-    hi, lo = reference_grads(q, k, grads, cos, sin, torch.float32), reference_grads(q, k, grads, cos, sin, DTYPE)
-    with torch.no_grad():
-        qo, ko = fn(q, k)
-        validate("q", qo, hi[0], lo[0], strict=provider != "liger")
-        validate("k", ko, hi[1], lo[1], strict=provider != "liger")
-        record(
-            benchmark, lambda: fn(q, k), bytes=2 * (q.numel() + k.numel()) * q.element_size(),
-            formula="read + write q and k = 2 * (q.numel + k.numel) * 2 B",
-        )
+    bench_forward(
+        benchmark, provider_fn(provider, cos, sin), reference_fn(cos, sin), (q, k), grads, names=["q", "k"],
+        strict=provider != "liger", bytes=BYTES, formula="read + write q and k = 2 * (q.numel + k.numel) * 2 B",
+    )
 
 
 @pytest.mark.benchmark(group="rope backward q+k 4x32x4096x128 bf16")
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_backward(benchmark, provider):
     cos, sin = reference.rope_tables(S, D, device="cuda")
-    fn = provider_fn(provider, cos, sin)
     q, k, grads = make_inputs()
-    hi, lo = reference_grads(q, k, grads, cos, sin, torch.float32), reference_grads(q, k, grads, cos, sin, DTYPE)
-    outs = fn(q, k)
-    dq, dk = torch.autograd.grad(outs, (q, k), grads, retain_graph=True)
-    validate("dq", dq, hi[2], lo[2], strict=provider != "liger")
-    validate("dk", dk, hi[3], lo[3], strict=provider != "liger")
-    record(
-        benchmark, lambda: torch.autograd.grad(outs, (q, k), grads, retain_graph=True),
-        bytes=2 * (q.numel() + k.numel()) * q.element_size(),
-        formula="read + write dq and dk = 2 * (q.numel + k.numel) * 2 B",
+    bench_backward(
+        benchmark, provider_fn(provider, cos, sin), reference_fn(cos, sin), (q, k), grads, names=["dq", "dk"],
+        strict=provider != "liger", bytes=BYTES, formula="read + write dq and dk = 2 * (q.numel + k.numel) * 2 B",
     )

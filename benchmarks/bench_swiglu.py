@@ -5,7 +5,7 @@ and writes dgate, dup (5 * rows * F * 2 B).
 """
 import pytest
 import torch
-from common import compiled, liger, record, requires_cuda, validate
+from common import bench_backward, bench_forward, compiled, liger, requires_cuda
 
 from llama_fast import ops, reference
 
@@ -32,39 +32,23 @@ def make_inputs():
     return gate, up, torch.randn(ROWS, F, device="cuda", dtype=DTYPE)
 
 
-def reference_grads(gate, up, dy, dtype):
-    gate = gate.detach().to(dtype).requires_grad_()
-    up = up.detach().to(dtype).requires_grad_()
-    y = reference.swiglu(gate, up)
-    return (y.detach(), *torch.autograd.grad(y, (gate, up), dy.to(dtype)))
-
-
 @pytest.mark.benchmark(group="swiglu forward 16384x11008 bf16")
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_forward(benchmark, provider):
-    fn = provider_fn(provider)
     gate, up, dy = make_inputs()
-    hi, lo = reference_grads(gate, up, dy, torch.float32)[0], reference_grads(gate, up, dy, DTYPE)[0]
-    with torch.no_grad():
-        validate("y", fn(gate, up), hi, lo, strict=provider != "liger")
-        record(
-            benchmark, lambda: fn(gate, up), bytes=3 * gate.numel() * gate.element_size(),
-            formula="read gate, up + write y = 3 * rows * F * 2 B",
-        )
+    bench_forward(
+        benchmark, provider_fn(provider), reference.swiglu, (gate, up), (dy,), names=["y"],
+        strict=provider != "liger", bytes=3 * gate.numel() * gate.element_size(),
+        formula="read gate, up + write y = 3 * rows * F * 2 B",
+    )
 
 
 @pytest.mark.benchmark(group="swiglu backward 16384x11008 bf16")
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_backward(benchmark, provider):
-    fn = provider_fn(provider)
     gate, up, dy = make_inputs()
-    hi, lo = reference_grads(gate, up, dy, torch.float32), reference_grads(gate, up, dy, DTYPE)
-    y = fn(gate, up)
-    dgate, dup = torch.autograd.grad(y, (gate, up), dy, retain_graph=True)
-    validate("dgate", dgate, hi[1], lo[1], strict=provider != "liger")
-    validate("dup", dup, hi[2], lo[2], strict=provider != "liger")
-    record(
-        benchmark, lambda: torch.autograd.grad(y, (gate, up), dy, retain_graph=True),
-        bytes=5 * gate.numel() * gate.element_size(),
+    bench_backward(
+        benchmark, provider_fn(provider), reference.swiglu, (gate, up), (dy,), names=["dgate", "dup"],
+        strict=provider != "liger", bytes=5 * gate.numel() * gate.element_size(),
         formula="read dy, gate, up + write dgate, dup = 5 * rows * F * 2 B",
     )

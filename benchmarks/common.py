@@ -20,6 +20,12 @@ API:
                               strict: llama_fast.testing's 2x rule; strict=False (peers that round
                               differently, e.g. Liger's casting modes): within 2e-2 of the
                               fp32 reference, relative to its largest magnitude
+  bench_forward(benchmark, fn, ref, inputs, grad_outputs, *, names, strict, bytes, formula)
+  bench_backward(benchmark, fn, ref, inputs, grad_outputs, *, names, strict, bytes, formula)
+                              the whole validate-then-record case of an op: fn(*inputs) (outputs named
+                              by `names`), or its gradients with respect to every input given
+                              grad_outputs, checked against ref(*inputs) run in fp32 and in the inputs'
+                              dtype, then timed
   liger(module)               imports liger_kernel.<module> or skips with the reason
   compiled(fn)                torch.compile(fn), cached per function (compile once per session)
 """
@@ -101,6 +107,43 @@ def validate(
     scale = ref_high.float().abs().max().item() or 1.0
     err = max_abs_error(got.float(), ref_high.float())
     assert err <= 2e-2 * scale, f"{name}: max abs error {err:.3e} exceeds 2e-2 of the reference's max {scale:.3e}"
+
+
+def _as_tuple(x):
+    return x if isinstance(x, tuple) else (x,)
+
+
+def reference_run(ref: Callable, inputs, grad_outputs, dtype: torch.dtype):
+    """(outputs, input gradients) of ref(*inputs) with the inputs cast to dtype."""
+    leaves = [t.detach().to(dtype).requires_grad_() for t in inputs]
+    outs = _as_tuple(ref(*leaves))
+    grads = torch.autograd.grad(outs, leaves, [g.to(dtype) for g in grad_outputs])
+    return [o.detach() for o in outs], list(grads)
+
+
+def bench_forward(benchmark, fn, ref, inputs, grad_outputs, *, names, strict=True, bytes, formula) -> None:
+    """Checks fn(*inputs) against the reference (fp32 as high, the inputs' dtype as low), then times it."""
+    high, _ = reference_run(ref, inputs, grad_outputs, torch.float32)
+    low, _ = reference_run(ref, inputs, grad_outputs, inputs[0].dtype)
+    with torch.no_grad():
+        for name, got, hi, lo in zip(names, _as_tuple(fn(*inputs)), high, low, strict=True):
+            validate(name, got, hi, lo, strict=strict)
+        record(benchmark, lambda: fn(*inputs), bytes=bytes, formula=formula)
+
+
+def bench_backward(benchmark, fn, ref, inputs, grad_outputs, *, names, strict=True, bytes, formula) -> None:
+    """Checks the gradients of fn(*inputs) with respect to every input, then times the backward alone
+    (the forward's graph is kept and reused)."""
+    _, high = reference_run(ref, inputs, grad_outputs, torch.float32)
+    _, low = reference_run(ref, inputs, grad_outputs, inputs[0].dtype)
+    outs = _as_tuple(fn(*inputs))
+    grads = torch.autograd.grad(outs, inputs, grad_outputs, retain_graph=True)
+    for name, got, hi, lo in zip(names, grads, high, low, strict=True):
+        validate(name, got, hi, lo, strict=strict)
+    record(
+        benchmark, lambda: torch.autograd.grad(outs, inputs, grad_outputs, retain_graph=True),
+        bytes=bytes, formula=formula,
+    )
 
 
 def liger(module: str):
