@@ -80,3 +80,20 @@ def test_fused_under_autocast_matches_reference():
     torch.testing.assert_close(losses["fused"][0], losses["reference"][0], rtol=1e-2, atol=1e-2)
     for name, grad in losses["reference"][1].items():
         torch.testing.assert_close(losses["fused"][1][name], grad, rtol=5e-2, atol=5e-3, msg=f"grad {name}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_matches_reference_on_gpu(dtype):
+    config = LlamaConfig.from_name("tiny", dim=256, n_heads=2, n_kv_heads=1, vocab_size=512, max_seq_len=512)
+    reference = Llama(config, backend="reference").cuda()
+    fused = Llama(config, backend="fused").cuda().to(dtype)
+    fused.load_state_dict(reference.state_dict())
+    tokens = torch.randint(0, config.vocab_size, (2, 257), device="cuda")
+    loss, grads = loss_and_grads(fused, tokens, tokens)
+    loss_hi, grads_hi = loss_and_grads(reference, tokens, tokens)
+    loss_lo, grads_lo = loss_and_grads(copy.deepcopy(reference).to(dtype), tokens, tokens)
+    assert_within_2x("loss", loss.float(), loss_hi, loss_lo.float(), floor=default_floor(dtype))
+    for name in grads:
+        assert_within_2x(f"grad {name}", grads[name].float(), grads_hi[name], grads_lo[name].float(),
+                         floor=default_floor(dtype))

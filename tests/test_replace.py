@@ -138,3 +138,21 @@ def test_fused_training_tracks_reference_for_50_steps():
 
 def test_top_level_export():
     assert llama_fast.replace_modules is replace_modules
+
+
+@pytest.mark.gpu
+def test_hf_llama_bf16_on_gpu_matches():
+    """bf16 on the GPU: the replaced model's logits and gradients against the unpatched model in fp32
+    (high) and in bf16 (PyTorch's own error)."""
+    original = hf_model(hidden_size=256, intermediate_size=688, num_attention_heads=4, num_key_value_heads=1,
+                        max_position_embeddings=512).cuda()
+    fused = copy.deepcopy(original).to(torch.bfloat16)
+    replace_modules(fused)
+    tokens = torch.randint(0, 256, (2, 300), device="cuda")
+    logits, grads = loss_and_grads(fused, tokens)
+    logits_hi, grads_hi = loss_and_grads(original, tokens)
+    logits_lo, grads_lo = loss_and_grads(copy.deepcopy(original).to(torch.bfloat16), tokens)
+    floor = default_floor(torch.bfloat16)
+    assert_within_2x("logits", logits.float(), logits_hi, logits_lo.float(), floor=floor)
+    for name in grads:
+        assert_within_2x(f"grad {name}", grads[name].float(), grads_hi[name], grads_lo[name].float(), floor=floor)
