@@ -23,7 +23,7 @@ RMS_BWD = dict(dy_ptr=BF16, dy_row_stride="i32", x_ptr=BF16, x_row_stride="i32",
                dsum_ptr=BF16, dx_ptr=BF16, partial_ptr="*fp32", rows="i32", N="i32")
 SWIGLU_FWD = dict(gate_ptr=BF16, gate_row_stride="i32", up_ptr=BF16, up_row_stride="i32", y_ptr=BF16, F="i32")
 SWIGLU_BWD = dict(dy_ptr=BF16, dy_row_stride="i32", gate_ptr=BF16, gate_row_stride="i32", up_ptr=BF16,
-                  up_row_stride="i32", dgate_ptr=BF16, dup_ptr=BF16, F="i32")
+                  up_row_stride="i32", dgate_ptr=BF16, dup_ptr=BF16, d_row_stride="i32", F="i32")
 ROPE = dict(q_ptr=BF16, q_sb="i32", q_ss="i32", q_sh="i32", q_sd="i32", k_ptr=BF16, k_sb="i32", k_ss="i32",
             k_sh="i32", k_sd="i32", q_out_ptr=BF16, k_out_ptr=BF16, cos_ptr="*fp32", sin_ptr="*fp32",
             cs_row_stride="i32", S="i32", Hq="i32", Hkv="i32", HALF="i32")
