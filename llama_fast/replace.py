@@ -64,7 +64,9 @@ class FusedRotaryAttention(nn.Module):
     """Hugging Face-style rotary self-attention on llama_fast's RoPE-fused flash attention.
 
     Takes the call of transformers' attention modules (hidden_states, position_embeddings,
-    attention_mask, past_key_values, ...) and returns (output, None). The fused kernel handles
+    attention_mask, past_key_values or, before transformers 4.56, past_key_value, ...) and returns
+    what the original returns: (output, None), or (output, None, cache) before transformers 4.48.
+    The fused kernel handles
     causal attention over one shared set of positions; calls it cannot serve exactly (padding
     masks, per-row position ids, decoding with cached tokens, attention dropout in training) go to
     the original module's own forward, so results never change, only the speed.
@@ -83,13 +85,15 @@ class FusedRotaryAttention(nn.Module):
         self.attention_dropout = float(getattr(original, "attention_dropout", 0.0) or 0.0)
         # Kept outside the module tree so parameters are not registered twice.
         object.__setattr__(self, "_original_forward", original.forward)
+        self._returns_cache = _returns_cache(original)
         self.fused_calls = 0
         self.fallback_calls = 0
 
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
         B, S, _ = hidden_states.shape
         tables = _shared_half_tables(position_embeddings, self.head_dim)
-        past = past_key_values.get_seq_length(self.layer_idx) if past_key_values is not None else 0
+        cache = kwargs.get("past_key_values", kwargs.get("past_key_value"))
+        past = cache.get_seq_length(self.layer_idx) if cache is not None else 0
         if (
             tables is None
             or past > 0
@@ -98,22 +102,29 @@ class FusedRotaryAttention(nn.Module):
         ):
             self.fallback_calls += 1
             return self._original_forward(
-                hidden_states,
-                position_embeddings=position_embeddings,
-                attention_mask=attention_mask,
-                past_key_values=past_key_values,
-                **kwargs,
+                hidden_states, position_embeddings=position_embeddings, attention_mask=attention_mask, **kwargs
             )
         self.fused_calls += 1
         cos, sin = tables
         q = self.q_proj(hidden_states).view(B, S, -1, self.head_dim)  # (B, S, Hq, D)
         k = self.k_proj(hidden_states).view(B, S, -1, self.head_dim)  # (B, S, Hkv, D)
         v = self.v_proj(hidden_states).view(B, S, -1, self.head_dim)
-        if past_key_values is not None:  # a first, empty-cache call: fill the cache as the original would
+        if cache is not None:  # a first, empty-cache call: fill the cache as the original would
             _, k_rot = ops.rope(q, k, cos, sin)
-            past_key_values.update(k_rot.transpose(1, 2), v.transpose(1, 2), self.layer_idx)
+            cache.update(k_rot.transpose(1, 2), v.transpose(1, 2), self.layer_idx)
         out = ops.attention(q, k, v, cos, sin, causal=True)  # (B, S, Hq, D)
-        return self.o_proj(out.reshape(B, S, -1)), None
+        out = self.o_proj(out.reshape(B, S, -1))
+        return (out, None, cache) if self._returns_cache else (out, None)
+
+
+def _returns_cache(module: nn.Module) -> bool:
+    """Whether a transformers attention module returns (output, weights, cache): before 4.48."""
+    if not type(module).__module__.startswith("transformers."):
+        return False
+    import transformers
+
+    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
+    return (major, minor) < (4, 48)
 
 
 def _shared_half_tables(position_embeddings, head_dim: int):
