@@ -12,18 +12,19 @@ One generic mechanism: a short list of rules, each recognising a kind of module 
   ``variance_epsilon`` attribute (Hugging Face's ``LlamaRMSNorm``, Mistral's, Qwen2's, ...);
 * gated SiLU MLP: ``gate_proj``, ``up_proj``, ``down_proj`` linears without bias and a SiLU
   activation (``LlamaMLP`` and its copies);
-* rotary self-attention: ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj`` linears without bias, a
-  ``head_dim`` and a ``layer_idx`` (``LlamaAttention`` and its copies), called with
-  ``position_embeddings=(cos, sin)`` as transformers does;
+* rotary self-attention: ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj`` linears without bias and no
+  other submodule, a ``head_dim`` and a ``layer_idx`` (``LlamaAttention`` and its copies), called
+  with ``position_embeddings=(cos, sin)`` as transformers does; its class is swapped in place;
 * llama_fast's own ``Llama`` built with ``backend="reference"``: its modules switch to the fused ops.
 
 A module that looks like one of these but differs in a way the fused op cannot reproduce (a bias,
-another activation, attention logit soft-capping, sliding windows, a non-default scaling) makes the
-call fail before anything is changed, naming the module and the reason.
+another activation, q/k norms, attention logit soft-capping, sliding windows, a non-default scaling)
+makes the call fail before anything is changed, naming the module and the reason.
 """
 from __future__ import annotations
 
 import math
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -60,48 +61,41 @@ class FusedGatedMLP(nn.Module):
         return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
-class FusedRotaryAttention(nn.Module):
-    """Hugging Face-style rotary self-attention on llama_fast's RoPE-fused flash attention.
+class FusedRotaryAttention:
+    """Makes a transformers rotary self-attention module run llama_fast's RoPE-fused flash attention.
+
+    replace_modules does not build a new module: it swaps the instance's class for a subclass with
+    this mixin in front, so the projections, attributes and anything that later wraps them (LoRA,
+    quantisation) stay the module's own, and the original forward is ``super().forward``.
 
     Takes the call of transformers' attention modules (hidden_states, position_embeddings,
     attention_mask, past_key_values or, before transformers 4.56, past_key_value, ...) and returns
     what the original returns: (output, None), or (output, None, cache) before transformers 4.48.
-    The fused kernel handles
-    causal attention over one shared set of positions; calls it cannot serve exactly (padding
-    masks, per-row position ids, decoding with cached tokens, attention dropout in training) go to
-    the original module's own forward, so results never change, only the speed.
+    The fused kernel serves causal attention over one shared run of positions 0..S-1 with the
+    half-split rotary layout. Every other call goes to the original forward, so results never
+    change, only the speed: padding or block-diagonal masks, packed sequences (cu_seqlens or
+    restarting position ids), per-row positions, decoding with cached tokens, requested attention
+    weights, attention dropout in training, another rotary layout.
     """
 
-    def __init__(self, original: nn.Module):
-        super().__init__()
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (
-            original.q_proj,
-            original.k_proj,
-            original.v_proj,
-            original.o_proj,
-        )
-        self.head_dim = original.head_dim
-        self.layer_idx = original.layer_idx
-        self.attention_dropout = float(getattr(original, "attention_dropout", 0.0) or 0.0)
-        # Kept outside the module tree so parameters are not registered twice.
-        object.__setattr__(self, "_original_forward", original.forward)
-        self._returns_cache = _returns_cache(original)
-        self.fused_calls = 0
-        self.fallback_calls = 0
+    fused_calls: int
+    fallback_calls: int
+    _returns_cache: bool
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
         B, S, _ = hidden_states.shape
-        tables = _shared_half_tables(position_embeddings, self.head_dim)
         cache = kwargs.get("past_key_values", kwargs.get("past_key_value"))
-        past = cache.get_seq_length(self.layer_idx) if cache is not None else 0
-        if (
-            tables is None
-            or past > 0
-            or not _is_plain_causal(attention_mask, S)
-            or (self.training and self.attention_dropout > 0)
+        tables = None
+        if not (
+            (cache is not None and cache.get_seq_length(self.layer_idx) > 0)
+            or kwargs.get("output_attentions")
+            or any(kwargs.get(name) is not None for name in _PACKED_SEQUENCE_KWARGS)
+            or (self.training and float(getattr(self, "attention_dropout", 0.0) or 0.0) > 0)
         ):
+            tables = _fusable_tables(position_embeddings, attention_mask, kwargs.get("position_ids"), S, self.head_dim)
+        if tables is None:
             self.fallback_calls += 1
-            return self._original_forward(
+            return super().forward(
                 hidden_states, position_embeddings=position_embeddings, attention_mask=attention_mask, **kwargs
             )
         self.fused_calls += 1
@@ -117,9 +111,28 @@ class FusedRotaryAttention(nn.Module):
         return (out, None, cache) if self._returns_cache else (out, None)
 
 
-def _returns_cache(module: nn.Module) -> bool:
-    """Whether a transformers attention module returns (output, weights, cache): before 4.48."""
-    if not type(module).__module__.startswith("transformers."):
+# Keyword arguments through which transformers passes packed (varlen) sequences to attention.
+_PACKED_SEQUENCE_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "cu_seqlens", "max_length_q", "max_length_k")
+
+_FUSED_CLASSES: dict[type, type] = {}
+
+
+def _fuse_attention(module: nn.Module) -> nn.Module:
+    cls = type(module)
+    if cls not in _FUSED_CLASSES:
+        name = f"Fused{cls.__name__}"
+        fused = type(name, (FusedRotaryAttention, cls), {"__module__": __name__, "__qualname__": name})
+        globals()[name] = fused  # importable by name, so a pickled model can be loaded again
+        _FUSED_CLASSES[cls] = fused
+    module.__class__ = _FUSED_CLASSES[cls]
+    module.fused_calls = module.fallback_calls = 0
+    module._returns_cache = _returns_cache(cls)
+    return module
+
+
+def _returns_cache(cls: type) -> bool:
+    """Whether a transformers attention class returns (output, weights, cache): before 4.48."""
+    if not cls.__module__.startswith("transformers."):
         return False
     import transformers
 
@@ -127,19 +140,61 @@ def _returns_cache(module: nn.Module) -> bool:
     return (major, minor) < (4, 48)
 
 
-def _shared_half_tables(position_embeddings, head_dim: int):
-    """transformers' (cos, sin), each [B, S, D] with duplicated halves, as our fp32 [S, D/2] tables.
+class _LastVerdict:
+    """The verdict on one forward's shared tensors, so only the first layer pays for the checks.
 
-    None when the positions differ between rows of the batch (the kernel takes one table).
+    Holds weak references: while the tensors it names are alive no other tensor can take their
+    place, and a changed ``_version`` (an in-place write) invalidates it.
     """
+
+    key: tuple = ()
+    tables = None
+
+    @staticmethod
+    def make_key(tensors) -> tuple:
+        return tuple((weakref.ref(t), t._version) if isinstance(t, torch.Tensor) else t for t in tensors)
+
+    @classmethod
+    def lookup(cls, tensors):
+        if len(cls.key) != len(tensors):
+            return False, None
+        for entry, t in zip(cls.key, tensors):
+            if isinstance(t, torch.Tensor):
+                if not isinstance(entry, tuple) or entry[0]() is not t or entry[1] != t._version:
+                    return False, None
+            elif entry is not t:
+                return False, None
+        return True, cls.tables
+
+
+def _fusable_tables(position_embeddings, mask, position_ids, seq_len: int, head_dim: int):
+    """Our fp32 [S, D/2] (cos, sin) when the fused kernel computes exactly what the original would,
+    else None: transformers' tables [B, S, D] shared by every row, with the half-split layout
+    (duplicated halves), positions 0..S-1 (or none given), and no mask beyond causal."""
     if position_embeddings is None:
         return None
     cos, sin = position_embeddings
-    if cos.dim() != 3 or cos.shape[-1] != head_dim:
-        return None
-    if cos.shape[0] > 1 and not (torch.equal(cos, cos[:1].expand_as(cos)) and torch.equal(sin, sin[:1].expand_as(sin))):
+    tensors = (cos, sin, mask, position_ids)
+    hit, tables = _LastVerdict.lookup(tensors)
+    if not hit:
+        tables = _check_tables(cos, sin, mask, position_ids, seq_len, head_dim)
+        _LastVerdict.key, _LastVerdict.tables = _LastVerdict.make_key(tensors), tables
+    return tables
+
+
+def _check_tables(cos, sin, mask, position_ids, seq_len: int, head_dim: int):
+    if cos.dim() != 3 or cos.shape[-2:] != (seq_len, head_dim) or sin.shape != cos.shape:
         return None
     half = head_dim // 2
+    if not (
+        torch.equal(cos, cos[:1].expand_as(cos))
+        and torch.equal(sin, sin[:1].expand_as(sin))
+        and torch.equal(cos[..., :half], cos[..., half:])  # half-split layout, not interleaved
+        and torch.equal(sin[..., :half], sin[..., half:])
+        and _is_plain_causal(mask, seq_len)
+        and _starts_at_zero(position_ids, seq_len)
+    ):
+        return None
     return cos[0, :, :half].float(), sin[0, :, :half].float()
 
 
@@ -153,6 +208,14 @@ def _is_plain_causal(mask, seq_len: int) -> bool:
     if mask.dtype == torch.bool:
         return bool((mask == allowed).all())
     return bool(((mask == 0) == allowed).all())
+
+
+def _starts_at_zero(position_ids, seq_len: int) -> bool:
+    """No position ids, or every row exactly 0..S-1 (not packed, not offset)."""
+    if position_ids is None:
+        return True
+    expected = torch.arange(seq_len, device=position_ids.device)
+    return position_ids.shape[-1] == seq_len and bool((position_ids == expected).all())
 
 
 @dataclass
@@ -214,6 +277,9 @@ def _attention_rule(module):
         return None
     if not all(_linear_without_bias(getattr(module, n)) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
         return "attention projections must be nn.Linear without bias"
+    extra = sorted(set(dict(module.named_children())) - {"q_proj", "k_proj", "v_proj", "o_proj", "rotary_emb"})
+    if extra:  # e.g. Qwen3's and OLMo2's q_norm / k_norm, which the fused kernel would skip
+        return f"attention with submodules beyond q/k/v/o_proj is not supported (has {', '.join(extra)})"
     head_dim, layer_idx = getattr(module, "head_dim", None), getattr(module, "layer_idx", None)
     if not isinstance(head_dim, int) or layer_idx is None:
         return "attention needs integer head_dim and layer_idx attributes"
@@ -230,7 +296,7 @@ def _attention_rule(module):
         return "q_proj/k_proj widths must be multiples of head_dim"
     if (module.q_proj.out_features // head_dim) % (module.k_proj.out_features // head_dim):
         return "the number of query heads must be a multiple of the number of key/value heads"
-    return lambda: FusedRotaryAttention(module)
+    return lambda: _fuse_attention(module)
 
 
 RULES = (("RMSNorm", _rms_norm_rule), ("MLP", _gated_mlp_rule), ("attention", _attention_rule))

@@ -33,7 +33,7 @@ def loss_and_grads(model, tokens):
     model.zero_grad(set_to_none=True)
     logits = model(tokens, use_cache=False).logits
     # A loss that weighs every logit, so every parameter gradient is exercised.
-    weights = torch.linspace(-1, 1, logits.shape[-1], dtype=logits.dtype)
+    weights = torch.linspace(-1, 1, logits.shape[-1], dtype=logits.dtype, device=logits.device)
     (logits * weights).sum().backward()
     return logits.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
@@ -75,6 +75,56 @@ def test_hf_padding_mask_falls_back_exactly():
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_packed_sequences_and_requested_weights_fall_back_exactly():
+    original = hf_model(attn_implementation="eager")
+    fused = copy.deepcopy(original)
+    replace_modules(fused)
+    attn = fused.model.layers[0].self_attn
+    tokens = torch.randint(0, 256, (1, 10))
+    packed = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5]])  # two documents in one row
+    with torch.no_grad():
+        a = fused(tokens, position_ids=packed, use_cache=False).logits
+        b = original(tokens, position_ids=packed, use_cache=False).logits
+        assert attn.fallback_calls == 1 and attn.fused_calls == 0
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        out = fused(tokens, output_attentions=True, use_cache=False)
+    assert attn.fallback_calls == 2
+    assert out.attentions is not None and all(w is not None for w in out.attentions)
+
+
+def test_later_wrapping_reaches_both_paths():
+    """A projection replaced after replace_modules (as LoRA does) is used by the fused path and the
+    fallback alike: the class swap keeps one set of submodules."""
+
+    class Shifted(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+            self.delta = nn.Parameter(torch.full((inner.out_features,), 0.1))
+
+        def forward(self, x):
+            return self.inner(x) + self.delta
+
+    original = hf_model()
+    fused = copy.deepcopy(original)
+    replace_modules(fused)
+    for model in (original, fused):
+        model.model.layers[0].self_attn.q_proj = Shifted(model.model.layers[0].self_attn.q_proj)
+    tokens = torch.randint(0, 256, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :2] = 0
+    for kwargs in ({}, {"attention_mask": mask}):  # the fused path, then the fallback
+        fused.zero_grad()
+        fused(tokens, use_cache=False, **kwargs).logits.sum().backward()
+        delta_grad = fused.model.layers[0].self_attn.q_proj.delta.grad
+        assert delta_grad is not None and delta_grad.abs().sum() > 0
+        with torch.no_grad():
+            torch.testing.assert_close(
+                fused(tokens, use_cache=False, **kwargs).logits, original(tokens, use_cache=False, **kwargs).logits,
+                rtol=1e-4, atol=1e-4,
+            )
+
+
 def test_hf_generate_with_cache_matches():
     original = hf_model()
     fused = copy.deepcopy(original)
@@ -108,6 +158,10 @@ def test_refuses_what_it_cannot_serve():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     with pytest.raises(ValueError, match="attention projections must be nn.Linear without bias"):
         replace_modules(hf_model(attention_bias=True))
+    qk_norm = hf_model()  # a Qwen3 / OLMo2-style attention: q/k norms the fused kernel would skip
+    qk_norm.model.layers[1].self_attn.q_norm = nn.LayerNorm(16)
+    with pytest.raises(ValueError, match=r"layers.1.self_attn .*submodules beyond q/k/v/o_proj .*has q_norm"):
+        replace_modules(qk_norm)
     with pytest.raises(ValueError, match="found no RMSNorm"):
         replace_modules(nn.Sequential(nn.Linear(4, 4)))
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
