@@ -10,7 +10,9 @@ optimizer work for all), and reports in extra_info:
     peak_mem_gib = torch.cuda.max_memory_allocated() over the timed steps
 
 Before timing, each provider's first loss must be finite and near ln(vocab) (a randomly initialised
-model predicts nearly uniformly); ours fused and ours reference must agree on it.
+model predicts nearly uniformly); the losses themselves are compared by tests/test_fused_model.py
+and tests/test_replace.py. Liger-Kernel patches transformers' Llama classes for the rest of the
+process, so "hf+liger" runs last (keep it last when selecting cases with -k).
 """
 from __future__ import annotations
 

@@ -195,17 +195,22 @@ class Llama(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         # .to(bfloat16) and friends cast buffers too; the rotary tables must stay fp32 (design.md),
-        # so they are recomputed in fp32 on the new device rather than cast.
+        # so they are recomputed on the new device rather than cast (in fp64 for an fp64 model,
+        # the tests' high-precision oracle).
         super()._apply(fn, *args, **kwargs)
-        if self.rope_cos.dtype != torch.float32:
+        if self.rope_cos.dtype != self._rope_dtype():
             self.reset_rope_tables()
         return self
+
+    def _rope_dtype(self) -> torch.dtype:
+        return torch.float64 if self.embed.weight.dtype == torch.float64 else torch.float32
 
     @torch.no_grad()
     def reset_rope_tables(self):
         device = self.embed.weight.device
-        cos, sin = reference.rope_tables(self.config.max_seq_len, self.config.head_dim, self.config.rope_theta, device)
-        self.rope_cos, self.rope_sin = cos, sin
+        self.rope_cos, self.rope_sin = reference.rope_tables(
+            self.config.max_seq_len, self.config.head_dim, self.config.rope_theta, device, self._rope_dtype()
+        )
 
     def forward(
         self,

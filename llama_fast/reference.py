@@ -51,14 +51,21 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor | None = None) -> torch.Tensor:
 
 
 def rope_tables(
-    seq_len: int, head_dim: int, theta: float = 10000.0, device: torch.device | str | None = None
+    seq_len: int,
+    head_dim: int,
+    theta: float = 10000.0,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 (cos, sin), each [seq_len, head_dim // 2], for angles pos * theta^(-2i / head_dim)."""
+    """(cos, sin), each [seq_len, head_dim // 2], for angles pos * theta^(-2i / head_dim).
+
+    Computed in fp64; fp32 is the kernels' contract, fp64 serves high-precision references.
+    """
     if head_dim % 2:
         raise ValueError(f"head_dim must be even for rotary embeddings, got {head_dim}")
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim))
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float64, device=device), inv_freq)
-    return angles.cos().float(), angles.sin().float()
+    return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import torch
 
-# Rows per chunk: chunk_rows * vocab fp32 logits stay around 256 MiB at vocab 32000.
+# Rows per chunk: chunk_rows * vocab fp32 logits stay around 256 MiB at vocab 32000 (plus the
+# chunk's gradient in the activation dtype while it feeds the two GEMMs).
 _CHUNK_ELEMENTS = 64 * 1024 * 1024
 
 
@@ -38,21 +39,25 @@ class _LinearCrossEntropy(torch.autograd.Function):
             picked = logits.gather(1, safe_t[:, None]).squeeze(1)
             total += ((lse - picked) * ok).sum()
             if needs_grad:
-                grad = torch.softmax(logits, dim=-1)  # (c, vocab), reuses no storage of logits
+                # softmax - onehot, in place over the logits (no second [c, vocab] buffer). Left
+                # unscaled (|g| <= 1) so fp16 keeps the small probabilities: 1/n_valid and the
+                # upstream gradient (a loss scale, say) are applied in fp32 in backward().
+                grad = logits.sub_(lse[:, None]).exp_()
                 grad.scatter_add_(1, safe_t[:, None], -torch.ones_like(picked)[:, None])
-                grad *= (ok.float() / n_valid)[:, None]
+                grad *= ok[:, None]
                 grad = grad.to(hidden.dtype)
                 d_hidden[start : start + chunk] = grad @ weight
                 d_weight += (grad.t() @ h).float()  # (vocab, d): GEMM in the activation dtype
-        ctx.save_for_backward(d_hidden, d_weight)
+        ctx.save_for_backward(d_hidden, d_weight, n_valid)
         ctx.weight_dtype = weight.dtype
         return total / n_valid
 
     @staticmethod
     def backward(ctx, grad_loss):
-        d_hidden, d_weight = ctx.saved_tensors
-        dh = d_hidden * grad_loss.to(d_hidden.dtype) if ctx.needs_input_grad[0] else None
-        dw = (d_weight * grad_loss).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
+        d_hidden, d_weight, n_valid = ctx.saved_tensors
+        scale = grad_loss.float() / n_valid  # fp32: a loss scale of 65536 must not overflow fp16
+        dh = (d_hidden.float() * scale).to(d_hidden.dtype) if ctx.needs_input_grad[0] else None
+        dw = (d_weight * scale).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
         return dh, dw, None, None, None
 
 
