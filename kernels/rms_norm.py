@@ -94,6 +94,16 @@ def rms_norm_forward_kernel(
 
 
 @triton.jit
+def _load_column_block(x_ptr, x_row_stride, dy_ptr, dy_row_stride, w_ptr, row, cols, mask, rstd):
+    """x_hat = x * rstd, dy and w over one block of columns of one row, in fp32 (the streaming
+    backward reads them in both of its passes rather than keep a row wider than a block)."""
+    x_hat = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32) * rstd
+    dy = tl.load(dy_ptr + row * dy_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    return x_hat, dy, w
+
+
+@triton.jit
 def rms_norm_backward_kernel(
     dy_ptr, dy_row_stride,  # upstream gradient [rows, N]
     x_ptr, x_row_stride,  # the normalised input h [rows, N]
@@ -141,17 +151,17 @@ def rms_norm_backward_kernel(
             for start in range(0, N, BLOCK):
                 cols = start + tl.arange(0, BLOCK)
                 mask = cols < N
-                x_hat = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32) * rstd
-                dy = tl.load(dy_ptr + row * dy_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
-                w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+                x_hat, dy, w = _load_column_block(
+                    x_ptr, x_row_stride, dy_ptr, dy_row_stride, w_ptr, row, cols, mask, rstd
+                )
                 dot += dy * w * x_hat
             mean = tl.sum(dot, axis=0) / N
             for start in range(0, N, BLOCK):
                 cols = start + tl.arange(0, BLOCK)
                 mask = cols < N
-                x_hat = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32) * rstd
-                dy = tl.load(dy_ptr + row * dy_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
-                w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+                x_hat, dy, w = _load_column_block(
+                    x_ptr, x_row_stride, dy_ptr, dy_row_stride, w_ptr, row, cols, mask, rstd
+                )
                 dx = rstd * (dy * w - x_hat * mean)
                 if HAS_DSUM:
                     dx += tl.load(dsum_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32)
