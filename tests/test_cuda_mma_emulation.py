@@ -39,7 +39,7 @@ def run(exe, *args, mode=None, ok=True):
     env.pop("LLAMA_FAST_EMU_CP_ASYNC", None)
     if mode is not None:
         env["LLAMA_FAST_EMU_CP_ASYNC"] = mode
-    done = subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, env=env, timeout=60)
+    done = subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, env=env, timeout=20)
     if ok:
         assert done.returncode == 0, done.stderr
     return done
@@ -126,6 +126,13 @@ def test_accumulator_feeds_a_operand(selftest, tmp_path, dtype):
     check_close("O = P V", o, p @ v.double(), p.abs() @ v.double().abs())
 
 
+def test_shfl_xor_sync(selftest):
+    rows = [[float(x) for x in line.split()] for line in run(selftest, "shfl").stdout.splitlines()]
+    assert len(rows) == 32
+    assert rows[0] == [1001, 1002, 1004, 1008, 1016] and rows[21] == [1020, 1023, 1017, 1029, 1005]
+    assert all(rows[lane][i] == 1000 + (lane ^ (1 << i)) for lane in range(32) for i in range(5))
+
+
 SRC = bytes(range(1, 65))
 OLD = b"\xaa" * 16
 
@@ -166,6 +173,7 @@ def test_cp_async_mode_is_validated(selftest):
     ("pending", "cp.async copies never waited for"),
     ("uncommitted", "cp.async copies never waited for"),
     ("diverge", "lanes of a warp in different warp-collective ops"),
+    ("exited", "lanes of a warp in different warp-collective ops (or one has returned)"),
 ])
 def test_misuse_aborts(selftest, scenario, message):
     for mode in ("late", "early"):

@@ -37,7 +37,6 @@ inline void __syncthreads() { emu_block_barrier->arrive_and_wait(); }
 inline void __syncwarp(unsigned = 0xffffffffu) { emu_warp_barrier->arrive_and_wait(); }
 inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
 inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
-inline float __shfl_xor_sync(unsigned, float, int) { std::abort(); }
 inline void __trap() { std::abort(); }
 constexpr int cudaErrorInvalidValue = 1;
 #define __global__
@@ -61,11 +60,13 @@ inline float emu_f(__nv_bfloat16 v) { return __bfloat162float(v); }
 // barrier, each lane reads the slots it needs. Two buffers used alternately make one barrier per op
 // enough: a lane writes buffer i % 2 for op i only after the barrier of op i - 1, which every lane
 // reaches only once it has finished reading buffer i % 2 for op i - 2.
+enum EmuWarpOp : uint32_t { kEmuLdmatrix = 1, kEmuLdmatrixTrans, kEmuMma, kEmuShfl };
 struct EmuWarpScratch {
   struct Slot {
     uint32_t tag[32];         // (op kind << 24) | op count: all 32 lanes must be in the same op
     const unsigned char* row[32];  // ldmatrix row addresses
     uint32_t a[32][4], b[32][2];   // mma operand registers
+    float f[32];                   // __shfl_xor_sync values
   } slot[2];
 };
 inline thread_local EmuWarpScratch* emu_warp_scratch;
@@ -95,7 +96,7 @@ inline EmuWarpScratch::Slot& emu_warp_exchange(uint32_t kind, Fill fill) {
   fill(s, lane);
   emu_warp_barrier->arrive_and_wait();
   for (int l = 0; l < 32; ++l)
-    if (s.tag[l] != s.tag[lane]) emu_fail("lanes of a warp in different warp-collective ops");
+    if (s.tag[l] != s.tag[lane]) emu_fail("lanes of a warp in different warp-collective ops (or one has returned)");
   return s;
 }
 
@@ -112,4 +113,15 @@ inline void emu_thread_exit() {
   for (const auto& g : emu_cp_async.groups) pending = pending || !g.empty();
   if (pending) emu_fail("kernel returned with cp.async copies never waited for (cp_async_commit + cp_async_wait<0>)");
   emu_cp_async = EmuCpAsync{};
+  // A returned lane no longer takes part in warp barriers: the rest of its warp then fails the
+  // check in emu_warp_exchange (or passes a __syncwarp) instead of waiting for it forever.
+  if (emu_warp_barrier) emu_warp_barrier->arrive_and_drop();
+}
+
+// Full-warp butterfly shuffle: lane l receives v of lane l ^ lane_mask (width 32 only).
+inline float __shfl_xor_sync(unsigned mask, float v, int lane_mask, int width = 32) {
+  if (mask != 0xffffffffu || width != 32 || lane_mask < 0 || lane_mask > 31)
+    emu_fail("__shfl_xor_sync: only the full mask, width 32 and lane_mask 0..31 are emulated");
+  auto& s = emu_warp_exchange(kEmuShfl, [&](EmuWarpScratch::Slot& s, uint32_t lane) { s.f[lane] = v; });
+  return s.f[(threadIdx.x % 32) ^ uint32_t(lane_mask)];
 }

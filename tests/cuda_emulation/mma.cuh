@@ -54,14 +54,12 @@ inline uint32_t smem_addr(const void* p) {
 
 namespace emu_detail {
 
-enum : uint32_t { kLdmatrix = 1, kLdmatrixTrans = 2, kMma = 3 };
-
 inline uint16_t load16(const unsigned char* p) { uint16_t v; std::memcpy(&v, p, 2); return v; }
 
 inline void ldmatrix_x4(uint32_t (&r)[4], const void* row, bool trans) {
   if (reinterpret_cast<uintptr_t>(row) % 16) emu_fail("ldmatrix row address not 16-byte aligned");
   emu_check_smem(row, 16, "ldmatrix row outside shared memory");
-  auto& s = emu_warp_exchange(trans ? kLdmatrixTrans : kLdmatrix, [&](EmuWarpScratch::Slot& s, uint32_t lane) {
+  auto& s = emu_warp_exchange(trans ? kEmuLdmatrixTrans : kEmuLdmatrix, [&](EmuWarpScratch::Slot& s, uint32_t lane) {
     s.row[lane] = static_cast<const unsigned char*>(row);
   });
   const uint32_t lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
@@ -92,7 +90,7 @@ template <typename T>
 inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
   static_assert(std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>, "mma_16816 operand type");
   using namespace emu_detail;
-  auto& s = emu_warp_exchange(kMma, [&](EmuWarpScratch::Slot& s, uint32_t lane) {
+  auto& s = emu_warp_exchange(kEmuMma, [&](EmuWarpScratch::Slot& s, uint32_t lane) {
     for (int i = 0; i < 4; ++i) s.a[lane][i] = a[i];
     for (int i = 0; i < 2; ++i) s.b[lane][i] = b[i];
   });
@@ -140,7 +138,7 @@ inline bool cp_async_early() {
   return early;
 }
 inline void perform(const EmuCpAsync::Copy& c) {
-  std::memcpy(c.dst, c.src, size_t(c.src_bytes));
+  if (c.src_bytes) std::memcpy(c.dst, c.src, size_t(c.src_bytes));  // src_bytes 0: src is not read
   std::memset(c.dst + c.src_bytes, 0, size_t(16 - c.src_bytes));
 }
 }  // namespace emu_detail

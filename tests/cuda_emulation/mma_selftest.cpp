@@ -5,7 +5,8 @@
 //   mma_selftest mma f16|bf16 K nk|kn IN OUT   D = C + A B, A [16][K], B [K][16] (smem as [n][k] or [k][n])
 //   mma_selftest reuse f16|bf16 IN OUT         S = A B, then O = P V with P = S packed as A fragments
 //   mma_selftest cpasync                       shared bytes after each step of a cp.async sequence
-//   mma_selftest bad_ldmatrix_align | bad_ldmatrix_range | bad_cp_align | pending | uncommitted | diverge
+//   mma_selftest shfl                          per lane: __shfl_xor_sync of 1000 + lane for lane_mask 1, 2, 4, 8, 16
+//   mma_selftest bad_ldmatrix_align | bad_ldmatrix_range | bad_cp_align | pending | uncommitted | diverge | exited
 //                                              misuse that must abort
 // Like emu.h, this says nothing about speed, resource limits or the GPU memory model.
 #include "mma.cuh"
@@ -213,6 +214,16 @@ int cpasync_scenario() {
   return 0;
 }
 
+int shfl_scenario() {
+  Smem s;
+  float got[32][5];
+  run_warp([&] {
+    for (int i = 0; i < 5; ++i) got[threadIdx.x][i] = __shfl_xor_sync(0xffffffffu, 1000.f + float(threadIdx.x), 1 << i);
+  }, s.base);
+  for (int l = 0; l < 32; ++l) std::printf("%g %g %g %g %g\n", got[l][0], got[l][1], got[l][2], got[l][3], got[l][4]);
+  return 0;
+}
+
 int misuse_scenario(const std::string& what) {
   Smem s;
   alignas(16) unsigned char src[32] = {};
@@ -225,6 +236,7 @@ int misuse_scenario(const std::string& what) {
     if (what == "pending" && lane == 2) { cp_async_16(s.base, src, 16); cp_async_commit(); }
     if (what == "uncommitted" && lane == 2) { cp_async_16(s.base, src, 16); cp_async_wait<0>(); }
     if (what == "diverge") { if (lane < 16) ldmatrix_x4(r, s.base + 16 * lane); else __syncwarp(); }
+    if (what == "exited" && lane != 3) ldmatrix_x4(r, s.base + 16 * lane);
   }, s.base);
   return 0;
 }
@@ -235,6 +247,7 @@ int main(int argc, char** argv) {
   const std::string cmd = argc > 1 ? argv[1] : "";
   if (cmd == "ldmatrix") return ldmatrix_scenario();
   if (cmd == "cpasync") return cpasync_scenario();
+  if (cmd == "shfl") return shfl_scenario();
   if (cmd == "mma" && argc == 7) {
     const bool f16 = std::string(argv[2]) == "f16", nk = std::string(argv[4]) == "nk";
     return f16 ? mma_scenario<__half>(atoi(argv[3]), nk, argv[5], argv[6])
@@ -242,7 +255,7 @@ int main(int argc, char** argv) {
   }
   if (cmd == "reuse" && argc == 5)
     return std::string(argv[2]) == "f16" ? reuse_scenario<__half>(argv[3], argv[4]) : reuse_scenario<__nv_bfloat16>(argv[3], argv[4]);
-  if (cmd.rfind("bad_", 0) == 0 || cmd == "pending" || cmd == "uncommitted" || cmd == "diverge") return misuse_scenario(cmd);
+  if (cmd.rfind("bad_", 0) == 0 || cmd == "pending" || cmd == "uncommitted" || cmd == "diverge" || cmd == "exited") return misuse_scenario(cmd);
   std::fprintf(stderr, "usage: see the comment at the top of mma_selftest.cpp\n");
   return 2;
 }
