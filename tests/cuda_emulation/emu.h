@@ -54,7 +54,8 @@ inline float emu_f(__nv_bfloat16 v) { return __bfloat162float(v); }
 // Per block: one EmuWarpScratch per warp (threads / 32 of them, block size a multiple of 32 when
 // warp-collective ops are used). Per thread, before the kernel body:
 //   emu_warp_scratch = &scratch[t / 32]; emu_smem_bytes = <dynamic shared memory bytes>;
-// and after it returns: emu_thread_exit();  (aborts if cp.async copies were never waited for).
+// and after it returns: emu_thread_exit();  (aborts if cp.async copies were never waited for, and
+// drops the thread from its warp barrier).
 
 // Data exchanged by one warp-collective op: each lane writes its own slot, all lanes pass the warp
 // barrier, each lane reads the slots it needs. Two buffers used alternately make one barrier per op
