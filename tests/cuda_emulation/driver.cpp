@@ -22,12 +22,15 @@ void run_grid(dim3 grid, int threads, size_t smem_bytes, F body) {
       std::barrier<> block_bar(threads);
       std::vector<std::unique_ptr<std::barrier<>>> warp_bars;
       for (int w = 0; w < (threads + 31) / 32; ++w) warp_bars.emplace_back(new std::barrier<>(32));
+      std::vector<EmuWarpScratch> warp_scratch((threads + 31) / 32);  // warp-collective ops (emu.h)
       std::vector<std::thread> pool;
       for (int t = 0; t < threads; ++t)
         pool.emplace_back([&, t] {
           threadIdx = dim3(t); blockIdx = dim3(bx, by); blockDim = dim3(threads); gridDim = grid;
           emu_block_barrier = &block_bar; emu_warp_barrier = warp_bars[t / 32].get(); emu_smem_ptr = base;
+          emu_warp_scratch = &warp_scratch[t / 32]; emu_smem_bytes = smem_bytes;
           body();
+          emu_thread_exit();
         });
       for (auto& th : pool) th.join();
     }
