@@ -123,8 +123,9 @@ struct AttentionBackwardArgs {
   bool deterministic;
 };
 
-// CUDA workspace: fp32 elements the launcher needs in `workspace` (delta, and the fp32 dQ
-// accumulator when not deterministic).
+// CUDA workspace: fp32 elements the launcher needs in `workspace` (16-byte aligned): delta and
+// lse * log2(e) per query row, rot(q) and rot(k) in the input dtype, and the fp32 dQ accumulator
+// when not deterministic.
 int64_t attention_backward_cuda_workspace(const AttentionBackwardArgs& args);
 // CUDA: head_dim even and <= 256. Returns 0 or a cudaError_t value.
 int attention_backward_cuda(const AttentionBackwardArgs& args, float* workspace, void* stream);

@@ -1,11 +1,15 @@
-"""csrc/cuda/attention_backward.cu run on the CPU under a host emulation of CUDA and wmma
-(tests/cuda_emulation/), against autograd through the reference with the 2x rule.
+"""csrc/cuda/attention_backward.cu run on the CPU under a host emulation of CUDA, ldmatrix,
+mma.sync and cp.async (tests/cuda_emulation/), against autograd through the reference with the 2x
+rule.
 
-No GPU runs in CI; this runs the CUDA kernels' own code (indexing, causal and tail masks, wmma
-operand layouts, GQA sums, both dQ modes, the inverse rotation) compiled by g++, with each CUDA
-thread a std::thread. It says nothing about speed or GPU resource limits; the gpu tests do.
+No GPU runs in CI; this runs the CUDA kernels' own code (indexing, swizzles, causal and tail masks,
+fragment layouts, the cp.async pipeline, GQA sums, both dQ modes, the inverse rotation) compiled by
+g++, with each CUDA thread a std::thread. cp.async copies land either at issue or only at the wait
+(LLAMA_FAST_EMU_CP_ASYNC), the two extremes a GPU can show. It says nothing about speed or GPU
+resource limits; the gpu tests do.
 """
 import itertools
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -29,7 +33,7 @@ def driver(tmp_path_factory):
     build = tmp_path_factory.mktemp("cuda_emulation")
     src = KERNEL.read_text()
     smem = "extern __shared__ __align__(128) unsigned char smem[];"
-    launchers = "template <typename T, int DP>\nint launch("
+    launchers = "template <typename Kernel>\nint set_smem("
     assert src.count(smem) == 2 and src.count(launchers) == 1, "attention_backward.cu changed shape: update this test"
     src = src.replace(smem, "unsigned char* smem = emu_smem_ptr;")
     src = src[: src.index(launchers)] + "}  // namespace\n}  // namespace llama_fast\n"
@@ -44,18 +48,19 @@ def driver(tmp_path_factory):
     return exe
 
 
-def run_emulated(exe, tmp_path, q, k, v, dout, out, lse, cos, sin, causal, deterministic):
+def run_emulated(exe, tmp_path, q, k, v, dout, out, lse, cos, sin, causal, deterministic, misalign, cp_async):
     B, S, Hq, D = q.shape
-    delta = (dout.float() * out.float()).sum(-1).transpose(1, 2).contiguous()  # (B, Hq, S)
     inp, outp = tmp_path / "in.bin", tmp_path / "out.bin"
     with open(inp, "wb") as f:
         for t in (q, k, v, dout, out):
             f.write(t.contiguous().view(torch.int16).numpy().tobytes())
-        for t in (lse, delta, cos[:S], sin[:S]):
+        for t in (lse, cos[:S], sin[:S]):
             f.write(t.float().contiguous().numpy().tobytes())
     dtype_code = "1" if q.dtype == torch.float16 else "2"
     args = [str(x) for x in (B, S, Hq, k.shape[2], D, int(causal), int(deterministic))]
-    done = subprocess.run([str(exe), str(inp), str(outp), *args, dtype_code], capture_output=True, text=True)
+    env = {**os.environ, "LLAMA_FAST_EMU_CP_ASYNC": cp_async}
+    done = subprocess.run([str(exe), str(inp), str(outp), *args, dtype_code, str(int(misalign))],
+                          capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr
     raw = torch.from_numpy(np.fromfile(outp, dtype=np.int16))
     nq, nk = q.numel(), k.numel()
@@ -66,26 +71,34 @@ def run_emulated(exe, tmp_path, q, k, v, dout, out, lse, cos, sin, causal, deter
 CASES = [  # B, S, Hq, Hkv, D
     (1, 1, 1, 1, 64),
     (2, 17, 4, 1, 64),
-    (1, 130, 8, 1, 80),
     (1, 70, 2, 2, 128),
     (1, 40, 2, 1, 256),
     (1, 65, 2, 1, 16),
+    (1, 33, 2, 1, 36),  # head dim not a multiple of 8: plain loads instead of cp.async
 ]
-
-
-@pytest.mark.parametrize("shape", CASES, ids=lambda s: "B{}_S{}_Hq{}_Hkv{}_D{}".format(*s))
-@pytest.mark.parametrize(
-    "causal, deterministic, dtype",
-    [(c, d, torch.bfloat16) for c, d in itertools.product((True, False), (True, False))]
-    + [(True, True, torch.float16)],
+MODES = (  # causal, deterministic, dtype, misalign, cp_async
+    [(c, d, torch.bfloat16, False, "late") for c, d in itertools.product((True, False), (True, False))]
+    + [(True, True, torch.float16, False, "late"), (True, False, torch.bfloat16, True, "late"),
+       (True, True, torch.bfloat16, False, "early")]
 )
-def test_cuda_kernels_emulated_match_reference(driver, tmp_path, shape, causal, deterministic, dtype):
+# Three key blocks, GQA 8 and a padded head dim take the longest to emulate: the main modes only.
+LONG_CASE = (1, 130, 8, 1, 80)
+LONG_MODES = [(True, True, torch.bfloat16, False, "late"), (False, True, torch.bfloat16, False, "late"),
+              (True, False, torch.bfloat16, True, "late"), (True, True, torch.bfloat16, False, "early")]
+PARAMS = [(shape, *mode) for shape in CASES for mode in MODES] + [(LONG_CASE, *mode) for mode in LONG_MODES]
+
+
+@pytest.mark.parametrize("shape, causal, deterministic, dtype, misalign, cp_async", PARAMS,
+                         ids=lambda m: "B{}_S{}_Hq{}_Hkv{}_D{}".format(*m) if isinstance(m, tuple)
+                         else str(m).replace("torch.", ""))
+def test_cuda_kernels_emulated_match_reference(driver, tmp_path, shape, causal, deterministic, dtype, misalign,
+                                               cp_async):
     B, S, Hq, Hkv, D = shape
     q, k, v = (torch.randn(B, S, h, D, dtype=dtype) for h in (Hq, Hkv, Hkv))
     cos, sin = reference.rope_tables(S + 3, D)
     out, lse = reference.attention(q, k, v, cos, sin, causal, return_lse=True)
     dout = torch.randn_like(out)
-    got = run_emulated(driver, tmp_path, q, k, v, dout, out, lse, cos, sin, causal, deterministic)
+    got = run_emulated(driver, tmp_path, q, k, v, dout, out, lse, cos, sin, causal, deterministic, misalign, cp_async)
     grads = {}
     for dt in (torch.float64, dtype):
         leaves = [t.to(dt).requires_grad_() for t in (q, k, v)]

@@ -1,4 +1,5 @@
-// Attention backward with RoPE fused in, on the tensor cores (wmma 16x16x16, sm_80 and newer).
+// Attention backward with RoPE fused in, flash-attention-2 style on the tensor cores
+// (mma.sync m16n8k16, ldmatrix, cp.async; sm_80 and newer).
 //
 // Math (see llama_fast.h): P = exp2(S * scale * log2(e) - LSE * log2(e)) recomputed from the saved
 // LSE; delta = rowsum(dO * O); dV = P^T dO; dP = dO V^T; dS = P * (dP - delta);
@@ -6,87 +7,239 @@
 //
 // Layout: q, dout, out [B, S, Hq, D] and k, v [B, S, Hkv, D] with any batch / seq / head strides and
 // a contiguous head dim; lse fp32 [B, Hq, S]; cos / sin fp32 [>= S, D / 2] (row stride cs_stride);
-// dq, dk, dv contiguous. The workspace holds delta (fp32 [B, Hq, S]) and, when not deterministic,
-// an fp32 dQ accumulator [B, S, Hq, D].
+// dq, dk, dv contiguous.
 // dtypes: fp16 or bf16 in and out. Matmul operands in the input dtype (as the forward and the
-// reference use them), every accumulation fp32 (wmma accumulator fragments); rotation, softmax
-// recomputation and dS in fp32, rounded to the input dtype only to feed the next matmul.
+// reference use them), every accumulation in fp32 registers; rotation, softmax recomputation and
+// dS in fp32, rounded to the input dtype only to feed the next matmul.
 //
-// Tiling: a CTA has WARPS warps; each warp owns 16 rows of the CTA's block. The head dim is padded
-// with zeros to DP in {64, 128, 256} (shared-memory tiles are DP + 8 wide against bank conflicts).
-// Rotated q and k tiles are built while loading global -> shared (rows past S and columns past D
-// are zero), so no rotated copy exists in global memory.
-//  * kv kernel: one CTA per (key block, batch, kv head). Loops over the group's query heads and the
-//    query blocks that can see the key block (causal: from the diagonal down; blocks above it are
-//    never loaded). Per query block: S^T = K Q^T and dP^T = V dO^T per warp into shared fp32, the
-//    elementwise step forms P^T and dS^T (masked only on the diagonal block), then dV += P^T dO and
-//    dK += dS^T Q stay in register fragments. Not deterministic: the CTA also forms dS K for the
-//    query block and adds it into the fp32 dQ accumulator with atomics.
-//  * q kernel (deterministic mode): one CTA per (query block, batch, query head), loops over the
-//    key blocks up to the diagonal and accumulates dQ in register fragments. No atomics anywhere, so
-//    every gradient is bitwise reproducible.
-//  * epilogues multiply by scale, rotate by -theta in fp32 and store in the input dtype.
-#include <mma.h>
-
+// Three steps:
+//  1. prep: one warp per row: delta = rowsum(dO * O), lse * log2(e) (both fp32, rows padded to a
+//     multiple of 64 with zeros), and rot(q), rot(k) rounded to the input dtype, [B, H, S, D], in the
+//     workspace. The main loops then stream plain tiles with cp.async instead of rotating each tile
+//     every time it is loaded (a q tile is loaded once per key block).
+//  2. kv kernel, one CTA per (batch, kv head, key block): WARPS warps, each owning 16 key rows. K
+//     and V stay in shared memory; the group's query heads and the query blocks that can see the key
+//     block (causal: from the diagonal down, blocks above it are never loaded) stream through a
+//     two-stage cp.async pipeline. Per query block each warp forms S^T = K Q^T and dP^T = V dO^T in
+//     registers, then P^T and dS^T (masked only on diagonal and tail blocks), and accumulates
+//     dV += P^T dO and dK += dS^T Q with the probabilities fed straight from the accumulator registers
+//     as the A operand. Not deterministic (default): dS^T goes to shared memory and the CTA adds
+//     dQ += dS K into an fp32 accumulator with atomics; a last kernel scales and rotates it.
+//  3. deterministic mode instead: q kernel, one CTA per (batch, query head, query block), each warp
+//     owning 16 query rows, streams the key blocks up to the diagonal and accumulates dQ in registers.
+//     No atomics anywhere, so every gradient is bitwise reproducible.
+// Epilogues multiply by scale, rotate by -theta in fp32 (through shared memory) and store.
+//
+// Shared-memory tiles are [rows, DP] (head dim padded with zeros to DP in {64, 128, 256}) with an
+// XOR swizzle of the 16-byte chunks of a row, so ldmatrix and cp.async are free of bank conflicts
+// without padding.
 #include "common.cuh"
+#include "mma.cuh"
 
 namespace llama_fast {
 namespace {
 
-using namespace nvcuda;
-
 constexpr float kLog2e = 1.4426950408889634f;
+constexpr int kRowPad = 64;  // the workspace's delta / lse rows are padded to a multiple of this
 
-// Rows per block (queries and keys alike): 64, or 32 for DP = 256 so the tiles fit in shared memory.
-template <int DP> constexpr int block_rows() { return DP == 256 ? 32 : 64; }
+// Element offset of (row, col) in a swizzled [rows, COLS] tile of 16-bit elements: the 16-byte
+// chunk index is XORed with the row (mod 8, or mod the chunks of a row if fewer).
+template <int COLS>
+__device__ __forceinline__ int swz(int row, int col) {
+  constexpr int kChunks = COLS / 8;
+  constexpr int kMask = (kChunks < 8 ? kChunks : 8) - 1;
+  return row * COLS + ((((col >> 3) ^ (row & kMask)) << 3) | (col & 7));
+}
 
-template <typename T, int DP>
-struct Tiles {
-  static constexpr int BLOCK = block_rows<DP>();
-  static constexpr int WARPS = BLOCK / 16;
-  static constexpr int THREADS = WARPS * 32;
-  static constexpr int LD = DP + 8;        // row stride (elements) of the [BLOCK, DP] input-dtype tiles
-  static constexpr int LDS = BLOCK + 4;    // row stride of the fp32 [BLOCK, BLOCK] score tiles
-  static constexpr int LDP = BLOCK + 8;    // row stride of the input-dtype [BLOCK, BLOCK] P / dS tiles
-  static constexpr size_t kTile = size_t(BLOCK) * LD * sizeof(T);
-  static constexpr size_t kScore = size_t(BLOCK) * LDS * sizeof(float);
-  static constexpr size_t kProb = size_t(BLOCK) * LDP * sizeof(T);
-  // Four [BLOCK, DP] tiles, two fp32 score tiles, two P / dS tiles, lse and delta rows.
-  static constexpr size_t kSmem = 4 * kTile + 2 * kScore + 2 * kProb + 2 * BLOCK * sizeof(float);
+// Tile shapes per padded head dim: BM query rows and BN key rows per block, 16 rows per warp.
+template <int DP>
+struct Config {
+  static constexpr int BM = DP == 256 ? 32 : 64;
+  static constexpr int BN = BM;
+  static_assert(BM % 16 == 0 && BN % 16 == 0 && DP % 16 == 0, "tiles are made of 16 x 16 mma operands");
 };
 
-using FragAcc = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
-template <typename T> using FragARow = wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major>;
-template <typename T> using FragACol = wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major>;
-template <typename T> using FragBRow = wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major>;
-template <typename T> using FragBCol = wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major>;
+// The workspace, carved out of one fp32 buffer (attention_backward_cuda_workspace).
+template <typename T>
+struct Workspace {
+  float* delta;     // [B * Hq, S_pad]
+  float* lse2;      // [B * Hq, S_pad], lse * log2(e)
+  float* dq_accum;  // [B, S, Hq, D] fp32, non-deterministic mode only
+  T* qr;            // rot(q) [B, Hq, S, D]
+  T* kr;            // rot(k) [B, Hkv, S, D]
+};
 
-// Loads rows [row0, row0 + ROWS) of one head into a [ROWS, DP] shared tile (row stride LD),
-// rotating them when ROTATE. Rows >= seq_len and columns >= D read as zero.
-template <typename T, int DP, int LD, int ROWS, int THREADS, bool ROTATE>
-__device__ __forceinline__ void load_tile(T* tile, const T* head, int64_t row_stride, int64_t row0, int64_t seq_len,
-                                          int head_dim, const float* cos, const float* sin, int64_t cs_stride) {
-  const int half = head_dim / 2;
-  for (int idx = threadIdx.x; idx < ROWS * DP; idx += THREADS) {
-    const int r = idx / DP, d = idx % DP;
-    const int64_t pos = row0 + r;
-    float val = 0.f;
-    if (pos < seq_len && d < head_dim) {
-      const T* row = head + pos * row_stride;
-      if (ROTATE) {
-        const int d1 = d < half ? d : d - half;  // index into the first half and the tables
-        const float x1 = to_float(row[d1]), x2 = to_float(row[d1 + half]);
-        const float c = cos[pos * cs_stride + d1], s = sin[pos * cs_stride + d1];
-        val = d < half ? x1 * c - x2 * s : x2 * c + x1 * s;
-      } else {
-        val = to_float(row[d]);
-      }
-    }
-    tile[r * LD + d] = from_float<T>(val);
+__host__ __device__ inline int64_t padded_rows(int64_t seq_len) { return (seq_len + kRowPad - 1) / kRowPad * kRowPad; }
+inline int64_t align4(int64_t floats) { return (floats + 3) / 4 * 4; }  // 16 bytes
+
+// Offsets in floats of each part; the last entry is the total.
+inline void workspace_layout(const AttentionBackwardArgs& a, int64_t (&off)[6]) {
+  const int64_t rows = a.batch * a.num_heads * padded_rows(a.seq_len);
+  const int64_t nq = a.batch * a.seq_len * a.num_heads * a.head_dim;
+  const int64_t nk = a.batch * a.seq_len * a.num_kv_heads * a.head_dim;
+  off[0] = 0;
+  off[1] = off[0] + align4(rows);
+  off[2] = off[1] + align4(rows);
+  off[3] = off[2] + (a.deterministic ? 0 : align4(nq));
+  off[4] = off[3] + align4((nq + 1) / 2);  // 16-bit elements, two per float
+  off[5] = off[4] + align4((nk + 1) / 2);
+}
+
+template <typename T>
+Workspace<T> carve(const AttentionBackwardArgs& a, float* base) {
+  int64_t off[6];
+  workspace_layout(a, off);
+  return {base + off[0], base + off[1], a.deterministic ? nullptr : base + off[2], reinterpret_cast<T*>(base + off[3]),
+          reinterpret_cast<T*>(base + off[4])};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Step 1: delta, lse * log2(e) and the rotated q and k. One warp per row; rows [0, B*Hq*S_pad)
+// are query rows (padding rows get zeros), the following B*Hkv*S rows are key rows.
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+__device__ __forceinline__ void rotate_row(T* dst, const T* src, const float* cos, const float* sin, int half,
+                                           int lane) {
+  for (int d = lane; d < half; d += 32) {
+    const float x1 = to_float(src[d]), x2 = to_float(src[d + half]), c = cos[d], s = sin[d];
+    dst[d] = from_float<T>(x1 * c - x2 * s);
+    dst[d + half] = from_float<T>(x2 * c + x1 * s);
   }
 }
 
-// Stores rows [row0, row0 + ROWS) of a gradient from an fp32 shared tile (row stride LDA) to the
+template <typename T>
+__global__ void attention_backward_prep(AttentionBackwardArgs a, Workspace<T> w) {
+  const int64_t row = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int64_t S = a.seq_len, S_pad = padded_rows(S), D = a.head_dim, half = D / 2;
+  const int64_t q_rows = a.batch * a.num_heads * S_pad;
+  if (row < q_rows) {
+    const int64_t bh = row / S_pad, s = row % S_pad, b = bh / a.num_heads, h = bh % a.num_heads;
+    if (s >= S) {
+      if (lane == 0) w.delta[row] = w.lse2[row] = 0.f;
+      return;
+    }
+    const T* o = static_cast<const T*>(a.out) + b * a.out_stride[0] + s * a.out_stride[1] + h * a.out_stride[2];
+    const T* g = static_cast<const T*>(a.dout) + b * a.dout_stride[0] + s * a.dout_stride[1] + h * a.dout_stride[2];
+    float sum = 0.f;
+    for (int64_t d = lane; d < D; d += 32) sum += to_float(o[d]) * to_float(g[d]);
+    sum = warp_sum(sum);
+    if (lane == 0) {
+      w.delta[row] = sum;
+      w.lse2[row] = a.lse[bh * S + s] * kLog2e;
+    }
+    const T* q = static_cast<const T*>(a.q) + b * a.q_stride[0] + s * a.q_stride[1] + h * a.q_stride[2];
+    rotate_row(w.qr + (bh * S + s) * D, q, a.cos + s * a.cs_stride, a.sin + s * a.cs_stride, int(half), lane);
+    return;
+  }
+  const int64_t krow = row - q_rows;
+  if (krow >= a.batch * a.num_kv_heads * S) return;
+  const int64_t bh = krow / S, s = krow % S, b = bh / a.num_kv_heads, h = bh % a.num_kv_heads;
+  const T* k = static_cast<const T*>(a.k) + b * a.k_stride[0] + s * a.k_stride[1] + h * a.k_stride[2];
+  rotate_row(w.kr + krow * D, k, a.cos + s * a.cs_stride, a.sin + s * a.cs_stride, int(half), lane);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shared building blocks of the kv and q kernels.
+// ---------------------------------------------------------------------------------------------
+
+// Rows [row0, row0 + ROWS) of one head (row stride row_stride, head dim D contiguous) into a
+// swizzled [ROWS, DP] tile. Rows >= seq_len and columns >= D are zero. With `vec` (D % 8 == 0 and
+// 16-byte aligned rows) through cp.async, to be waited for by the caller; otherwise plain loads.
+template <typename T, int ROWS, int DP, int THREADS>
+__device__ __forceinline__ void load_tile(T* tile, const T* head, int64_t row_stride, int64_t row0,
+                                          int64_t seq_len, int D, bool vec) {
+  constexpr int kChunks = DP / 8;
+  for (int idx = threadIdx.x; idx < ROWS * kChunks; idx += THREADS) {
+    const int r = idx / kChunks, c = (idx % kChunks) * 8;
+    T* dst = tile + swz<DP>(r, c);
+    const int64_t pos = row0 + r;
+    const bool in_rows = pos < seq_len;
+    const T* src = head + (in_rows ? pos : 0) * row_stride + c;
+    if (vec) {
+      cp_async_16(dst, in_rows && c < D ? src : head, in_rows && c < D ? 16 : 0);
+    } else {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) dst[e] = in_rows && c + e < D ? src[e] : from_float<T>(0.f);
+    }
+  }
+}
+
+// N fp32 values (N % 4 == 0, 16-byte aligned, padded rows: always in range) into shared memory.
+template <int N, int THREADS>
+__device__ __forceinline__ void load_floats_async(float* dst, const float* src) {
+  for (int i = threadIdx.x; i < N / 4; i += THREADS) cp_async_16(dst + 4 * i, src + 4 * i, 16);
+}
+
+// For one warp: acc1 = X1[r0:r0+16] Y1^T and acc2 = X2[r0:r0+16] Y2^T over the padded head dim,
+// X and Y swizzled [*, DP] tiles, NC columns (rows of Y). acc[j] is the 16 x 8 accumulator tile of
+// columns 8j .. 8j+7.
+template <typename T, int DP, int NC>
+__device__ __forceinline__ void two_products(float (&acc1)[NC / 8][4], float (&acc2)[NC / 8][4], const T* x1,
+                                             const T* x2, const T* y1, const T* y2, int r0) {
+  const int lane = threadIdx.x % 32, i = lane % 8, j = lane / 8;
+#pragma unroll
+  for (int n = 0; n < NC / 8; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc1[n][e] = acc2[n][e] = 0.f;
+#pragma unroll
+  for (int kk = 0; kk < DP / 16; ++kk) {
+    uint32_t a1[4], a2[4];
+    const int a_off = swz<DP>(r0 + i + 8 * (j & 1), kk * 16 + 8 * (j >> 1));  // A, row-major
+    ldmatrix_x4(a1, x1 + a_off);
+    ldmatrix_x4(a2, x2 + a_off);
+#pragma unroll
+    for (int nn = 0; nn < NC / 16; ++nn) {
+      uint32_t b1[4], b2[4];
+      const int b_off = swz<DP>(nn * 16 + i + 8 * (j >> 1), kk * 16 + 8 * (j & 1));  // B from [n][k] rows
+      ldmatrix_x4(b1, y1 + b_off);
+      ldmatrix_x4(b2, y2 + b_off);
+      mma_16816<T>(acc1[2 * nn], a1, {b1[0], b1[1]});
+      mma_16816<T>(acc1[2 * nn + 1], a1, {b1[2], b1[3]});
+      mma_16816<T>(acc2[2 * nn], a2, {b2[0], b2[1]});
+      mma_16816<T>(acc2[2 * nn + 1], a2, {b2[2], b2[3]});
+    }
+  }
+}
+
+// acc[16, NCOLS] += A[16, 16] * Y[k0:k0+16, c0:c0+NCOLS], Y a swizzled [*, DP] tile read as [k][n].
+template <typename T, int DP, int NCOLS>
+__device__ __forceinline__ void mma_rows_of(float (&acc)[NCOLS / 8][4], const uint32_t (&a)[4], const T* y, int k0,
+                                            int c0) {
+  const int lane = threadIdx.x % 32, i = lane % 8, j = lane / 8;
+#pragma unroll
+  for (int nn = 0; nn < NCOLS / 16; ++nn) {
+    uint32_t b[4];
+    ldmatrix_x4_trans(b, y + swz<DP>(k0 + i + 8 * (j & 1), c0 + nn * 16 + 8 * (j >> 1)));
+    mma_16816<T>(acc[2 * nn], a, {b[0], b[1]});
+    mma_16816<T>(acc[2 * nn + 1], a, {b[2], b[3]});
+  }
+}
+
+// The A operand for k-chunk kk (columns 16kk .. 16kk+15) of a 16-row accumulator, rounded to T.
+template <typename T, int NC>
+__device__ __forceinline__ void as_operand(uint32_t (&a)[4], const float (&acc)[NC / 8][4], int kk) {
+  a[0] = pack2<T>(acc[2 * kk][0], acc[2 * kk][1]);
+  a[1] = pack2<T>(acc[2 * kk][2], acc[2 * kk][3]);
+  a[2] = pack2<T>(acc[2 * kk + 1][0], acc[2 * kk + 1][1]);
+  a[3] = pack2<T>(acc[2 * kk + 1][2], acc[2 * kk + 1][3]);
+}
+
+// Writes a warp's accumulator (rows r0 .. r0+15, NC columns) into an fp32 [*, LDA] shared array.
+template <int NC, int LDA>
+__device__ __forceinline__ void spill_acc(float* dst, const float (&acc)[NC / 8][4], int r0) {
+  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+#pragma unroll
+  for (int n = 0; n < NC / 8; ++n) {
+    float* p = dst + (r0 + g) * LDA + n * 8 + 2 * t;
+    p[0] = acc[n][0];
+    p[1] = acc[n][1];
+    p[8 * LDA] = acc[n][2];
+    p[8 * LDA + 1] = acc[n][3];
+  }
+}
+
+// Stores rows [row0, row0 + ROWS) of a gradient from an fp32 shared array (row stride LDA) to the
 // contiguous output rows of one head (row stride row_stride): times `scale`, then rotated by -theta
 // when ROTATE.
 template <typename T, int LDA, int ROWS, int THREADS, bool ROTATE>
@@ -111,246 +264,284 @@ __device__ __forceinline__ void store_grad(T* head, int64_t row_stride, const fl
   }
 }
 
-// C[16, 16] = A[16, KDIM] B[KDIM, 16] for one warp; A rows at `a` (row-major, lda), B at `b` in the
-// given layout. Both operands in shared memory.
-template <typename T, int KDIM, typename FragA, typename FragB, int LDA, int LDB, bool B_COL_MAJOR, bool A_COL_MAJOR>
-__device__ __forceinline__ void warp_mma(FragAcc& c, const T* a, const T* b) {
-#pragma unroll
-  for (int kk = 0; kk < KDIM / 16; ++kk) {
-    FragA fa;
-    FragB fb;
-    wmma::load_matrix_sync(fa, A_COL_MAJOR ? a + kk * 16 * LDA : a + kk * 16, LDA);
-    wmma::load_matrix_sync(fb, B_COL_MAJOR ? b + kk * 16 : b + kk * 16 * LDB, LDB);
-    wmma::mma_sync(c, fa, fb, c);
-  }
-}
-
-// delta[b, h, s] = sum_d dO[b, s, h, d] * O[b, s, h, d]: one warp per row, fp32.
-template <typename T>
-__global__ void attention_backward_delta(AttentionBackwardArgs a, float* delta) {
-  const int64_t row = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;  // (b, h, s) flattened
-  const int lane = threadIdx.x % 32;
-  const int64_t rows = a.batch * a.num_heads * a.seq_len;
-  if (row >= rows) return;
-  const int64_t s = row % a.seq_len, h = (row / a.seq_len) % a.num_heads, b = row / (a.seq_len * a.num_heads);
-  const T* o = static_cast<const T*>(a.out) + b * a.out_stride[0] + s * a.out_stride[1] + h * a.out_stride[2];
-  const T* g = static_cast<const T*>(a.dout) + b * a.dout_stride[0] + s * a.dout_stride[1] + h * a.dout_stride[2];
-  float sum = 0.f;
-  for (int d = lane; d < a.head_dim; d += 32) sum += to_float(o[d]) * to_float(g[d]);
-  sum = warp_sum(sum);
-  if (lane == 0) delta[row] = sum;
-}
-
-// One CTA per (batch * kv head, key block): grid.x = B * Hkv, grid.y = key blocks: dK and dV (and, not deterministic, atomic dQ partials).
+// Shared memory of the kv kernel: K, V, two stages of (Q, dO, lse2, delta), dS^T.
 template <typename T, int DP>
-__global__ void __launch_bounds__(Tiles<T, DP>::THREADS)
-    attention_backward_kv(AttentionBackwardArgs a, const float* delta, float* dq_accum) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
-  __trap();  // wmma on bf16 needs sm_80; the launcher is never reached on older GPUs by design
-#else
-  using C = Tiles<T, DP>;
-  constexpr int BLOCK = C::BLOCK, LD = C::LD, LDS = C::LDS, LDP = C::LDP, THREADS = C::THREADS;
+struct KvSmem {
+  static constexpr int BM = Config<DP>::BM, BN = Config<DP>::BN;
+  static constexpr size_t kKeyTile = size_t(BN) * DP * sizeof(T);
+  static constexpr size_t kQueryTile = size_t(BM) * DP * sizeof(T);
+  static constexpr size_t kStage = 2 * kQueryTile + 2 * BM * sizeof(float);
+  static constexpr size_t kK = 0, kV = kKeyTile, kStages = 2 * kKeyTile, kDs = kStages + 2 * kStage;
+  static constexpr size_t kBytes = kDs + size_t(BN) * BM * sizeof(T);
+  static constexpr int LDA = DP + 4;  // fp32 epilogue rows (dK then dV, over the whole buffer)
+  static_assert(2 * size_t(BN) * LDA * sizeof(float) <= kBytes, "the epilogue reuses the tiles' memory");
+};
+
+// Shared memory of the q kernel: Q, dO, lse2, delta, two stages of (K, V).
+template <typename T, int DP>
+struct QSmem {
+  static constexpr int BM = Config<DP>::BM, BN = Config<DP>::BN;
+  static constexpr size_t kQueryTile = size_t(BM) * DP * sizeof(T);
+  static constexpr size_t kKeyTile = size_t(BN) * DP * sizeof(T);
+  static constexpr size_t kQ = 0, kDo = kQueryTile, kLse = 2 * kQueryTile, kDelta = kLse + BM * sizeof(float);
+  static constexpr size_t kStages = kDelta + BM * sizeof(float), kStage = 2 * kKeyTile;
+  static constexpr size_t kBytes = kStages + 2 * kStage;
+  static constexpr int LDA = DP + 4;
+  static_assert(size_t(BM) * LDA * sizeof(float) <= kBytes, "the epilogue reuses the tiles' memory");
+};
+
+// Whether the head-dim rows of a [B, S, H, D] tensor can be streamed with 16-byte copies.
+inline bool rows_vectorizable(const void* p, const int64_t (&stride)[4], int64_t head_dim, int elem) {
+  const int64_t per16 = 16 / elem;
+  return head_dim % per16 == 0 && reinterpret_cast<uintptr_t>(p) % 16 == 0 && stride[0] % per16 == 0 &&
+         stride[1] % per16 == 0 && stride[2] % per16 == 0;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Step 2: dK and dV (and atomic dQ). grid.x = B * Hkv, grid.y = key blocks.
+// ---------------------------------------------------------------------------------------------
+template <typename T, int DP, bool ATOMIC_DQ>
+__global__ void __launch_bounds__(Config<DP>::BN * 2)
+    attention_backward_kv(AttentionBackwardArgs a, Workspace<T> w, bool vec_in) {
+  using C = KvSmem<T, DP>;
+  constexpr int BM = C::BM, BN = C::BN, WARPS = BN / 16, THREADS = WARPS * 32;
   extern __shared__ __align__(128) unsigned char smem[];
-  T* sK = reinterpret_cast<T*>(smem);
-  T* sV = reinterpret_cast<T*>(smem + C::kTile);
-  T* sQ = reinterpret_cast<T*>(smem + 2 * C::kTile);
-  T* sdO = reinterpret_cast<T*>(smem + 3 * C::kTile);
-  float* sS = reinterpret_cast<float*>(smem + 4 * C::kTile);
-  float* sdP = reinterpret_cast<float*>(smem + 4 * C::kTile + C::kScore);
-  T* sP = reinterpret_cast<T*>(smem + 4 * C::kTile + 2 * C::kScore);
-  T* sdS = reinterpret_cast<T*>(smem + 4 * C::kTile + 2 * C::kScore + C::kProb);
-  float* sLse = reinterpret_cast<float*>(smem + 4 * C::kTile + 2 * C::kScore + 2 * C::kProb);
-  float* sDelta = sLse + BLOCK;
+  T* sK = reinterpret_cast<T*>(smem + C::kK);
+  T* sV = reinterpret_cast<T*>(smem + C::kV);
+  T* sDs = reinterpret_cast<T*>(smem + C::kDs);  // dS^T [BN, BM]
+  auto stage = [&](int st) { return smem + C::kStages + st * C::kStage; };
 
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t S = a.seq_len, Hq = a.num_heads, Hkv = a.num_kv_heads, group = Hq / Hkv;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int64_t S = a.seq_len, S_pad = padded_rows(S), Hq = a.num_heads, Hkv = a.num_kv_heads, group = Hq / Hkv;
   const int64_t b = blockIdx.x / Hkv, hk = blockIdx.x % Hkv;
-  const int64_t n0 = int64_t(blockIdx.y) * BLOCK;
+  const int64_t n0 = int64_t(blockIdx.y) * BN;
   const int D = static_cast<int>(a.head_dim);
-  const float scale = rsqrtf(float(D)), scale_log2 = scale * kLog2e;
+  const float scale_log2 = rsqrtf(float(D)) * kLog2e;
+  const bool vec_rot = D % 8 == 0;
 
-  const T* k_head = static_cast<const T*>(a.k) + b * a.k_stride[0] + hk * a.k_stride[2];
+  load_tile<T, BN, DP, THREADS>(sK, w.kr + (b * Hkv + hk) * S * D, D, n0, S, D, vec_rot);
   const T* v_head = static_cast<const T*>(a.v) + b * a.v_stride[0] + hk * a.v_stride[2];
-  load_tile<T, DP, LD, BLOCK, THREADS, true>(sK, k_head, a.k_stride[1], n0, S, D, a.cos, a.sin, a.cs_stride);
-  load_tile<T, DP, LD, BLOCK, THREADS, false>(sV, v_head, a.v_stride[1], n0, S, D, a.cos, a.sin, a.cs_stride);
+  load_tile<T, BN, DP, THREADS>(sV, v_head, a.v_stride[1], n0, S, D, vec_in);
 
-  FragAcc dk_acc[DP / 16], dv_acc[DP / 16];
-#pragma unroll
-  for (int j = 0; j < DP / 16; ++j) {
-    wmma::fill_fragment(dk_acc[j], 0.f);
-    wmma::fill_fragment(dv_acc[j], 0.f);
-  }
-  const int row0 = warp * 16;  // this warp's key rows within the block
-
-  for (int64_t g = 0; g < group; ++g) {
-    const int64_t h = hk * group + g;
-    const T* q_head = static_cast<const T*>(a.q) + b * a.q_stride[0] + h * a.q_stride[2];
+  // Work items: (query head of the group, query block), the query blocks from the diagonal down.
+  const int64_t m_blocks = (S + BM - 1) / BM, m_first = a.causal ? n0 / BM : 0;
+  const int64_t per_head = m_blocks - m_first, items = group * per_head;
+  auto issue = [&](int64_t item, int st) {
+    const int64_t h = hk * group + item / per_head, m0 = (m_first + item % per_head) * BM;
+    unsigned char* p = stage(st);
+    load_tile<T, BM, DP, THREADS>(reinterpret_cast<T*>(p), w.qr + (b * Hq + h) * S * D, D, m0, S, D, vec_rot);
     const T* do_head = static_cast<const T*>(a.dout) + b * a.dout_stride[0] + h * a.dout_stride[2];
-    const float* lse_row = a.lse + (b * Hq + h) * S;
-    const float* delta_row = delta + (b * Hq + h) * S;
-    // Causal: query blocks before this key block see none of it and are skipped.
-    for (int64_t m0 = a.causal ? n0 : 0; m0 < S; m0 += BLOCK) {
-      __syncthreads();  // every warp is done with the previous query block's tiles
-      load_tile<T, DP, LD, BLOCK, THREADS, true>(sQ, q_head, a.q_stride[1], m0, S, D, a.cos, a.sin, a.cs_stride);
-      load_tile<T, DP, LD, BLOCK, THREADS, false>(sdO, do_head, a.dout_stride[1], m0, S, D, a.cos, a.sin,
-                                                  a.cs_stride);
-      for (int i = threadIdx.x; i < BLOCK; i += THREADS) {
-        const bool ok = m0 + i < S;
-        sLse[i] = ok ? lse_row[m0 + i] * kLog2e : 0.f;
-        sDelta[i] = ok ? delta_row[m0 + i] : 0.f;
-      }
-      __syncthreads();
+    load_tile<T, BM, DP, THREADS>(reinterpret_cast<T*>(p + C::kQueryTile), do_head, a.dout_stride[1], m0, S, D,
+                                  vec_in);
+    float* rows = reinterpret_cast<float*>(p + 2 * C::kQueryTile);
+    load_floats_async<BM, THREADS>(rows, w.lse2 + (b * Hq + h) * S_pad + m0);
+    load_floats_async<BM, THREADS>(rows + BM, w.delta + (b * Hq + h) * S_pad + m0);
+  };
+  issue(0, 0);  // K and V travel in the same first group
+  cp_async_commit();
 
-      // S^T[keys, queries] = K Q^T and dP^T = V dO^T for this warp's 16 key rows.
+  float dk[DP / 8][4], dv[DP / 8][4];
 #pragma unroll
-      for (int j = 0; j < BLOCK / 16; ++j) {
-        FragAcc st, dpt;
-        wmma::fill_fragment(st, 0.f);
-        wmma::fill_fragment(dpt, 0.f);
-        warp_mma<T, DP, FragARow<T>, FragBCol<T>, LD, LD, true, false>(st, sK + row0 * LD, sQ + j * 16 * LD);
-        warp_mma<T, DP, FragARow<T>, FragBCol<T>, LD, LD, true, false>(dpt, sV + row0 * LD, sdO + j * 16 * LD);
-        wmma::store_matrix_sync(sS + row0 * LDS + j * 16, st, LDS, wmma::mem_row_major);
-        wmma::store_matrix_sync(sdP + row0 * LDS + j * 16, dpt, LDS, wmma::mem_row_major);
-      }
-      __syncwarp();
-      // P^T and dS^T; a mask only where the block can hold masked or out-of-range entries.
-      const bool needs_mask = (a.causal && m0 < n0 + BLOCK) || m0 + BLOCK > S || n0 + BLOCK > S;
-      for (int idx = lane; idx < 16 * BLOCK; idx += 32) {
-        const int r = row0 + idx / BLOCK, c = idx % BLOCK;
-        float p = exp2f(sS[r * LDS + c] * scale_log2 - sLse[c]);
-        if (needs_mask && (m0 + c >= S || n0 + r >= S || (a.causal && m0 + c < n0 + r))) p = 0.f;
-        sP[r * LDP + c] = from_float<T>(p);
-        sdS[r * LDP + c] = from_float<T>(p * (sdP[r * LDS + c] - sDelta[c]));
-      }
-      __syncwarp();
-      // dV += P^T dO and dK += dS^T Q over this warp's rows.
+  for (int n = 0; n < DP / 8; ++n)
 #pragma unroll
-      for (int j = 0; j < DP / 16; ++j) {
-        warp_mma<T, BLOCK, FragARow<T>, FragBRow<T>, LDP, LD, false, false>(dv_acc[j], sP + row0 * LDP, sdO + j * 16);
-        warp_mma<T, BLOCK, FragARow<T>, FragBRow<T>, LDP, LD, false, false>(dk_acc[j], sdS + row0 * LDP, sQ + j * 16);
+    for (int e = 0; e < 4; ++e) dk[n][e] = dv[n][e] = 0.f;
+  const int r0 = warp * 16;  // this warp's key rows within the block
+
+  for (int64_t item = 0; item < items; ++item) {
+    if (item + 1 < items) issue(item + 1, (item + 1) & 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();  // this stage's tiles, from every thread, are in shared memory
+    const unsigned char* p = stage(item & 1);
+    const T* sQ = reinterpret_cast<const T*>(p);
+    const T* sDo = reinterpret_cast<const T*>(p + C::kQueryTile);
+    const float* sLse = reinterpret_cast<const float*>(p + 2 * C::kQueryTile);
+    const float* sDelta = sLse + BM;
+    const int64_t h = hk * group + item / per_head, m0 = (m_first + item % per_head) * BM;
+
+    // S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys x BM queries.
+    float st[BM / 8][4], dpt[BM / 8][4];
+    two_products<T, DP, BM>(st, dpt, sK, sV, sQ, sDo, r0);
+
+    // P^T and dS^T in place; a mask only where the block can hold masked or out-of-range entries.
+    // In-block coordinates: query column c is valid below q_valid, key row r below k_valid, and
+    // causal keeps c + diag >= r.
+    const bool needs_mask = (a.causal && m0 < n0 + BN) || m0 + BM > S || n0 + BN > S;
+    const int q_valid = int(S - m0 < BM ? S - m0 : BM), k_valid = int(S - n0 < BN ? S - n0 : BN);
+    const int diag = a.causal ? int(m0 - n0 < BN ? m0 - n0 : BN) : BN;
+#pragma unroll
+    for (int n = 0; n < BM / 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int c = n * 8 + 2 * t + (e & 1), r = r0 + g + 8 * (e >> 1);
+        float pr = exp2f(st[n][e] * scale_log2 - sLse[c]);
+        if (needs_mask && (c >= q_valid || r >= k_valid || c + diag < r)) pr = 0.f;
+        st[n][e] = pr;
+        dpt[n][e] = pr * (dpt[n][e] - sDelta[c]);
       }
-      if (!a.deterministic) {
-        // dQ[queries] += dS K: this warp takes 16 query rows; dS = (dS^T)^T is read column-major.
-        __syncthreads();  // every warp's dS^T rows are written
-        float* scratch = sS + row0 * LDS;  // this warp's own 16 x BLOCK fp32 rows, free again
-        float* dq_rows = dq_accum + ((b * S + m0 + row0) * Hq + h) * int64_t(D);
-        for (int j = 0; j < DP / 16; ++j) {
-          if (j * 16 >= D) break;
-          FragAcc dq;
-          wmma::fill_fragment(dq, 0.f);
-          warp_mma<T, BLOCK, FragACol<T>, FragBRow<T>, LDP, LD, false, true>(dq, sdS + row0, sK + j * 16);
-          wmma::store_matrix_sync(scratch, dq, LDS, wmma::mem_row_major);
-          __syncwarp();
-          for (int idx = lane; idx < 256; idx += 32) {
-            const int r = idx / 16, d = j * 16 + idx % 16;
-            if (m0 + row0 + r < S && d < D) atomicAdd(dq_rows + int64_t(r) * Hq * D + d, scratch[r * LDS + idx % 16]);
-          }
-          __syncwarp();
-        }
-      }
+
+    // Rounded to T as A operands (half the registers of the fp32 tiles), then dV += P^T dO and
+    // dK += dS^T Q (queries are the reduction dimension).
+    uint32_t ap[BM / 16][4], ads[BM / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < BM / 16; ++kk) {
+      as_operand<T, BM>(ap[kk], st, kk);
+      as_operand<T, BM>(ads[kk], dpt, kk);
     }
-  }
+#pragma unroll
+    for (int kk = 0; kk < BM / 16; ++kk) {
+      mma_rows_of<T, DP, DP>(dv, ap[kk], sDo, kk * 16, 0);
+      mma_rows_of<T, DP, DP>(dk, ads[kk], sQ, kk * 16, 0);
+    }
 
-  // Epilogue: fragments -> fp32 shared rows (over the sQ and sdO tiles), then scale, rotate, store.
-  constexpr int LDA = LD;  // fp32 [BLOCK, DP] with row stride LD fits exactly in 2 * kTile bytes
-  float* sAcc = reinterpret_cast<float*>(sQ);
+    if constexpr (ATOMIC_DQ) {
+      // dS^T to shared memory (the A-operand registers are its rows g and g + 8 in column pairs),
+      // then dQ[BM, DP] += dS K split over the warps: row groups of 16 queries, each with
+      // DP / COL_GROUPS columns.
+#pragma unroll
+      for (int kk = 0; kk < BM / 16; ++kk)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          *reinterpret_cast<uint32_t*>(sDs + swz<BM>(r0 + g + 8 * (e & 1), kk * 16 + 8 * (e >> 1) + 2 * t)) =
+              ads[kk][e];
+      __syncthreads();
+      constexpr int ROW_GROUPS = BM / 16, COL_GROUPS = WARPS / ROW_GROUPS, DC = DP / COL_GROUPS;
+      static_assert(WARPS % ROW_GROUPS == 0 && DC % 16 == 0, "dQ tiles must split evenly over the warps");
+      const int q0 = (warp % ROW_GROUPS) * 16, c0 = (warp / ROW_GROUPS) * DC;
+      const int i = lane % 8, j = lane / 8;
+      float dq[DC / 8][4];
+#pragma unroll
+      for (int n = 0; n < DC / 8; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dq[n][e] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < BN / 16; ++kk) {
+        uint32_t ads[4];  // A = dS [queries, keys] read from dS^T [keys, queries]
+        ldmatrix_x4_trans(ads, sDs + swz<BM>(kk * 16 + i + 8 * (j >> 1), q0 + 8 * (j & 1)));
+        mma_rows_of<T, DP, DC>(dq, ads, sK, kk * 16, c0);
+      }
+      float* dq_rows = w.dq_accum + ((b * S + m0) * Hq + h) * int64_t(D);
+#pragma unroll
+      for (int n = 0; n < DC / 8; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = q0 + g + 8 * (e >> 1), d = c0 + n * 8 + 2 * t + (e & 1);
+          if (m0 + r < S && d < D) atomicAdd(dq_rows + int64_t(r) * Hq * D + d, dq[n][e]);
+        }
+    }
+    __syncthreads();  // every warp is done with this stage (and dS^T) before they are overwritten
+  }
+  cp_async_wait<0>();
+
+  // Epilogue: dK and dV through fp32 shared rows; scale, rotate, store.
+  constexpr int LDA = C::LDA;
+  float* sdK = reinterpret_cast<float*>(smem);
+  float* sdV = sdK + BN * LDA;
+  __syncthreads();
+  spill_acc<DP, LDA>(sdK, dk, r0);
+  spill_acc<DP, LDA>(sdV, dv, r0);
+  __syncthreads();
   T* dk_head = static_cast<T*>(a.dk) + (b * S * Hkv + hk) * D;
   T* dv_head = static_cast<T*>(a.dv) + (b * S * Hkv + hk) * D;
-  __syncthreads();
-#pragma unroll
-  for (int j = 0; j < DP / 16; ++j) wmma::store_matrix_sync(sAcc + row0 * LDA + j * 16, dk_acc[j], LDA, wmma::mem_row_major);
-  __syncthreads();
-  store_grad<T, LDA, BLOCK, THREADS, true>(dk_head, Hkv * D, sAcc, scale, n0, S, D, a.cos, a.sin, a.cs_stride);
-  __syncthreads();
-#pragma unroll
-  for (int j = 0; j < DP / 16; ++j) wmma::store_matrix_sync(sAcc + row0 * LDA + j * 16, dv_acc[j], LDA, wmma::mem_row_major);
-  __syncthreads();
-  store_grad<T, LDA, BLOCK, THREADS, false>(dv_head, Hkv * D, sAcc, 1.f, n0, S, D, a.cos, a.sin, a.cs_stride);
-#endif
+  store_grad<T, LDA, BN, THREADS, true>(dk_head, Hkv * D, sdK, rsqrtf(float(D)), n0, S, D, a.cos, a.sin,
+                                        a.cs_stride);
+  store_grad<T, LDA, BN, THREADS, false>(dv_head, Hkv * D, sdV, 1.f, n0, S, D, a.cos, a.sin, a.cs_stride);
 }
 
-// One CTA per (batch * query head, query block): grid.x = B * Hq, grid.y = query blocks: dQ without atomics (deterministic mode).
+// ---------------------------------------------------------------------------------------------
+// Step 3 (deterministic mode): dQ. grid.x = B * Hq, grid.y = query blocks, the longest first.
+// ---------------------------------------------------------------------------------------------
 template <typename T, int DP>
-__global__ void __launch_bounds__(Tiles<T, DP>::THREADS) attention_backward_q(AttentionBackwardArgs a, const float* delta) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
-  __trap();
-#else
-  using C = Tiles<T, DP>;
-  constexpr int BLOCK = C::BLOCK, LD = C::LD, LDS = C::LDS, LDP = C::LDP, THREADS = C::THREADS;
+__global__ void __launch_bounds__(Config<DP>::BM * 2) attention_backward_q(AttentionBackwardArgs a, Workspace<T> w,
+                                                                          bool vec_in) {
+  using C = QSmem<T, DP>;
+  constexpr int BM = C::BM, BN = C::BN, WARPS = BM / 16, THREADS = WARPS * 32;
   extern __shared__ __align__(128) unsigned char smem[];
-  T* sQ = reinterpret_cast<T*>(smem);
-  T* sdO = reinterpret_cast<T*>(smem + C::kTile);
-  T* sK = reinterpret_cast<T*>(smem + 2 * C::kTile);
-  T* sV = reinterpret_cast<T*>(smem + 3 * C::kTile);
-  float* sS = reinterpret_cast<float*>(smem + 4 * C::kTile);
-  float* sdP = reinterpret_cast<float*>(smem + 4 * C::kTile + C::kScore);
-  T* sdS = reinterpret_cast<T*>(smem + 4 * C::kTile + 2 * C::kScore);
-  float* sLse = reinterpret_cast<float*>(smem + 4 * C::kTile + 2 * C::kScore + 2 * C::kProb);
-  float* sDelta = sLse + BLOCK;
+  T* sQ = reinterpret_cast<T*>(smem + C::kQ);
+  T* sDo = reinterpret_cast<T*>(smem + C::kDo);
+  float* sLse = reinterpret_cast<float*>(smem + C::kLse);
+  float* sDelta = reinterpret_cast<float*>(smem + C::kDelta);
+  auto stage = [&](int st) { return smem + C::kStages + st * C::kStage; };
 
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t S = a.seq_len, Hq = a.num_heads, Hkv = a.num_kv_heads, group = Hq / Hkv;
-  const int64_t b = blockIdx.x / Hq, h = blockIdx.x % Hq, hk = h / group;
-  const int64_t m0 = int64_t(blockIdx.y) * BLOCK;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int64_t S = a.seq_len, S_pad = padded_rows(S), Hq = a.num_heads, Hkv = a.num_kv_heads;
+  const int64_t b = blockIdx.x / Hq, h = blockIdx.x % Hq, hk = h / (Hq / Hkv);
+  const int64_t m0 = int64_t(gridDim.y - 1 - blockIdx.y) * BM;  // causal: the longest rows start first
   const int D = static_cast<int>(a.head_dim);
-  const float scale = rsqrtf(float(D)), scale_log2 = scale * kLog2e;
+  const float scale_log2 = rsqrtf(float(D)) * kLog2e;
+  const bool vec_rot = D % 8 == 0;
 
-  const T* q_head = static_cast<const T*>(a.q) + b * a.q_stride[0] + h * a.q_stride[2];
+  load_tile<T, BM, DP, THREADS>(sQ, w.qr + (b * Hq + h) * S * D, D, m0, S, D, vec_rot);
   const T* do_head = static_cast<const T*>(a.dout) + b * a.dout_stride[0] + h * a.dout_stride[2];
-  const T* k_head = static_cast<const T*>(a.k) + b * a.k_stride[0] + hk * a.k_stride[2];
+  load_tile<T, BM, DP, THREADS>(sDo, do_head, a.dout_stride[1], m0, S, D, vec_in);
+  load_floats_async<BM, THREADS>(sLse, w.lse2 + (b * Hq + h) * S_pad + m0);
+  load_floats_async<BM, THREADS>(sDelta, w.delta + (b * Hq + h) * S_pad + m0);
+
+  const T* k_head = w.kr + (b * Hkv + hk) * S * D;
   const T* v_head = static_cast<const T*>(a.v) + b * a.v_stride[0] + hk * a.v_stride[2];
-  load_tile<T, DP, LD, BLOCK, THREADS, true>(sQ, q_head, a.q_stride[1], m0, S, D, a.cos, a.sin, a.cs_stride);
-  load_tile<T, DP, LD, BLOCK, THREADS, false>(sdO, do_head, a.dout_stride[1], m0, S, D, a.cos, a.sin, a.cs_stride);
-  for (int i = threadIdx.x; i < BLOCK; i += THREADS) {
-    const bool ok = m0 + i < S;
-    sLse[i] = ok ? a.lse[(b * Hq + h) * S + m0 + i] * kLog2e : 0.f;
-    sDelta[i] = ok ? delta[(b * Hq + h) * S + m0 + i] : 0.f;
-  }
+  auto issue = [&](int64_t n0, int st) {
+    T* p = reinterpret_cast<T*>(stage(st));
+    load_tile<T, BN, DP, THREADS>(p, k_head, D, n0, S, D, vec_rot);
+    load_tile<T, BN, DP, THREADS>(p + BN * DP, v_head, a.v_stride[1], n0, S, D, vec_in);
+  };
+  // Causal: key blocks after this query block's last row are never loaded.
+  const int64_t n_end = a.causal ? (m0 + BM < S ? m0 + BM : S) : S;
+  const int64_t items = (n_end + BN - 1) / BN;
+  issue(0, 0);  // Q, dO, lse and delta travel in the same first group
+  cp_async_commit();
 
-  FragAcc dq_acc[DP / 16];
+  float dq[DP / 8][4];
 #pragma unroll
-  for (int j = 0; j < DP / 16; ++j) wmma::fill_fragment(dq_acc[j], 0.f);
-  const int row0 = warp * 16;  // this warp's query rows within the block
-  // Causal: key blocks after this query block are never loaded.
-  const int64_t n_end = a.causal ? (m0 + BLOCK < S ? m0 + BLOCK : S) : S;
-  for (int64_t n0 = 0; n0 < n_end; n0 += BLOCK) {
-    __syncthreads();  // every warp is done with the previous key block (and sQ / sLse are loaded)
-    load_tile<T, DP, LD, BLOCK, THREADS, true>(sK, k_head, a.k_stride[1], n0, S, D, a.cos, a.sin, a.cs_stride);
-    load_tile<T, DP, LD, BLOCK, THREADS, false>(sV, v_head, a.v_stride[1], n0, S, D, a.cos, a.sin, a.cs_stride);
+  for (int n = 0; n < DP / 8; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dq[n][e] = 0.f;
+  const int r0 = warp * 16;  // this warp's query rows within the block
+
+  for (int64_t item = 0; item < items; ++item) {
+    if (item + 1 < items) issue((item + 1) * BN, (item + 1) & 1);
+    cp_async_commit();
+    cp_async_wait<1>();
     __syncthreads();
-#pragma unroll
-    for (int j = 0; j < BLOCK / 16; ++j) {
-      FragAcc s, dp;
-      wmma::fill_fragment(s, 0.f);
-      wmma::fill_fragment(dp, 0.f);
-      warp_mma<T, DP, FragARow<T>, FragBCol<T>, LD, LD, true, false>(s, sQ + row0 * LD, sK + j * 16 * LD);
-      warp_mma<T, DP, FragARow<T>, FragBCol<T>, LD, LD, true, false>(dp, sdO + row0 * LD, sV + j * 16 * LD);
-      wmma::store_matrix_sync(sS + row0 * LDS + j * 16, s, LDS, wmma::mem_row_major);
-      wmma::store_matrix_sync(sdP + row0 * LDS + j * 16, dp, LDS, wmma::mem_row_major);
-    }
-    __syncwarp();
-    const bool needs_mask = (a.causal && n0 + BLOCK > m0) || n0 + BLOCK > S;
-    for (int idx = lane; idx < 16 * BLOCK; idx += 32) {
-      const int r = row0 + idx / BLOCK, c = idx % BLOCK;
-      float p = exp2f(sS[r * LDS + c] * scale_log2 - sLse[r]);
-      if (needs_mask && (n0 + c >= S || m0 + r >= S || (a.causal && n0 + c > m0 + r))) p = 0.f;
-      sdS[r * LDP + c] = from_float<T>(p * (sdP[r * LDS + c] - sDelta[r]));
-    }
-    __syncwarp();
-#pragma unroll
-    for (int j = 0; j < DP / 16; ++j)
-      warp_mma<T, BLOCK, FragARow<T>, FragBRow<T>, LDP, LD, false, false>(dq_acc[j], sdS + row0 * LDP, sK + j * 16);
-  }
+    const T* sK = reinterpret_cast<const T*>(stage(item & 1));
+    const T* sV = sK + BN * DP;
+    const int64_t n0 = item * BN;
 
-  constexpr int LDA = LD;
-  float* sAcc = reinterpret_cast<float*>(sQ);  // over the sQ and sdO tiles
-  __syncthreads();
+    // S = Q K^T and dP = dO V^T for this warp's 16 queries x BN keys.
+    float s[BN / 8][4], dp[BN / 8][4];
+    two_products<T, DP, BN>(s, dp, sQ, sDo, sK, sV, r0);
+    // In-block coordinates: query row r is valid below q_valid, key column c below k_valid, and
+    // causal keeps c <= r + diag.
+    const bool needs_mask = (a.causal && n0 + BN > m0) || n0 + BN > S || m0 + BM > S;
+    const int q_valid = int(S - m0 < BM ? S - m0 : BM), k_valid = int(S - n0 < BN ? S - n0 : BN);
+    const int diag = a.causal ? int(m0 - n0 < BN ? m0 - n0 : BN) : BN;
 #pragma unroll
-  for (int j = 0; j < DP / 16; ++j) wmma::store_matrix_sync(sAcc + row0 * LDA + j * 16, dq_acc[j], LDA, wmma::mem_row_major);
+    for (int n = 0; n < BN / 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = r0 + g + 8 * (e >> 1), c = n * 8 + 2 * t + (e & 1);
+        float pr = exp2f(s[n][e] * scale_log2 - sLse[r]);
+        if (needs_mask && (r >= q_valid || c >= k_valid || c > r + diag)) pr = 0.f;
+        dp[n][e] = pr * (dp[n][e] - sDelta[r]);
+      }
+    // dQ += dS K (keys are the reduction dimension).
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      uint32_t ads[4];
+      as_operand<T, BN>(ads, dp, kk);
+      mma_rows_of<T, DP, DP>(dq, ads, sK, kk * 16, 0);
+    }
+    __syncthreads();  // every warp is done with this stage before it is overwritten
+  }
+  cp_async_wait<0>();
+
+  constexpr int LDA = C::LDA;
+  float* sAcc = reinterpret_cast<float*>(smem);
+  __syncthreads();
+  spill_acc<DP, LDA>(sAcc, dq, r0);
   __syncthreads();
   T* dq_head = static_cast<T*>(a.dq) + (b * S * Hq + h) * D;
-  store_grad<T, LDA, BLOCK, THREADS, true>(dq_head, Hq * D, sAcc, scale, m0, S, D, a.cos, a.sin, a.cs_stride);
-#endif
+  store_grad<T, LDA, BM, THREADS, true>(dq_head, Hq * D, sAcc, rsqrtf(float(D)), m0, S, D, a.cos, a.sin,
+                                        a.cs_stride);
 }
 
 // Non-deterministic mode: dq = rot^-1(dq_accum * scale), one thread per (row, first-half column).
@@ -372,32 +563,40 @@ __global__ void attention_backward_dq_finish(AttentionBackwardArgs a, const floa
   out[d + half] = from_float<T>(g2 * c - g1 * s);
 }
 
+template <typename Kernel>
+int set_smem(Kernel kernel, size_t bytes) {
+  return static_cast<int>(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+}
+
 template <typename T, int DP>
 int launch(const AttentionBackwardArgs& a, float* workspace, cudaStream_t stream) {
-  using C = Tiles<T, DP>;
-  float* delta = workspace;
-  float* dq_accum = workspace + a.batch * a.num_heads * a.seq_len;
-  const int64_t rows = a.batch * a.num_heads * a.seq_len;
-  attention_backward_delta<T><<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(a, delta);
-  const unsigned blocks = static_cast<unsigned>((a.seq_len + C::BLOCK - 1) / C::BLOCK);
-  int err = cudaFuncSetAttribute(attention_backward_kv<T, DP>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 static_cast<int>(C::kSmem));
-  if (err) return err;
-  if (!a.deterministic) {
-    err = cudaMemsetAsync(dq_accum, 0, sizeof(float) * rows * a.head_dim, stream);
-    if (err) return err;
-  }
-  attention_backward_kv<T, DP><<<dim3(static_cast<unsigned>(a.batch * a.num_kv_heads), blocks), C::THREADS, C::kSmem,
-                                 stream>>>(a, delta, dq_accum);
+  const Workspace<T> w = carve<T>(a, workspace);
+  const bool vec_in = rows_vectorizable(a.v, a.v_stride, a.head_dim, sizeof(T)) &&
+                      rows_vectorizable(a.dout, a.dout_stride, a.head_dim, sizeof(T));
+  const int64_t prep_rows = a.batch * a.num_heads * padded_rows(a.seq_len) + a.batch * a.num_kv_heads * a.seq_len;
+  attention_backward_prep<T><<<static_cast<unsigned>((prep_rows + 7) / 8), 256, 0, stream>>>(a, w);
+
+  using KV = KvSmem<T, DP>;
+  const unsigned key_blocks = static_cast<unsigned>((a.seq_len + KV::BN - 1) / KV::BN);
+  const dim3 kv_grid(static_cast<unsigned>(a.batch * a.num_kv_heads), key_blocks);
+  int err;
   if (a.deterministic) {
-    err = cudaFuncSetAttribute(attention_backward_q<T, DP>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               static_cast<int>(C::kSmem));
-    if (err) return err;
-    attention_backward_q<T, DP><<<dim3(static_cast<unsigned>(a.batch * a.num_heads), blocks), C::THREADS, C::kSmem,
-                                  stream>>>(a, delta);
+    if ((err = set_smem(attention_backward_kv<T, DP, false>, KV::kBytes))) return err;
+    attention_backward_kv<T, DP, false><<<kv_grid, KV::BN * 2, KV::kBytes, stream>>>(a, w, vec_in);
+    using QS = QSmem<T, DP>;
+    if ((err = set_smem(attention_backward_q<T, DP>, QS::kBytes))) return err;
+    const unsigned query_blocks = static_cast<unsigned>((a.seq_len + QS::BM - 1) / QS::BM);
+    attention_backward_q<T, DP><<<dim3(static_cast<unsigned>(a.batch * a.num_heads), query_blocks), QS::BM * 2,
+                                  QS::kBytes, stream>>>(a, w, vec_in);
   } else {
-    const int64_t total = rows * (a.head_dim / 2);
-    attention_backward_dq_finish<T><<<static_cast<unsigned>((total + 255) / 256), 256, 0, stream>>>(a, dq_accum);
+    if ((err = cudaMemsetAsync(w.dq_accum, 0, sizeof(float) * a.batch * a.seq_len * a.num_heads * a.head_dim,
+                               stream)))
+      return err;
+    if ((err = set_smem(attention_backward_kv<T, DP, true>, KV::kBytes))) return err;
+    attention_backward_kv<T, DP, true><<<kv_grid, KV::BN * 2, KV::kBytes, stream>>>(a, w, vec_in);
+    const int64_t total = a.batch * a.seq_len * a.num_heads * (a.head_dim / 2);
+    attention_backward_dq_finish<T><<<static_cast<unsigned>((total + 255) / 256), 256, 0, stream>>>(a, w.dq_accum);
   }
   return static_cast<int>(cudaGetLastError());
 }
@@ -413,13 +612,15 @@ int launch_head_dim(const AttentionBackwardArgs& a, float* workspace, cudaStream
 }  // namespace
 
 int64_t attention_backward_cuda_workspace(const AttentionBackwardArgs& a) {
-  const int64_t rows = a.batch * a.num_heads * a.seq_len;
-  return rows + (a.deterministic ? 0 : rows * a.head_dim);
+  int64_t off[6];
+  workspace_layout(a, off);
+  return off[5];
 }
 
 int attention_backward_cuda(const AttentionBackwardArgs& a, float* workspace, void* stream_ptr) {
   if (a.batch * a.seq_len * a.num_heads * a.head_dim == 0) return 0;
   if (a.head_dim % 2 || a.num_kv_heads <= 0 || a.num_heads % a.num_kv_heads) return static_cast<int>(cudaErrorInvalidValue);
+  if (reinterpret_cast<uintptr_t>(workspace) % 16) return static_cast<int>(cudaErrorMisalignedAddress);
   auto stream = static_cast<cudaStream_t>(stream_ptr);
   switch (a.dtype) {
     case DType::F16: return launch_head_dim<__half>(a, workspace, stream);

@@ -12,6 +12,10 @@
 // (c[0..1] of tile 2k -> a[0], c[2..3] -> a[1], tile 2k+1 -> a[2], a[3]), the register reuse that
 // flash-attention kernels build on.
 //
+// The cp.async wrappers clobber "memory" so the compiler keeps plain shared-memory accesses on their
+// side of them; ldmatrix does not, so a plain store that an ldmatrix must see needs a barrier
+// (__syncthreads / __syncwarp) in between, which the kernels have anyway.
+//
 // tests/cuda_emulation/ has a host stand-in of this header with the same names and semantics.
 #pragma once
 #include <cuda_bf16.h>
@@ -78,15 +82,16 @@ __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
 // 16 bytes global -> shared without passing through registers; the first `src_bytes` (0 or 16)
 // bytes come from `src`, the rest are zero. Both addresses 16-byte aligned.
 __device__ __forceinline__ void cp_async_16(void* dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(src_bytes));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(src_bytes)
+               : "memory");
 }
 
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 
 // Waits until at most N of this thread's committed groups are still in flight.
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
 }  // namespace llama_fast

@@ -1,10 +1,14 @@
-// Runs csrc/cuda/attention_backward.cu's kernels under the host emulation (emu.h, mma.h).
-//   attention_backward_emulated IN OUT B S Hq Hkv D causal deterministic dtype(1 = fp16, 2 = bf16)
+// Runs csrc/cuda/attention_backward.cu's kernels under the host emulation (emu.h, mma.cuh), in the
+// order its launcher runs them on a GPU: prep, kv, then q (deterministic) or dq_finish.
+//   attention_backward_emulated IN OUT B S Hq Hkv D causal deterministic dtype(1 = fp16, 2 = bf16) misalign
 // IN holds, contiguous: q, dout, out [B, S, Hq, D] and k, v [B, S, Hkv, D] as 16-bit words (in the
-// order q, k, v, dout, out), then fp32 lse and delta [B, Hq, S], cos and sin [S, D / 2].
+// order q, k, v, dout, out), then fp32 lse [B, Hq, S], cos and sin [S, D / 2].
+// misalign = 1 places v and dout one element past a 16-byte boundary, so the kernels must take their
+// plain-load path instead of cp.async for them.
 // OUT receives dq, dk, dv as 16-bit words. kernel_emu.cpp is the .cu with its launchers cut off
 // and dynamic shared memory pointed at the emulated block's buffer (tests/test_cuda_emulation.py).
 #include "kernel_emu.cpp"
+#include <algorithm>
 #include <cstdio>
 #include <memory>
 #include <thread>
@@ -37,62 +41,79 @@ void run_grid(dim3 grid, int threads, size_t smem_bytes, F body) {
 }
 
 template <typename T, int DP>
-void run(AttentionBackwardArgs& a, const float* delta, float* dq_accum) {
-  using C = Tiles<T, DP>;
-  const unsigned blocks = unsigned((a.seq_len + C::BLOCK - 1) / C::BLOCK);
-  run_grid(dim3(unsigned(a.batch * a.num_kv_heads), blocks), C::THREADS, C::kSmem,
-           [&] { attention_backward_kv<T, DP>(a, delta, dq_accum); });
+void run(AttentionBackwardArgs& a, float* workspace) {
+  const Workspace<T> w = carve<T>(a, workspace);
+  const bool vec_in = rows_vectorizable(a.v, a.v_stride, a.head_dim, sizeof(T)) &&
+                      rows_vectorizable(a.dout, a.dout_stride, a.head_dim, sizeof(T));
+  const int64_t prep_rows = a.batch * a.num_heads * padded_rows(a.seq_len) + a.batch * a.num_kv_heads * a.seq_len;
+  run_grid(dim3(unsigned((prep_rows + 1) / 2)), 64, 0, [&] { attention_backward_prep<T>(a, w); });
+  using KV = KvSmem<T, DP>;
+  const dim3 kv_grid(unsigned(a.batch * a.num_kv_heads), unsigned((a.seq_len + KV::BN - 1) / KV::BN));
   if (a.deterministic) {
-    run_grid(dim3(unsigned(a.batch * a.num_heads), blocks), C::THREADS, C::kSmem,
-             [&] { attention_backward_q<T, DP>(a, delta); });
+    run_grid(kv_grid, KV::BN * 2, KV::kBytes, [&] { attention_backward_kv<T, DP, false>(a, w, vec_in); });
+    using QS = QSmem<T, DP>;
+    const dim3 q_grid(unsigned(a.batch * a.num_heads), unsigned((a.seq_len + QS::BM - 1) / QS::BM));
+    run_grid(q_grid, QS::BM * 2, QS::kBytes, [&] { attention_backward_q<T, DP>(a, w, vec_in); });
   } else {
+    std::fill(w.dq_accum, w.dq_accum + a.batch * a.seq_len * a.num_heads * a.head_dim, 0.f);
+    run_grid(kv_grid, KV::BN * 2, KV::kBytes, [&] { attention_backward_kv<T, DP, true>(a, w, vec_in); });
     const int64_t total = a.batch * a.num_heads * a.seq_len * (a.head_dim / 2);
-    for (int64_t i = 0; i < total; ++i) {
+    for (int64_t i = 0; i < total; ++i) {  // one thread per element, no barriers: run them in turn
       threadIdx = dim3(unsigned(i % 256)); blockIdx = dim3(unsigned(i / 256)); blockDim = dim3(256);
-      attention_backward_dq_finish<T>(a, dq_accum);
+      attention_backward_dq_finish<T>(a, w.dq_accum);
     }
   }
 }
 
 template <typename T>
-void dispatch(AttentionBackwardArgs& a, const float* delta, float* dq_accum) {
-  if (a.head_dim <= 64) run<T, 64>(a, delta, dq_accum);
-  else if (a.head_dim <= 128) run<T, 128>(a, delta, dq_accum);
-  else run<T, 256>(a, delta, dq_accum);
+void dispatch(AttentionBackwardArgs& a, float* workspace) {
+  if (a.head_dim <= 64) run<T, 64>(a, workspace);
+  else if (a.head_dim <= 128) run<T, 128>(a, workspace);
+  else run<T, 256>(a, workspace);
 }
 
 int main(int argc, char** argv) {
-  if (argc != 11) return 2;
+  if (argc != 12) return 2;
   const int64_t B = atol(argv[3]), S = atol(argv[4]), Hq = atol(argv[5]), Hkv = atol(argv[6]), D = atol(argv[7]);
   const bool causal = atoi(argv[8]), deterministic = atoi(argv[9]);
   const int dtype = atoi(argv[10]);
+  const bool misalign = atoi(argv[11]);
   FILE* f = fopen(argv[1], "rb");
-  auto rd = [&](size_t n, size_t elem) { std::vector<unsigned char> v(n * elem); if (fread(v.data(), elem, n, f) != n) std::abort(); return v; };
   const size_t nq = B * S * Hq * D, nk = B * S * Hkv * D, nl = B * Hq * S, nc = S * (D / 2);
-  auto q = rd(nq, 2), k = rd(nk, 2), v = rd(nk, 2), dout = rd(nq, 2), out = rd(nq, 2);
-  auto lse = rd(nl, 4), delta = rd(nl, 4), cs = rd(nc, 4), sn = rd(nc, 4);
+  // 16-byte aligned 16-bit buffers, optionally starting one element late.
+  auto rd16 = [&](size_t n, bool shift) {
+    auto v = std::make_shared<std::vector<uint16_t>>(n + 8);
+    uint16_t* p = v->data() + (shift ? 1 : 0);
+    if (fread(p, 2, n, f) != n) std::abort();
+    return std::pair{v, p};
+  };
+  auto rd32 = [&](size_t n) { std::vector<float> v(n); if (fread(v.data(), 4, n, f) != n) std::abort(); return v; };
+  auto q = rd16(nq, false), k = rd16(nk, false), v = rd16(nk, misalign), dout = rd16(nq, misalign),
+       out = rd16(nq, false);
+  auto lse = rd32(nl), cs = rd32(nc), sn = rd32(nc);
   fclose(f);
-  std::vector<uint16_t> dq(nq, 0xffff), dk(nk, 0xffff), dv(nk, 0xffff);
-  std::vector<float> dq_accum(nq, 0.f);
+  std::vector<uint16_t> dq(nq, 0xffff), dk(nk, 0xffff), dv(nk, 0xffff);  // NaN: an unwritten element shows
   AttentionBackwardArgs a{};
   a.dtype = dtype == 1 ? DType::F16 : DType::BF16;
-  auto set = [](const void* p, const void*& ptr, int64_t (&st)[4], int64_t H, int64_t S_, int64_t D_) {
+  auto set = [](const uint16_t* p, const void*& ptr, int64_t (&st)[4], int64_t H, int64_t S_, int64_t D_) {
     ptr = p; st[0] = S_ * H * D_; st[1] = H * D_; st[2] = D_; st[3] = 1;
   };
-  set(dout.data(), a.dout, a.dout_stride, Hq, S, D);
-  set(q.data(), a.q, a.q_stride, Hq, S, D);
-  set(k.data(), a.k, a.k_stride, Hkv, S, D);
-  set(v.data(), a.v, a.v_stride, Hkv, S, D);
-  set(out.data(), a.out, a.out_stride, Hq, S, D);
-  a.lse = reinterpret_cast<const float*>(lse.data());
-  a.cos = reinterpret_cast<const float*>(cs.data());
-  a.sin = reinterpret_cast<const float*>(sn.data());
+  set(dout.second, a.dout, a.dout_stride, Hq, S, D);
+  set(q.second, a.q, a.q_stride, Hq, S, D);
+  set(k.second, a.k, a.k_stride, Hkv, S, D);
+  set(v.second, a.v, a.v_stride, Hkv, S, D);
+  set(out.second, a.out, a.out_stride, Hq, S, D);
+  a.lse = lse.data();
+  a.cos = cs.data();
+  a.sin = sn.data();
   a.cs_stride = D / 2;
   a.dq = dq.data(); a.dk = dk.data(); a.dv = dv.data();
   a.batch = B; a.seq_len = S; a.num_heads = Hq; a.num_kv_heads = Hkv; a.head_dim = D;
   a.causal = causal; a.deterministic = deterministic;
-  const float* dl = reinterpret_cast<const float*>(delta.data());
-  if (dtype == 1) dispatch<__half>(a, dl, dq_accum.data()); else dispatch<__nv_bfloat16>(a, dl, dq_accum.data());
+  int64_t off[6];
+  workspace_layout(a, off);
+  std::vector<float> workspace(off[5], std::nanf(""));  // NaN: a workspace read before its write shows
+  if (dtype == 1) dispatch<__half>(a, workspace.data()); else dispatch<__nv_bfloat16>(a, workspace.data());
   FILE* o = fopen(argv[2], "wb");
   fwrite(dq.data(), 2, nq, o); fwrite(dk.data(), 2, nk, o); fwrite(dv.data(), 2, nk, o);
   fclose(o);
