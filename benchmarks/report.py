@@ -7,10 +7,11 @@ Several JSON files (one per benchmark file, or per device call) merge into one r
 is placed by its test ("bench_file.py::test_function", from the JSON's `fullname`) and its
 parametrize values (the JSON's `params`; never parsed out of the id, since provider names contain
 '-') as TABLES below says; a case found in two files takes the later file's numbers. Cells hold
-the metric the benchmark wrote into `extra_info`; a provider absent from the JSON (skipped, failed,
-or not run: pytest-benchmark leaves out cases whose timing raised) shows as "—". A case no table claims is listed
-under "Cases no table claims" rather than dropped. The targets of design.md's "Numbers to beat"
-live in TARGETS and nowhere else; our cells carry ✅ (meets) or ❌ (misses) where a target exists.
+the metric the benchmark wrote into `extra_info`; a provider absent from the JSON (skipped, failed
+or not run: pytest-benchmark leaves out cases whose timing raised) shows as "—". A case no table
+claims is listed under "Cases no table claims" rather than dropped. The targets of design.md's
+"Numbers to beat" live in TARGETS and nowhere else; our cells carry ✅ (meets) or ❌ (misses) where
+a target exists.
 --junit adds the skip / failure reasons of the cases that were not measured.
 """
 from __future__ import annotations
@@ -145,7 +146,7 @@ def meets(target: Target, info: dict) -> bool | None:
 # ------------------------------------------------------------------------------------------------
 # Reading the JSON
 # ------------------------------------------------------------------------------------------------
-def test_key(fullname: str) -> str:
+def case_key(fullname: str) -> str:
     """'benchmarks/bench_rms_norm.py::test_forward[ours]' -> 'bench_rms_norm.py::test_forward'."""
     path, _, name = fullname.partition("::")
     return f"{path.rsplit('/', 1)[-1]}::{name.split('[', 1)[0]}"
@@ -157,7 +158,7 @@ def shape_id(shape) -> str:
 
 def place(bench: dict) -> tuple[Table, str, str | None] | None:
     """(table, row label, provider) of one JSON benchmark entry, or None if no table claims it."""
-    key, params = test_key(bench["fullname"]), bench.get("params") or {}
+    key, params = case_key(bench["fullname"]), bench.get("params") or {}
     for table in TABLES:
         if key not in table.tests:
             continue
@@ -190,7 +191,7 @@ class Report:
                 self.unplaced.append(bench["fullname"])
                 continue
             table, row, provider = placed
-            key = test_key(bench["fullname"])
+            key = case_key(bench["fullname"])
             if (key, row) not in self.rows.setdefault(table.title, []):
                 self.rows[table.title].append((key, row))
             self.cells[table.title, row, provider] = bench.get("extra_info") or {}
@@ -247,8 +248,9 @@ def header(report: Report, env: dict | None) -> list[str]:
     lines.append(f"- Run: {when or 'not recorded'}, host {machine.get('node', '?')}, "
                  f"pytest-benchmark {first.get('version', '?')}, commit {', '.join(commits) or 'not recorded'}")
     lines.append(f"- From: {', '.join(report.files)}")
-    lines.append(f"- Cells: median of CUDA-event timings; {MEETS} / {MISSES}: llama_fast meets / misses the "
-                 f"design.md target; {MISSING}: not measured (skipped, failed or not run)")
+    lines.append(f"- Cells: rates from the median of CUDA-event timings (train step: pytest-benchmark's median "
+                 f"synchronized step); {MEETS} / {MISSES}: llama_fast meets / misses the design.md target; "
+                 f"{MISSING}: not measured (skipped, failed or not run)")
     return lines + [""]
 
 
@@ -280,12 +282,12 @@ def render(report: Report, env: dict | None, junit_paths: list[str] = ()) -> str
 # ------------------------------------------------------------------------------------------------
 # --write-env: run on the GPU machine
 # ------------------------------------------------------------------------------------------------
-def version_of(module: str) -> str | None:
-    try:
-        from importlib.metadata import version
+def version_of(distribution: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
 
-        return version(module)
-    except Exception:  # not installed
+    try:
+        return version(distribution)
+    except PackageNotFoundError:
         return None
 
 
@@ -304,8 +306,8 @@ def environment() -> dict:
 
     env = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
            "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-           "triton": version_of("triton"), "liger_kernel": version_of("liger-kernel"), "extension": extension_status(),
-           "device": None,
+           "triton": version_of("triton"), "liger_kernel": version_of("liger-kernel"),
+           "extension": extension_status(), "device": None,
            "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
@@ -314,7 +316,8 @@ def environment() -> dict:
     if shutil.which("nvidia-smi"):
         result = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                                 capture_output=True, text=True)
-        env["driver"] = result.stdout.strip().splitlines()[0] if result.returncode == 0 and result.stdout.strip() else None
+        drivers = result.stdout.split() if result.returncode == 0 else []  # one line per GPU
+        env["driver"] = drivers[0] if drivers else None
     return env
 
 
