@@ -119,7 +119,7 @@ xmls=("$OUT"/bench-*.xml)
 if [ "$DRY_RUN" -eq 1 ]; then  # nothing ran: show the command with its globs
   jsons=("$OUT/bench-*.json") xmls=("$OUT/bench-*.xml")
 fi
-if [ ${#jsons[@]} -gt 0 ]; then
+if [ $((${#jsons[@]} + ${#xmls[@]})) -gt 0 ]; then
   step report "$OUT/report.log" "$PYTHON" benchmarks/report.py "${jsons[@]}" --env "$OUT/env.json" \
     --junit "${xmls[@]}" -o "$OUT/results.md"
 fi

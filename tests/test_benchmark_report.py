@@ -242,11 +242,14 @@ def test_command_line(run, tmp_path):
     assert md == report.render(build_report(doc, str(tmp_path / "bench.json")), env, [str(junit)]) + "\n"
     bad = subprocess.run([sys.executable, str(REPORT_PY)], capture_output=True, text=True)
     assert bad.returncode == 2 and "expected at least one pytest-benchmark JSON file" in bad.stderr
+    skipped_only = subprocess.run([sys.executable, str(REPORT_PY), "--junit", str(junit)], capture_output=True,
+                                  text=True, check=True)
+    assert "- `test_tiny.py::test_skipped` skipped:" in skipped_only.stdout
 
 
-def session(*args: str) -> subprocess.CompletedProcess:
+def session(*args: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(SESSION_SH), *args], capture_output=True, text=True,
-                          env={"PATH": "/usr/bin:/bin", "OUT": "/tmp/out"})
+                          env={"PATH": "/usr/bin:/bin", "OUT": "/tmp/out", **env})
 
 
 def commands(result: subprocess.CompletedProcess) -> list[str]:
@@ -262,7 +265,10 @@ def test_gpu_session_steps():
     bench_files = sorted(p.name for p in (REPO / "benchmarks").glob("bench_*.py"))
     assert sum("-m pytest -m gpu" in c for c in every) == 1
     assert [f for f in bench_files if any(f"benchmarks/{f} " in c for c in every)] == bench_files
-    assert "TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16" in every[0] and "pip install -e ." in every[0]
+    build = next(i for i, c in enumerate(every) if "pip install -e ." in c)
+    assert "TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16" in every[build]
+    # only the carried wheels (.whl/, where present) come before the build
+    assert all("--no-index --no-deps" in c or c.startswith("+ export PYTHONPATH=") for c in every[:build])
     assert "--write-env /tmp/out/env.json" in every[-2] and "-o /tmp/out/results.md" in every[-1]
 
     attention = commands(session("--dry-run", "bench", "attention"))
@@ -277,3 +283,24 @@ def test_gpu_session_steps():
     bad = session("--dry-run", "bench", "no_such_bench")
     assert bad.returncode == 2 and "attention" in bad.stderr and commands(bad) == []
     assert session("--dry-run", "attention").returncode == 2  # a benchmark name without "bench"
+
+
+FAKE_PYTHON = """#!/bin/bash
+# Stands in for python3: logs its arguments, fails where $FAIL (a substring of them) matches.
+echo "$*" >> "$CALLS"
+case "$*" in *"$FAIL"*) echo "simulated failure"; exit 1 ;; esac
+"""
+
+
+@pytest.mark.parametrize("fail, runs_benchmarks", [("-m gpu", True), ("install -e", False)])
+def test_gpu_session_keeps_going_and_reports_failure(tmp_path, fail, runs_benchmarks):
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    calls = tmp_path / "calls.log"
+    result = session("test", "bench", "rope", PYTHON=str(fake), OUT=str(tmp_path / "out"), CALLS=str(calls), FAIL=fail)
+    assert result.returncode == 1 and "FAILED: " in result.stdout
+    ran = calls.read_text()
+    assert ("-m gpu" in ran) == runs_benchmarks  # a failed build leaves nothing to test
+    assert ("benchmarks/bench_rope.py" in ran) == runs_benchmarks
+    assert "--write-env" in ran  # the environment is written either way
