@@ -17,7 +17,7 @@
 #   benchmarks/gpu_session.sh bench attention
 #   benchmarks/gpu_session.sh bench train_step
 # and merge the calls' JSON afterwards:
-#   python benchmarks/report.py call*/bench-*.json --env call1/env.json --junit call*/*.xml
+#   python benchmarks/report.py call*/bench-*.json --env call1/env.json --junit call*/bench-*.xml
 #
 # Environment: OUT (default ./gpu-out) receives build.log, gpu-tests.{log,xml},
 # bench-NAME.{json,log,xml}, env.json and results.md. PYTHON (default python3).
