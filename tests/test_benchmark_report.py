@@ -94,17 +94,22 @@ def first_token(case: dict, value: float) -> str:
     return f"{value:.0f}"
 
 
+def run_python(*args: str, cwd: Path) -> None:
+    result = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True)
+    assert result.returncode == 0, f"python {args[:2]} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """(pytest-benchmark JSON of every collected benchmark case, junit XML path, {fullname: value})."""
+    """(pytest-benchmark JSON of every collected benchmark case but DROPPED, the tiny run's junit XML path,
+    the collected cases, {fullname: the case's value})."""
     tmp = tmp_path_factory.mktemp("bench_report")
-    subprocess.run([sys.executable, "-c", COLLECT, str(tmp / "cases.json")], cwd=REPO, check=True,
-                   capture_output=True)
+    run_python("-c", COLLECT, str(tmp / "cases.json"), cwd=REPO)
     cases = json.loads((tmp / "cases.json").read_text())
     (tmp / "pytest.ini").write_text("[pytest]\n")
     (tmp / "test_tiny.py").write_text(TINY_BENCH)
-    subprocess.run([sys.executable, "-m", "pytest", "test_tiny.py", "-q", "-p", "no:cacheprovider",
-                    "--benchmark-json=real.json", "--junitxml=real.xml"], cwd=tmp, check=True, capture_output=True)
+    run_python("-m", "pytest", "test_tiny.py", "-q", "-p", "no:cacheprovider", "--benchmark-json=real.json",
+               "--junitxml=real.xml", cwd=tmp)
     real = json.loads((tmp / "real.json").read_text())
     template = real["benchmarks"][0]
     values, benchmarks = {}, []
