@@ -48,7 +48,8 @@ def driver(tmp_path_factory):
     return exe
 
 
-def run_emulated(exe, tmp_path, q, k, v, dout, out, lse, cos, sin, causal, deterministic, misalign, cp_async):
+def run_emulated(exe, tmp_path, q, k, v, dout, out, lse, cos, sin, causal, deterministic, misalign, cp_async,
+                 small):
     B, S, Hq, D = q.shape
     inp, outp = tmp_path / "in.bin", tmp_path / "out.bin"
     with open(inp, "wb") as f:
@@ -59,7 +60,7 @@ def run_emulated(exe, tmp_path, q, k, v, dout, out, lse, cos, sin, causal, deter
     dtype_code = "1" if q.dtype == torch.float16 else "2"
     args = [str(x) for x in (B, S, Hq, k.shape[2], D, int(causal), int(deterministic))]
     env = {**os.environ, "LLAMA_FAST_EMU_CP_ASYNC": cp_async}
-    done = subprocess.run([str(exe), str(inp), str(outp), *args, dtype_code, str(int(misalign))],
+    done = subprocess.run([str(exe), str(inp), str(outp), *args, dtype_code, str(int(misalign)), str(int(small))],
                           capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr
     raw = torch.from_numpy(np.fromfile(outp, dtype=np.int16))
@@ -85,20 +86,33 @@ MODES = (  # causal, deterministic, dtype, misalign, cp_async
 LONG_CASE = (1, 130, 8, 1, 80)
 LONG_MODES = [(True, True, torch.bfloat16, False, "late"), (False, True, torch.bfloat16, False, "late"),
               (True, False, torch.bfloat16, True, "late"), (True, True, torch.bfloat16, False, "early")]
-PARAMS = [(shape, *mode) for shape in CASES for mode in MODES] + [(LONG_CASE, *mode) for mode in LONG_MODES]
+# The 32-row query blocks of GPUs with less shared memory per block (head dims 65 to 128).
+SMALL_CASES = [(1, 70, 4, 2, 128), (2, 45, 2, 1, 96)]
+SMALL_MODES = [(True, True, torch.bfloat16, False, "late"), (True, False, torch.bfloat16, False, "late"),
+               (False, False, torch.float16, True, "early")]
+PARAMS = (
+    [(shape, *mode, False) for shape in CASES for mode in MODES]
+    + [(LONG_CASE, *mode, False) for mode in LONG_MODES]
+    + [(shape, *mode, True) for shape in SMALL_CASES for mode in SMALL_MODES]
+)
 
 
-@pytest.mark.parametrize("shape, causal, deterministic, dtype, misalign, cp_async", PARAMS,
-                         ids=lambda m: "B{}_S{}_Hq{}_Hkv{}_D{}".format(*m) if isinstance(m, tuple)
-                         else str(m).replace("torch.", ""))
+def _param_id(value):
+    if isinstance(value, tuple):
+        return "B{}_S{}_Hq{}_Hkv{}_D{}".format(*value)
+    return str(value).replace("torch.", "")
+
+
+@pytest.mark.parametrize("shape, causal, deterministic, dtype, misalign, cp_async, small", PARAMS, ids=_param_id)
 def test_cuda_kernels_emulated_match_reference(driver, tmp_path, shape, causal, deterministic, dtype, misalign,
-                                               cp_async):
+                                               cp_async, small):
     B, S, Hq, Hkv, D = shape
     q, k, v = (torch.randn(B, S, h, D, dtype=dtype) for h in (Hq, Hkv, Hkv))
     cos, sin = reference.rope_tables(S + 3, D)
     out, lse = reference.attention(q, k, v, cos, sin, causal, return_lse=True)
     dout = torch.randn_like(out)
-    got = run_emulated(driver, tmp_path, q, k, v, dout, out, lse, cos, sin, causal, deterministic, misalign, cp_async)
+    got = run_emulated(driver, tmp_path, q, k, v, dout, out, lse, cos, sin, causal, deterministic, misalign, cp_async,
+                       small)
     grads = {}
     for dt in (torch.float64, dtype):
         leaves = [t.to(dt).requires_grad_() for t in (q, k, v)]

@@ -33,6 +33,8 @@
 // Shared-memory tiles are [rows, DP] (head dim padded with zeros to DP in {64, 128, 256}) with an
 // XOR swizzle of the 16-byte chunks of a row, so ldmatrix and cp.async are free of bank conflicts
 // without padding.
+#include <algorithm>
+
 #include "common.cuh"
 #include "mma.cuh"
 
@@ -52,10 +54,12 @@ __device__ __forceinline__ int swz(int row, int col) {
 }
 
 // Tile shapes per padded head dim: BM query rows and BN key rows per block, 16 rows per warp.
-template <int DP>
+// SMALL: 32-row query blocks for GPUs that allow a block under the ~105 KB the DP = 128 kernels
+// need otherwise (sm_86, sm_89, sm_120: 99 KB); launch() picks it from the device's limit.
+template <int DP, bool SMALL>
 struct Config {
-  static constexpr int BM = DP == 256 ? 32 : 64;
-  static constexpr int BN = BM;
+  static constexpr int BM = DP == 256 || SMALL ? 32 : 64;
+  static constexpr int BN = DP == 256 ? 32 : 64;
   static_assert(BM % 16 == 0 && BN % 16 == 0 && DP % 16 == 0, "tiles are made of 16 x 16 mma operands");
 };
 
@@ -265,9 +269,9 @@ __device__ __forceinline__ void store_grad(T* head, int64_t row_stride, const fl
 }
 
 // Shared memory of the kv kernel: K, V, two stages of (Q, dO, lse2, delta), dS^T.
-template <typename T, int DP>
+template <typename T, int DP, bool SMALL>
 struct KvSmem {
-  static constexpr int BM = Config<DP>::BM, BN = Config<DP>::BN;
+  static constexpr int BM = Config<DP, SMALL>::BM, BN = Config<DP, SMALL>::BN;
   static constexpr size_t kKeyTile = size_t(BN) * DP * sizeof(T);
   static constexpr size_t kQueryTile = size_t(BM) * DP * sizeof(T);
   static constexpr size_t kStage = 2 * kQueryTile + 2 * BM * sizeof(float);
@@ -278,9 +282,9 @@ struct KvSmem {
 };
 
 // Shared memory of the q kernel: Q, dO, lse2, delta, two stages of (K, V).
-template <typename T, int DP>
+template <typename T, int DP, bool SMALL>
 struct QSmem {
-  static constexpr int BM = Config<DP>::BM, BN = Config<DP>::BN;
+  static constexpr int BM = Config<DP, SMALL>::BM, BN = Config<DP, SMALL>::BN;
   static constexpr size_t kQueryTile = size_t(BM) * DP * sizeof(T);
   static constexpr size_t kKeyTile = size_t(BN) * DP * sizeof(T);
   static constexpr size_t kQ = 0, kDo = kQueryTile, kLse = 2 * kQueryTile, kDelta = kLse + BM * sizeof(float);
@@ -298,12 +302,13 @@ inline bool rows_vectorizable(const void* p, const int64_t (&stride)[4], int64_t
 }
 
 // ---------------------------------------------------------------------------------------------
-// Step 2: dK and dV (and atomic dQ). grid.x = B * Hkv, grid.y = key blocks.
+// Step 2: dK and dV (and atomic dQ). grid (key blocks, Hkv, B): a head's key blocks run side by
+// side and share its query tiles in L2.
 // ---------------------------------------------------------------------------------------------
-template <typename T, int DP, bool ATOMIC_DQ>
-__global__ void __launch_bounds__(Config<DP>::BN * 2)
+template <typename T, int DP, bool SMALL, bool ATOMIC_DQ>
+__global__ void __launch_bounds__(Config<DP, SMALL>::BN * 2)
     attention_backward_kv(AttentionBackwardArgs a, Workspace<T> w, bool vec_in) {
-  using C = KvSmem<T, DP>;
+  using C = KvSmem<T, DP, SMALL>;
   constexpr int BM = C::BM, BN = C::BN, WARPS = BN / 16, THREADS = WARPS * 32;
   extern __shared__ __align__(128) unsigned char smem[];
   T* sK = reinterpret_cast<T*>(smem + C::kK);
@@ -313,8 +318,8 @@ __global__ void __launch_bounds__(Config<DP>::BN * 2)
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int64_t S = a.seq_len, S_pad = padded_rows(S), Hq = a.num_heads, Hkv = a.num_kv_heads, group = Hq / Hkv;
-  const int64_t b = blockIdx.x / Hkv, hk = blockIdx.x % Hkv;
-  const int64_t n0 = int64_t(blockIdx.y) * BN;
+  const int64_t b = blockIdx.z, hk = blockIdx.y;
+  const int64_t n0 = int64_t(blockIdx.x) * BN;
   const int D = static_cast<int>(a.head_dim);
   const float scale_log2 = rsqrtf(float(D)) * kLog2e;
   const bool vec_rot = D % 8 == 0;
@@ -374,7 +379,7 @@ __global__ void __launch_bounds__(Config<DP>::BN * 2)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int c = n * 8 + 2 * t + (e & 1), r = r0 + g + 8 * (e >> 1);
-        float pr = exp2f(st[n][e] * scale_log2 - sLse[c]);
+        float pr = fast_exp2(st[n][e] * scale_log2 - sLse[c]);
         if (needs_mask && (c >= q_valid || r >= k_valid || c + diag < r)) pr = 0.f;
         st[n][e] = pr;
         dpt[n][e] = pr * (dpt[n][e] - sDelta[c]);
@@ -424,9 +429,9 @@ __global__ void __launch_bounds__(Config<DP>::BN * 2)
 #pragma unroll
       for (int n = 0; n < DC / 8; ++n)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int r = q0 + g + 8 * (e >> 1), d = c0 + n * 8 + 2 * t + (e & 1);
-          if (m0 + r < S && d < D) atomicAdd(dq_rows + int64_t(r) * Hq * D + d, dq[n][e]);
+        for (int e = 0; e < 4; e += 2) {  // column pairs (d, d + 1); D is even
+          const int r = q0 + g + 4 * e, d = c0 + n * 8 + 2 * t;
+          if (m0 + r < S && d < D) atomic_add2(dq_rows + int64_t(r) * Hq * D + d, dq[n][e], dq[n][e + 1]);
         }
     }
     __syncthreads();  // every warp is done with this stage (and dS^T) before they are overwritten
@@ -449,12 +454,12 @@ __global__ void __launch_bounds__(Config<DP>::BN * 2)
 }
 
 // ---------------------------------------------------------------------------------------------
-// Step 3 (deterministic mode): dQ. grid.x = B * Hq, grid.y = query blocks, the longest first.
+// Step 3 (deterministic mode): dQ. grid (query blocks, Hq, B), the longest rows first.
 // ---------------------------------------------------------------------------------------------
-template <typename T, int DP>
-__global__ void __launch_bounds__(Config<DP>::BM * 2) attention_backward_q(AttentionBackwardArgs a, Workspace<T> w,
-                                                                          bool vec_in) {
-  using C = QSmem<T, DP>;
+template <typename T, int DP, bool SMALL>
+__global__ void __launch_bounds__(Config<DP, SMALL>::BM * 2)
+    attention_backward_q(AttentionBackwardArgs a, Workspace<T> w, bool vec_in) {
+  using C = QSmem<T, DP, SMALL>;
   constexpr int BM = C::BM, BN = C::BN, WARPS = BM / 16, THREADS = WARPS * 32;
   extern __shared__ __align__(128) unsigned char smem[];
   T* sQ = reinterpret_cast<T*>(smem + C::kQ);
@@ -465,8 +470,8 @@ __global__ void __launch_bounds__(Config<DP>::BM * 2) attention_backward_q(Atten
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int64_t S = a.seq_len, S_pad = padded_rows(S), Hq = a.num_heads, Hkv = a.num_kv_heads;
-  const int64_t b = blockIdx.x / Hq, h = blockIdx.x % Hq, hk = h / (Hq / Hkv);
-  const int64_t m0 = int64_t(gridDim.y - 1 - blockIdx.y) * BM;  // causal: the longest rows start first
+  const int64_t b = blockIdx.z, h = blockIdx.y, hk = h / (Hq / Hkv);
+  const int64_t m0 = int64_t(gridDim.x - 1 - blockIdx.x) * BM;  // causal: the longest rows start first
   const int D = static_cast<int>(a.head_dim);
   const float scale_log2 = rsqrtf(float(D)) * kLog2e;
   const bool vec_rot = D % 8 == 0;
@@ -519,7 +524,7 @@ __global__ void __launch_bounds__(Config<DP>::BM * 2) attention_backward_q(Atten
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int r = r0 + g + 8 * (e >> 1), c = n * 8 + 2 * t + (e & 1);
-        float pr = exp2f(s[n][e] * scale_log2 - sLse[r]);
+        float pr = fast_exp2(s[n][e] * scale_log2 - sLse[r]);
         if (needs_mask && (r >= q_valid || c >= k_valid || c > r + diag)) pr = 0.f;
         dp[n][e] = pr * (dp[n][e] - sDelta[r]);
       }
@@ -544,23 +549,22 @@ __global__ void __launch_bounds__(Config<DP>::BM * 2) attention_backward_q(Atten
                                         a.cs_stride);
 }
 
-// Non-deterministic mode: dq = rot^-1(dq_accum * scale), one thread per (row, first-half column).
+// Non-deterministic mode: dq = rot^-1(dq_accum * scale). One block per (b, s, h) row (grid.x).
 template <typename T>
 __global__ void attention_backward_dq_finish(AttentionBackwardArgs a, const float* dq_accum) {
   const int half = static_cast<int>(a.head_dim / 2);
-  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t total = a.batch * a.seq_len * a.num_heads * half;
-  if (idx >= total) return;
-  const int d = static_cast<int>(idx % half);
-  const int64_t row = idx / half;  // (b, s, h) flattened, as in the contiguous dq
+  const int64_t row = blockIdx.x;  // (b, s, h) flattened, as in the contiguous dq
   const int64_t pos = (row / a.num_heads) % a.seq_len;
   const float scale = rsqrtf(float(a.head_dim));
   const float* acc = dq_accum + row * a.head_dim;
-  const float g1 = acc[d] * scale, g2 = acc[d + half] * scale;
-  const float c = a.cos[pos * a.cs_stride + d], s = a.sin[pos * a.cs_stride + d];
+  const float* cos = a.cos + pos * a.cs_stride;
+  const float* sin = a.sin + pos * a.cs_stride;
   T* out = static_cast<T*>(a.dq) + row * a.head_dim;
-  out[d] = from_float<T>(g1 * c + g2 * s);
-  out[d + half] = from_float<T>(g2 * c - g1 * s);
+  for (int d = threadIdx.x; d < half; d += blockDim.x) {
+    const float g1 = acc[d] * scale, g2 = acc[d + half] * scale;
+    out[d] = from_float<T>(g1 * cos[d] + g2 * sin[d]);
+    out[d + half] = from_float<T>(g2 * cos[d] - g1 * sin[d]);
+  }
 }
 
 template <typename Kernel>
@@ -569,7 +573,7 @@ int set_smem(Kernel kernel, size_t bytes) {
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
 }
 
-template <typename T, int DP>
+template <typename T, int DP, bool SMALL>
 int launch(const AttentionBackwardArgs& a, float* workspace, cudaStream_t stream) {
   const Workspace<T> w = carve<T>(a, workspace);
   const bool vec_in = rows_vectorizable(a.v, a.v_stride, a.head_dim, sizeof(T)) &&
@@ -577,36 +581,41 @@ int launch(const AttentionBackwardArgs& a, float* workspace, cudaStream_t stream
   const int64_t prep_rows = a.batch * a.num_heads * padded_rows(a.seq_len) + a.batch * a.num_kv_heads * a.seq_len;
   attention_backward_prep<T><<<static_cast<unsigned>((prep_rows + 7) / 8), 256, 0, stream>>>(a, w);
 
-  using KV = KvSmem<T, DP>;
+  using KV = KvSmem<T, DP, SMALL>;
   const unsigned key_blocks = static_cast<unsigned>((a.seq_len + KV::BN - 1) / KV::BN);
-  const dim3 kv_grid(static_cast<unsigned>(a.batch * a.num_kv_heads), key_blocks);
+  const dim3 kv_grid(key_blocks, static_cast<unsigned>(a.num_kv_heads), static_cast<unsigned>(a.batch));
   int err;
   if (a.deterministic) {
-    if ((err = set_smem(attention_backward_kv<T, DP, false>, KV::kBytes))) return err;
-    attention_backward_kv<T, DP, false><<<kv_grid, KV::BN * 2, KV::kBytes, stream>>>(a, w, vec_in);
-    using QS = QSmem<T, DP>;
-    if ((err = set_smem(attention_backward_q<T, DP>, QS::kBytes))) return err;
+    if ((err = set_smem(attention_backward_kv<T, DP, SMALL, false>, KV::kBytes))) return err;
+    attention_backward_kv<T, DP, SMALL, false><<<kv_grid, KV::BN * 2, KV::kBytes, stream>>>(a, w, vec_in);
+    using QS = QSmem<T, DP, SMALL>;
+    if ((err = set_smem(attention_backward_q<T, DP, SMALL>, QS::kBytes))) return err;
     const unsigned query_blocks = static_cast<unsigned>((a.seq_len + QS::BM - 1) / QS::BM);
-    attention_backward_q<T, DP><<<dim3(static_cast<unsigned>(a.batch * a.num_heads), query_blocks), QS::BM * 2,
-                                  QS::kBytes, stream>>>(a, w, vec_in);
+    const dim3 q_grid(query_blocks, static_cast<unsigned>(a.num_heads), static_cast<unsigned>(a.batch));
+    attention_backward_q<T, DP, SMALL><<<q_grid, QS::BM * 2, QS::kBytes, stream>>>(a, w, vec_in);
   } else {
     if ((err = cudaMemsetAsync(w.dq_accum, 0, sizeof(float) * a.batch * a.seq_len * a.num_heads * a.head_dim,
                                stream)))
       return err;
-    if ((err = set_smem(attention_backward_kv<T, DP, true>, KV::kBytes))) return err;
-    attention_backward_kv<T, DP, true><<<kv_grid, KV::BN * 2, KV::kBytes, stream>>>(a, w, vec_in);
-    const int64_t total = a.batch * a.seq_len * a.num_heads * (a.head_dim / 2);
-    attention_backward_dq_finish<T><<<static_cast<unsigned>((total + 255) / 256), 256, 0, stream>>>(a, w.dq_accum);
+    if ((err = set_smem(attention_backward_kv<T, DP, SMALL, true>, KV::kBytes))) return err;
+    attention_backward_kv<T, DP, SMALL, true><<<kv_grid, KV::BN * 2, KV::kBytes, stream>>>(a, w, vec_in);
+    const unsigned rows = static_cast<unsigned>(a.batch * a.seq_len * a.num_heads);
+    attention_backward_dq_finish<T><<<rows, 64, 0, stream>>>(a, w.dq_accum);
   }
   return static_cast<int>(cudaGetLastError());
 }
 
 template <typename T>
 int launch_head_dim(const AttentionBackwardArgs& a, float* workspace, cudaStream_t stream) {
-  if (a.head_dim <= 64) return launch<T, 64>(a, workspace, stream);
-  if (a.head_dim <= 128) return launch<T, 128>(a, workspace, stream);
-  if (a.head_dim <= 256) return launch<T, 256>(a, workspace, stream);
-  return static_cast<int>(cudaErrorInvalidValue);
+  if (a.head_dim <= 64) return launch<T, 64, false>(a, workspace, stream);
+  if (a.head_dim <= 256 && a.head_dim > 128) return launch<T, 256, false>(a, workspace, stream);
+  if (a.head_dim > 256) return static_cast<int>(cudaErrorInvalidValue);
+  int device = 0, smem_optin = 0, err;
+  if ((err = cudaGetDevice(&device))) return err;
+  if ((err = cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device))) return err;
+  const size_t need = std::max(KvSmem<T, 128, false>::kBytes, QSmem<T, 128, false>::kBytes);
+  return need <= size_t(smem_optin) ? launch<T, 128, false>(a, workspace, stream)
+                                    : launch<T, 128, true>(a, workspace, stream);
 }
 
 }  // namespace
@@ -620,6 +629,9 @@ int64_t attention_backward_cuda_workspace(const AttentionBackwardArgs& a) {
 int attention_backward_cuda(const AttentionBackwardArgs& a, float* workspace, void* stream_ptr) {
   if (a.batch * a.seq_len * a.num_heads * a.head_dim == 0) return 0;
   if (a.head_dim % 2 || a.num_kv_heads <= 0 || a.num_heads % a.num_kv_heads) return static_cast<int>(cudaErrorInvalidValue);
+  // Grid limits: heads and batch are grid.y / grid.z (<= 65535), rows of dq_finish grid.x (< 2^31).
+  if (a.batch > 65535 || a.num_heads > 65535 || a.batch * a.seq_len * a.num_heads >= (int64_t(1) << 31))
+    return static_cast<int>(cudaErrorInvalidConfiguration);
   if (reinterpret_cast<uintptr_t>(workspace) % 16) return static_cast<int>(cudaErrorMisalignedAddress);
   auto stream = static_cast<cudaStream_t>(stream_ptr);
   switch (a.dtype) {

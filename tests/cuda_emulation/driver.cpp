@@ -1,10 +1,11 @@
 // Runs csrc/cuda/attention_backward.cu's kernels under the host emulation (emu.h, mma.cuh), in the
 // order its launcher runs them on a GPU: prep, kv, then q (deterministic) or dq_finish.
-//   attention_backward_emulated IN OUT B S Hq Hkv D causal deterministic dtype(1 = fp16, 2 = bf16) misalign
+//   attention_backward_emulated IN OUT B S Hq Hkv D causal deterministic dtype(1 = fp16, 2 = bf16) misalign small
 // IN holds, contiguous: q, dout, out [B, S, Hq, D] and k, v [B, S, Hkv, D] as 16-bit words (in the
 // order q, k, v, dout, out), then fp32 lse [B, Hq, S], cos and sin [S, D / 2].
 // misalign = 1 places v and dout one element past a 16-byte boundary, so the kernels must take their
-// plain-load path instead of cp.async for them.
+// plain-load path instead of cp.async for them. small = 1 runs the 32-row query-block variant that
+// GPUs with less shared memory per block get for head dims 65 to 128.
 // OUT receives dq, dk, dv as 16-bit words. kernel_emu.cpp is the .cu with its launchers cut off
 // and dynamic shared memory pointed at the emulated block's buffer (tests/test_cuda_emulation.py).
 #include "kernel_emu.cpp"
@@ -20,64 +21,68 @@ template <typename F>
 void run_grid(dim3 grid, int threads, size_t smem_bytes, F body) {
   std::vector<unsigned char> smem(smem_bytes + 256);
   unsigned char* base = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem.data()) + 127) & ~uintptr_t(127));
-  for (unsigned by = 0; by < grid.y; ++by)
-    for (unsigned bx = 0; bx < grid.x; ++bx) {
-      std::memset(smem.data(), 0xff, smem.size());  // NaN garbage: an unwritten tile element shows
-      std::barrier<> block_bar(threads);
-      std::vector<std::unique_ptr<std::barrier<>>> warp_bars;
-      for (int w = 0; w < (threads + 31) / 32; ++w) warp_bars.emplace_back(new std::barrier<>(32));
-      std::vector<EmuWarpScratch> warp_scratch((threads + 31) / 32);  // warp-collective ops (emu.h)
-      std::vector<std::thread> pool;
-      for (int t = 0; t < threads; ++t)
-        pool.emplace_back([&, t] {
-          threadIdx = dim3(t); blockIdx = dim3(bx, by); blockDim = dim3(threads); gridDim = grid;
-          emu_block_barrier = &block_bar; emu_warp_barrier = warp_bars[t / 32].get(); emu_smem_ptr = base;
-          emu_warp_scratch = &warp_scratch[t / 32]; emu_smem_bytes = smem_bytes;
-          body();
-          emu_thread_exit();
-        });
-      for (auto& th : pool) th.join();
-    }
+  for (unsigned bz = 0; bz < grid.z; ++bz)
+    for (unsigned by = 0; by < grid.y; ++by)
+      for (unsigned bx = 0; bx < grid.x; ++bx) {
+        std::memset(smem.data(), 0xff, smem.size());  // NaN garbage: an unwritten tile element shows
+        std::barrier<> block_bar(threads);
+        std::vector<std::unique_ptr<std::barrier<>>> warp_bars;
+        for (int w = 0; w < (threads + 31) / 32; ++w) warp_bars.emplace_back(new std::barrier<>(32));
+        std::vector<EmuWarpScratch> warp_scratch((threads + 31) / 32);  // warp-collective ops (emu.h)
+        std::vector<std::thread> pool;
+        for (int t = 0; t < threads; ++t)
+          pool.emplace_back([&, t] {
+            threadIdx = dim3(t); blockIdx = dim3(bx, by, bz); blockDim = dim3(threads); gridDim = grid;
+            emu_block_barrier = &block_bar; emu_warp_barrier = warp_bars[t / 32].get(); emu_smem_ptr = base;
+            emu_warp_scratch = &warp_scratch[t / 32]; emu_smem_bytes = smem_bytes;
+            body();
+            emu_thread_exit();
+          });
+        for (auto& th : pool) th.join();
+      }
 }
 
-template <typename T, int DP>
+template <typename T, int DP, bool SMALL>
 void run(AttentionBackwardArgs& a, float* workspace) {
   const Workspace<T> w = carve<T>(a, workspace);
   const bool vec_in = rows_vectorizable(a.v, a.v_stride, a.head_dim, sizeof(T)) &&
                       rows_vectorizable(a.dout, a.dout_stride, a.head_dim, sizeof(T));
   const int64_t prep_rows = a.batch * a.num_heads * padded_rows(a.seq_len) + a.batch * a.num_kv_heads * a.seq_len;
   run_grid(dim3(unsigned((prep_rows + 1) / 2)), 64, 0, [&] { attention_backward_prep<T>(a, w); });
-  using KV = KvSmem<T, DP>;
-  const dim3 kv_grid(unsigned(a.batch * a.num_kv_heads), unsigned((a.seq_len + KV::BN - 1) / KV::BN));
+  using KV = KvSmem<T, DP, SMALL>;
+  const dim3 kv_grid(unsigned((a.seq_len + KV::BN - 1) / KV::BN), unsigned(a.num_kv_heads), unsigned(a.batch));
   if (a.deterministic) {
-    run_grid(kv_grid, KV::BN * 2, KV::kBytes, [&] { attention_backward_kv<T, DP, false>(a, w, vec_in); });
-    using QS = QSmem<T, DP>;
-    const dim3 q_grid(unsigned(a.batch * a.num_heads), unsigned((a.seq_len + QS::BM - 1) / QS::BM));
-    run_grid(q_grid, QS::BM * 2, QS::kBytes, [&] { attention_backward_q<T, DP>(a, w, vec_in); });
+    run_grid(kv_grid, KV::BN * 2, KV::kBytes, [&] { attention_backward_kv<T, DP, SMALL, false>(a, w, vec_in); });
+    using QS = QSmem<T, DP, SMALL>;
+    const dim3 q_grid(unsigned((a.seq_len + QS::BM - 1) / QS::BM), unsigned(a.num_heads), unsigned(a.batch));
+    run_grid(q_grid, QS::BM * 2, QS::kBytes, [&] { attention_backward_q<T, DP, SMALL>(a, w, vec_in); });
   } else {
     std::fill(w.dq_accum, w.dq_accum + a.batch * a.seq_len * a.num_heads * a.head_dim, 0.f);
-    run_grid(kv_grid, KV::BN * 2, KV::kBytes, [&] { attention_backward_kv<T, DP, true>(a, w, vec_in); });
-    const int64_t total = a.batch * a.num_heads * a.seq_len * (a.head_dim / 2);
-    for (int64_t i = 0; i < total; ++i) {  // one thread per element, no barriers: run them in turn
-      threadIdx = dim3(unsigned(i % 256)); blockIdx = dim3(unsigned(i / 256)); blockDim = dim3(256);
-      attention_backward_dq_finish<T>(a, w.dq_accum);
-    }
+    run_grid(kv_grid, KV::BN * 2, KV::kBytes, [&] { attention_backward_kv<T, DP, SMALL, true>(a, w, vec_in); });
+    for (int64_t row = 0; row < a.batch * a.seq_len * a.num_heads; ++row)  // no barriers: threads in turn
+      for (unsigned t = 0; t < 64; ++t) {
+        threadIdx = dim3(t); blockIdx = dim3(unsigned(row)); blockDim = dim3(64);
+        attention_backward_dq_finish<T>(a, w.dq_accum);
+      }
   }
 }
 
+// The launcher's choice of instantiation; `small` forces the 32-row query blocks that GPUs with
+// under ~105 KB of shared memory per block get for head dims 65 to 128.
 template <typename T>
-void dispatch(AttentionBackwardArgs& a, float* workspace) {
-  if (a.head_dim <= 64) run<T, 64>(a, workspace);
-  else if (a.head_dim <= 128) run<T, 128>(a, workspace);
-  else run<T, 256>(a, workspace);
+void dispatch(AttentionBackwardArgs& a, float* workspace, bool small) {
+  if (a.head_dim <= 64) run<T, 64, false>(a, workspace);
+  else if (a.head_dim <= 128 && small) run<T, 128, true>(a, workspace);
+  else if (a.head_dim <= 128) run<T, 128, false>(a, workspace);
+  else run<T, 256, false>(a, workspace);
 }
 
 int main(int argc, char** argv) {
-  if (argc != 12) return 2;
+  if (argc != 13) return 2;
   const int64_t B = atol(argv[3]), S = atol(argv[4]), Hq = atol(argv[5]), Hkv = atol(argv[6]), D = atol(argv[7]);
   const bool causal = atoi(argv[8]), deterministic = atoi(argv[9]);
   const int dtype = atoi(argv[10]);
-  const bool misalign = atoi(argv[11]);
+  const bool misalign = atoi(argv[11]), small = atoi(argv[12]);
   FILE* f = fopen(argv[1], "rb");
   const size_t nq = B * S * Hq * D, nk = B * S * Hkv * D, nl = B * Hq * S, nc = S * (D / 2);
   // 16-byte aligned 16-bit buffers, optionally starting one element late.
@@ -113,7 +118,8 @@ int main(int argc, char** argv) {
   int64_t off[6];
   workspace_layout(a, off);
   std::vector<float> workspace(off[5], std::nanf(""));  // NaN: a workspace read before its write shows
-  if (dtype == 1) dispatch<__half>(a, workspace.data()); else dispatch<__nv_bfloat16>(a, workspace.data());
+  if (dtype == 1) dispatch<__half>(a, workspace.data(), small);
+  else dispatch<__nv_bfloat16>(a, workspace.data(), small);
   FILE* o = fopen(argv[2], "wb");
   fwrite(dq.data(), 2, nq, o); fwrite(dk.data(), 2, nk, o); fwrite(dv.data(), 2, nk, o);
   fclose(o);
