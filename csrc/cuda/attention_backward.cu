@@ -360,10 +360,14 @@ __global__ void __launch_bounds__(Config<DP, SMALL>::BN * 2)
   const int r0 = warp * 16;  // this warp's key rows within the block
 
   for (int64_t item = 0; item < items; ++item) {
-    if (item + 1 < items) issue(item + 1, (item + 1) & 1);
-    cp_async_commit();
-    cp_async_wait<1>();
-    __syncthreads();  // this stage's tiles, from every thread, are in shared memory
+    cp_async_wait<0>();
+    // This item's tiles, from every thread, are in shared memory, and every warp is done with the
+    // previous item: its stage (next to be refilled) and dS^T are free.
+    __syncthreads();
+    if (item + 1 < items) {
+      issue(item + 1, (item + 1) & 1);  // lands while this item computes
+      cp_async_commit();
+    }
     const unsigned char* p = stage(item & 1);
     const T* sQ = reinterpret_cast<const T*>(p);
     const T* sDo = reinterpret_cast<const T*>(p + C::kQueryTile);
@@ -441,9 +445,7 @@ __global__ void __launch_bounds__(Config<DP, SMALL>::BN * 2)
           if (m0 + r < S && d < D) atomic_add2(dq_rows + int64_t(r) * Hq * D + d, dq[n][e], dq[n][e + 1]);
         }
     }
-    __syncthreads();  // every warp is done with this stage (and dS^T) before they are overwritten
   }
-  cp_async_wait<0>();
 
   // Epilogue: dK and dV through fp32 shared rows; scale, rotate, store.
   constexpr int LDA = C::LDA;
@@ -510,10 +512,12 @@ __global__ void __launch_bounds__(Config<DP, SMALL>::BM * 2)
   const int r0 = warp * 16;  // this warp's query rows within the block
 
   for (int64_t item = 0; item < items; ++item) {
-    if (item + 1 < items) issue((item + 1) * BN, (item + 1) & 1);
-    cp_async_commit();
-    cp_async_wait<1>();
-    __syncthreads();
+    cp_async_wait<0>();
+    __syncthreads();  // this key block is in shared memory; every warp is done with the previous one
+    if (item + 1 < items) {
+      issue((item + 1) * BN, (item + 1) & 1);  // lands while this block computes
+      cp_async_commit();
+    }
     const T* sK = reinterpret_cast<const T*>(stage(item & 1));
     const T* sV = sK + BN * DP;
     const int64_t n0 = item * BN;
@@ -542,9 +546,7 @@ __global__ void __launch_bounds__(Config<DP, SMALL>::BM * 2)
       as_operand<T, BN>(ads, dp, kk);
       mma_rows_of<T, DP, DP>(dq, ads, sK, kk * 16, 0);
     }
-    __syncthreads();  // every warp is done with this stage before it is overwritten
   }
-  cp_async_wait<0>();
 
   constexpr int LDA = C::LDA;
   float* sAcc = reinterpret_cast<float*>(smem);
