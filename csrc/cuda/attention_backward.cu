@@ -154,6 +154,27 @@ __global__ void attention_backward_prep(AttentionBackwardArgs a, Workspace<T> w)
 // Shared building blocks of the kv and q kernels.
 // ---------------------------------------------------------------------------------------------
 
+// The masked entries of the tile of query block m0 (BM rows) and key block n0 (BN rows), in
+// in-block coordinates: query i is valid below q_valid, key j below k_valid, and causal keeps
+// j <= i + diag. `any` is false where the tile holds no masked or out-of-range entry at all.
+struct TileMask {
+  bool any;
+  int q_valid, k_valid, diag;
+  __device__ __forceinline__ bool hides(int i, int j) const {
+    return any && (i >= q_valid || j >= k_valid || j > i + diag);
+  }
+};
+
+template <int BM, int BN>
+__device__ __forceinline__ TileMask tile_mask(int64_t m0, int64_t n0, int64_t S, bool causal) {
+  TileMask m;
+  m.any = (causal && m0 < n0 + BN) || m0 + BM > S || n0 + BN > S;
+  m.q_valid = int(S - m0 < BM ? S - m0 : BM);
+  m.k_valid = int(S - n0 < BN ? S - n0 : BN);
+  m.diag = causal ? int(m0 - n0 < BN ? m0 - n0 : BN) : BN;  // beyond BN nothing in the tile is hidden
+  return m;
+}
+
 // Rows [row0, row0 + ROWS) of one head (row stride row_stride, head dim D contiguous) into a
 // swizzled [ROWS, DP] tile. Rows >= seq_len and columns >= D are zero. With `vec` (D % 8 == 0 and
 // 16-byte aligned rows) through cp.async, to be waited for by the caller; otherwise plain loads.
@@ -380,18 +401,14 @@ __global__ void __launch_bounds__(Config<DP, SMALL>::BN * 2)
     two_products<T, DP, BM>(st, dpt, sK, sV, sQ, sDo, r0);
 
     // P^T and dS^T in place; a mask only where the block can hold masked or out-of-range entries.
-    // In-block coordinates: query column c is valid below q_valid, key row r below k_valid, and
-    // causal keeps c + diag >= r.
-    const bool needs_mask = (a.causal && m0 < n0 + BN) || m0 + BM > S || n0 + BN > S;
-    const int q_valid = int(S - m0 < BM ? S - m0 : BM), k_valid = int(S - n0 < BN ? S - n0 : BN);
-    const int diag = a.causal ? int(m0 - n0 < BN ? m0 - n0 : BN) : BN;
+    const TileMask mask = tile_mask<BM, BN>(m0, n0, S, a.causal);
 #pragma unroll
     for (int n = 0; n < BM / 8; ++n)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int c = n * 8 + 2 * t + (e & 1), r = r0 + g + 8 * (e >> 1);
         float pr = fast_exp2(st[n][e] * scale_log2 - sLse[c]);
-        if (needs_mask && (c >= q_valid || r >= k_valid || c + diag < r)) pr = 0.f;
+        if (mask.hides(c, r)) pr = 0.f;
         st[n][e] = pr;
         dpt[n][e] = pr * (dpt[n][e] - sDelta[c]);
       }
@@ -525,18 +542,14 @@ __global__ void __launch_bounds__(Config<DP, SMALL>::BM * 2)
     // S = Q K^T and dP = dO V^T for this warp's 16 queries x BN keys.
     float s[BN / 8][4], dp[BN / 8][4];
     two_products<T, DP, BN>(s, dp, sQ, sDo, sK, sV, r0);
-    // In-block coordinates: query row r is valid below q_valid, key column c below k_valid, and
-    // causal keeps c <= r + diag.
-    const bool needs_mask = (a.causal && n0 + BN > m0) || n0 + BN > S || m0 + BM > S;
-    const int q_valid = int(S - m0 < BM ? S - m0 : BM), k_valid = int(S - n0 < BN ? S - n0 : BN);
-    const int diag = a.causal ? int(m0 - n0 < BN ? m0 - n0 : BN) : BN;
+    const TileMask mask = tile_mask<BM, BN>(m0, n0, S, a.causal);
 #pragma unroll
     for (int n = 0; n < BN / 8; ++n)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int r = r0 + g + 8 * (e >> 1), c = n * 8 + 2 * t + (e & 1);
         float pr = fast_exp2(s[n][e] * scale_log2 - sLse[r]);
-        if (needs_mask && (r >= q_valid || c >= k_valid || c > r + diag)) pr = 0.f;
+        if (mask.hides(r, c)) pr = 0.f;
         dp[n][e] = pr * (dp[n][e] - sDelta[r]);
       }
     // dQ += dS K (keys are the reduction dimension).
