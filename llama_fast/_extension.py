@@ -53,10 +53,13 @@ if AVAILABLE:
 
 
 def has_kernel(device_type: str) -> bool:
-    """Whether the extension holds kernels for tensors on this device type ("cpu" or "cuda")."""
+    """Whether the extension holds kernels for tensors on this device type ("cpu", "cuda" or "meta")."""
     if device_type == "cuda":
         return WITH_CUDA
-    return AVAILABLE and device_type == "cpu"
+    # "meta": the register_fake implementations above also serve as the ops' Meta kernels, so a
+    # model run on meta tensors (shapes only, e.g. benchmarks/estimate_memory.py) takes the same
+    # compiled-backward path as on CUDA instead of warning and tracing the fallback backward.
+    return AVAILABLE and device_type in ("cpu", "meta")
 
 
 def warn_fallback(op: str, device_type: str) -> None:

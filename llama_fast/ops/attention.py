@@ -136,9 +136,11 @@ def _attention_backward_fallback_fake(dout, q, k, v, out, lse, cos, sin, causal)
 
 # Dtypes the compiled backward takes: the CUDA kernel multiplies on the tensor cores in fp16 / bf16;
 # the C++ CPU kernel computes in fp32 (fp64 inputs keep fp64 through the PyTorch math instead).
+# "meta" (shapes only, through the op's fake implementation) stands in for CUDA.
 _COMPILED_DTYPES = {
     "cuda": (torch.float16, torch.bfloat16),
     "cpu": (torch.float32, torch.float16, torch.bfloat16),
+    "meta": (torch.float16, torch.bfloat16),
 }
 
 
