@@ -43,6 +43,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 # unscaled (|g| <= 1) so fp16 keeps the small probabilities: 1/n_valid and the
                 # upstream gradient (a loss scale, say) are applied in fp32 in backward().
                 grad = logits.sub_(lse[:, None]).exp_()
+                del logits  # grad alone holds the fp32 buffer now: the cast below frees it before the GEMMs
                 grad.scatter_add_(1, safe_t[:, None], -torch.ones_like(picked)[:, None])
                 grad *= ok[:, None]
                 grad = grad.to(hidden.dtype)
