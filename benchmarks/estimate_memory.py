@@ -16,7 +16,7 @@ How it is counted:
     storages and its peak. Our Triton forwards are torch.library ops whose fake implementations
     return the same outputs; our CUDA backwards are torch.ops.llama_fast.* whose register_fake
     implementations serve as their Meta kernels (llama_fast/_extension.py), so the trace takes the
-    same compiled-backward path as on CUDA.
+    same compiled-backward path as on CUDA. The Triton forwards allocate nothing but their outputs.
   * Optimizer state: created before the step exactly as torch.optim.AdamW._init_group does for
     fused=True (exp_avg, exp_avg_sq like each parameter, and a 0-d fp32 ``step`` on its device);
     tests/test_memory_estimate.py checks the layout against a real fused step on the CPU. The
@@ -30,22 +30,26 @@ How it is counted:
     same formulas, on meta while the op runs, so the tracker places them in time next to the op's
     outputs. The estimate is printed with and without them; the largest single workspace is
     printed too. An unknown llama_fast backward op raises instead of being counted as free.
+    tests/test_memory_estimate.py compiles the real workspace_layout() with nvcc (host code, no GPU)
+    and compares.
   * Saved for backward: torch.autograd.graph.saved_tensors_hooks sees every tensor autograd
     saves; storages are counted once (a view counts its whole storage), parameters and buffers
     (the rotary tables) are not activations and are left out.
 
 Not in the estimate (it is an estimate, not a measurement): the CUDA caching allocator's rounding
-(512-byte blocks) and fragmentation, cuBLAS / cuBLASLt workspaces, the CUDA context itself,
-Triton's and cuBLAS's own launch-time buffers, and anything the GPU run adds outside the step
-(a second copy of the batch, logging). torch.cuda.max_memory_allocated() on a GPU will read
+(512-byte blocks) and fragmentation, cuBLAS / cuBLASLt workspaces, the CUDA context itself, scratch
+that torch's own CUDA kernels allocate inside an op (e.g. the embedding backward's fp32 partial
+sums, late in the backward where far less is alive), and anything the GPU run adds outside the
+step (a second copy of the batch, logging). torch.cuda.max_memory_allocated() on a GPU will read
 somewhat above these numbers; nvidia-smi well above (context, cache). The Hugging Face model and
 torch.compile are not estimated here: their kernels on meta are not the ones CUDA would run.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch.distributed._tools.mem_tracker import MemTracker
@@ -170,7 +174,8 @@ class CudaScratch(TorchDispatchMode):
                 parts["copy of dresidual"] = copy_if(not dresidual.is_contiguous(), dresidual)
             return parts
         if name in ("swiglu_backward", "swiglu_packed_backward"):
-            return {f"copy of input {i}": copy_if(_rows_copy(t), t) for i, t in enumerate(args) if isinstance(t, torch.Tensor)}
+            tensors = [t for t in args if isinstance(t, torch.Tensor)]
+            return {f"copy of input {i}": copy_if(_rows_copy(t), t) for i, t in enumerate(tensors)}
         if name == "rope_backward":
             return {}  # dq, dk read by strides; only a rotary table with strided columns is copied (ours are not)
         raise NotImplementedError(
@@ -282,11 +287,11 @@ class Estimate:
     opt_state: int
     peak: int  # with the CUDA scratch
     peak_breakdown: dict[str, int]  # MemTracker's categories at the peak
+    peak_pass: str  # "forward" or "backward"
     peak_without_scratch: int
     step_phase: int  # live bytes when opt.step() runs
     largest_scratch: OpScratch | None
     saved: SavedReport
-    notes: list[str] = field(default_factory=list)
 
 
 def _meta(snapshot) -> dict[str, int]:
@@ -298,24 +303,21 @@ def _meta(snapshot) -> dict[str, int]:
 
 
 def _tracked_step(model, opt, tokens, scratch: CudaScratch | None):
-    """One steady-state step under MemTracker: (peak categories, live categories at opt.step())."""
+    """One steady-state step under MemTracker: (peak categories, live categories at opt.step(), the
+    pass the peak falls in)."""
+    opt.zero_grad(set_to_none=True)  # the step begins as bench_train_step's does: no gradients alive
     mt = MemTracker()
     mt.track_external(model, opt, tokens)
-    with mt:
-        opt.zero_grad(set_to_none=True)
-        if scratch is not None:
-            with scratch:
-                loss = model(tokens[:, :-1], tokens[:, 1:])[1]
-                loss.backward()
-        else:
-            loss = model(tokens[:, :-1], tokens[:, 1:])[1]
-            loss.backward()
-        # torch._fused_adamw_ updates parameters and state in place and allocates nothing (and has no
-        # meta kernel), so the step phase is what is live now.
+    with mt, (scratch if scratch is not None else contextlib.nullcontext()):
+        loss = model(tokens[:, :-1], tokens[:, 1:])[1]
+        forward_peak = _meta(mt.get_tracker_snapshot("peak"))["Total"]
+        loss.backward()
+        # torch._fused_adamw_ updates parameters and state in place and allocates nothing (it has no
+        # meta kernel either), so the step phase holds what is live now.
         step_phase = _meta(mt.get_tracker_snapshot("current"))
     peak = _meta(mt.get_tracker_snapshot("peak"))
     del loss
-    return peak, step_phase
+    return peak, step_phase, "forward" if peak["Total"] == forward_peak else "backward"
 
 
 def estimate(
@@ -335,13 +337,13 @@ def estimate(
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     opt_state = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values())
 
-    peak_plain, _ = _tracked_step(model, opt, tokens, None)
+    peak_plain, _, _ = _tracked_step(model, opt, tokens, None)
     scratch = CudaScratch(deterministic, num_sms)
-    peak, step_phase = _tracked_step(model, opt, tokens, scratch)
+    peak, step_phase, peak_pass = _tracked_step(model, opt, tokens, scratch)
     grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
     return Estimate(
         backend=backend, config=config, batch=batch, seq=seq, params=params, grads=grads, opt_state=opt_state,
-        peak=max(peak["Total"], step_phase["Total"]), peak_breakdown=peak,
+        peak=peak["Total"], peak_breakdown=peak, peak_pass=peak_pass,
         peak_without_scratch=peak_plain["Total"], step_phase=step_phase["Total"],
         largest_scratch=scratch.largest, saved=saved,
     )
@@ -386,14 +388,22 @@ def report(e: Estimate) -> str:
             f"    {t.module:24s} {str(t.shape):22s} {dtype:9s} {t.storage_bytes / tokens:>10,.1f}"
         )
     parts = " + ".join(f"{k} {v / GIB:.3f}" for k, v in e.peak_breakdown.items() if k != "Total" and v)
-    lines.append(f"peak of forward + backward (MemTracker) {_gib(e.peak_breakdown.get('Total', 0))} = {parts} GiB")
+    lines.append(f"peak, in the {e.peak_pass} (MemTracker) {_gib(e.peak)} = {parts} GiB")
+    if e.peak_pass == "forward":
+        transient = e.peak_breakdown.get("Activation", 0) - e.saved.total
+        lines.append(
+            f"  activations there = {e.saved.total / GIB:.3f} saved for backward + {transient / GIB:.3f} transient GiB"
+        )
     lines.append(f"  the same without the per-op CUDA scratch {_gib(e.peak_without_scratch)}")
     if e.largest_scratch is not None:
         scratch = ", ".join(f"{k} {_mib(v)}" for k, v in e.largest_scratch.parts.items() if v)
-        lines.append(f"  largest per-op CUDA scratch: {e.largest_scratch.op} {_mib(e.largest_scratch.bytes)} ({scratch})")
+        op = e.largest_scratch
+        lines.append(f"  largest per-op CUDA scratch: {op.op} {_mib(op.bytes)} ({scratch})")
     lines += [
         f"at opt.step() (params + grads + state + leftovers) {_gib(e.step_phase)}",
-        f"ESTIMATED PEAK {_gib(e.peak)}   (the larger of the two)",
+        f"ESTIMATED PEAK {_gib(e.peak)}",
+        f"  with gradient accumulation (gradients alive through every micro-batch): at most {_gib(e.peak + e.grads)}"
+        " (peak + gradients)",
         "not included: caching-allocator rounding and fragmentation, cuBLAS workspaces, the CUDA context;"
         " torch.cuda.max_memory_allocated() will read somewhat higher",
     ]

@@ -169,11 +169,13 @@ def test_attention_workspace_formula_matches_the_cuda_source(tmp_path):
     csrc/cuda/attention_backward.cu (PTX only, host code run; no GPU needed)."""
     (tmp_path / "main.cpp").write_text(WORKSPACE_MAIN)
     exe = tmp_path / "workspace"
-    subprocess.run(
+    sources = [str(tmp_path / "main.cpp"), str(REPO / "csrc" / "cuda" / "attention_backward.cu")]
+    built = subprocess.run(
         [_nvcc(), "-std=c++17", "-gencode", "arch=compute_80,code=compute_80", "--expt-relaxed-constexpr",
-         f"-I{REPO / 'csrc'}", "-o", str(exe), str(tmp_path / "main.cpp"), str(REPO / "csrc/cuda/attention_backward.cu")],
-        check=True, capture_output=True,
+         f"-I{REPO / 'csrc'}", "-o", str(exe), *sources],
+        capture_output=True, text=True,
     )
+    assert built.returncode == 0, built.stdout + built.stderr
     cases = [(4, 2048, 32, 4, 64, False), (4, 2048, 32, 4, 64, True), (3, 37, 6, 2, 22, False),
              (1, 1, 1, 1, 2, False), (2, 113, 8, 1, 256, True), (5, 1023, 12, 4, 128, False)]
     for case in cases:
