@@ -245,8 +245,9 @@ def saved_for_backward(model: Llama, tokens: torch.Tensor) -> SavedReport:
     """Every tensor autograd saves during model(tokens[:, :-1], tokens[:, 1:]), with the module whose
     forward saved it; storages counted once (at the first save), parameters and buffers left out.
     The forward's graph is dropped afterwards."""
-    exclude = {id(t.untyped_storage()) for t in (*model.parameters(), *model.buffers())}
-    seen: dict[int, torch.UntypedStorage] = {}  # storage id -> storage (held, so ids stay unique)
+    # storage id -> storage, both held so that no id is reused while we look
+    exclude = {id(st): st for st in (t.untyped_storage() for t in (*model.parameters(), *model.buffers()))}
+    seen: dict[int, torch.UntypedStorage] = {}
     tensors: list[SavedTensor] = []
     stack = [""]  # names of the modules whose forward is running
 
