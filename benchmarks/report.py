@@ -101,7 +101,7 @@ TABLES = [
     Table("Train step, 1B flavor, B4 S2048 bf16, fused AdamW: tokens/s, MFU, peak memory",
           {"bench_train_step.py::test_train_step": "1B B4 S2048"},
           {"llama_fast": "llama_fast fused", "llama_fast-reference": "llama_fast reference",
-           "llama_fast-reference-compile": "reference + torch.compile", "hf": "HF",
+           "llama_fast-reference-compile": "reference + torch.compile", "hf": "HF", "hf-compile": "HF + torch.compile",
            "hf+llama_fast": "HF + replace_modules", "hf+liger": "HF + Liger"},
           ("llama_fast", "hf+llama_fast"), train_step_cell),
 ]
