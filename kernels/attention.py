@@ -74,16 +74,19 @@ _FORWARD_CONFIGS = {  # block_m queries per program, block_n keys per step
 }
 # Backward kv and q kernels: untimed. Picked from an offline compile of every candidate (kv: block_m
 # 16 / 32 / 64, block_n 32 / 64 / 128; q: block_m 32 / 64 / 128, block_n 16 / 32 / 64; 4 or 8 warps,
-# 1 to 3 stages; bf16, GROUP 4, causal) by triton 3.6 and 3.9 to sm_90a and sm_80 cubins, reading the
-# stack (spill) bytes cuobjdump reports: zero stack under both triton versions first, then the larger
+# 1 to 3 stages; bf16, GROUP 4, causal) by triton 3.6 and 3.9 to sm_90a and sm_80 cubins, with only
+# pointers and strides specialized as 16-byte aligned (the general case), reading the stack (spill)
+# bytes cuobjdump reports: zero stack under both triton versions first, then the larger
 # block_m * block_n, then more stages, then the larger per-program block (fewer bytes streamed per
-# FLOP); kv needs block_n % block_m == 0, q block_m % block_n == 0; shared memory within
-# 227 KB (sm_90) and 163 KB (sm_80). Every entry below has zero stack on its arch under both
-# versions (the kernels that rotated tiles in their loops had 24 to 5992 bytes at the same entries);
-# shared memory, triton 3.6 / 3.9:
-#   kv  sm_90: D 64 33 / 33 KB, D 128 45 / 49 KB     sm_80: D 64 41 / 41 KB, D 128 49 / 49 KB
-#   q   sm_90: D 64 64 / 64 KB, D 128 96 / 96 KB     sm_80: D 64 44 / 44 KB, D 128 72 / 80 KB
-#   D 256 (a few small candidates compiled, not the sweep): kv 45 / 49 KB, q 68 / 80 KB, both archs.
+# FLOP); kv needs block_n % block_m == 0, q block_m % block_n == 0; shared memory within 227 KB
+# (sm_90) and 163 KB (sm_80). Every entry below has zero stack on its arch under both versions, and
+# again as a contiguous launch specializes it (head-dim strides 1, D and S multiples of 16: loads
+# vectorize and more of them go through shared memory). The kernels that rotated tiles in their
+# loops had 24 to 5992 bytes of stack at the same entries. Shared memory, general 3.6 / 3.9, then
+# specialized (both versions):
+#   kv  sm_90: D 64 33 / 33, 41 KB; D 128 45 / 49, 51 KB    sm_80: D 64 41 / 41, 41 KB; D 128 49 / 49, 51 KB
+#   q   sm_90: D 64 64 / 64, 80 KB; D 128 96 / 96, 128 KB   sm_80: D 64 44 / 44, 48 KB; D 128 72 / 80, 104 KB
+#   D 256 (a few small candidates compiled, not the sweep), both archs: kv 45 / 49, 49 KB; q 68 / 80, 98 KB.
 _BACKWARD_KV_CONFIGS = {  # block_m queries per step, block_n keys per program
     9: {64: (32, 64, 8, 3), 128: (32, 32, 8, 3), 256: (16, 16, 8, 3)},
     8: {64: (16, 128, 8, 3), 128: (16, 64, 8, 3), 256: (16, 16, 8, 3)},
@@ -94,8 +97,9 @@ _BACKWARD_Q_CONFIGS = {  # block_m queries per program, block_n keys per step
 }
 # Tried in order after the tuned entry when a GPU rejects it for shared memory or registers
 # (fp32 inputs double every tile; consumer GPUs have less shared memory). The backward's: zero
-# stack at D 64 and 128 on both archs under both versions (but 16 bytes for kv (16, 16, 8, 1) at
-# D 128, sm_80, triton 3.9), in falling shared memory (D 128: kv 40, 29, 20 KB; q 48, 24, 16 KB).
+# stack at D 64 and 128 on both archs under both versions, general and specialized, but for kv
+# (16, 16, 8, 1) on sm_80 under triton 3.9 (16 bytes at D 128 general, 8 at D 64 specialized); in
+# falling shared memory (D 128, general: kv 40, 29, 20 KB; q 48, 24, 16 KB).
 _FORWARD_FALLBACKS = [(64, 32, 4, 1), (32, 16, 4, 1)]
 _BACKWARD_KV_FALLBACKS = [(32, 32, 8, 1), (16, 32, 8, 2), (16, 16, 8, 1)]
 _BACKWARD_Q_FALLBACKS = [(64, 32, 8, 1), (32, 16, 8, 2), (16, 16, 8, 1)]
