@@ -32,7 +32,7 @@ KERNELS = {
     "bwd_kv": ("_BACKWARD_KV_CONFIGS", "_BACKWARD_KV_FALLBACKS", "n"),
     "bwd_q": ("_BACKWARD_Q_CONFIGS", "_BACKWARD_Q_FALLBACKS", "m"),
 }
-BLOCKS, WARPS, STAGES = (32, 64, 128), (4, 8), (2, 3)  # 24 candidates per kernel and head dim
+BLOCKS, WARPS, STAGES = (16, 32, 64, 128), (4, 8), (2, 3)  # 40 candidates per kernel and head dim
 CHECK_SHAPE = (1, 4, 1000)  # B, H, S of the correctness check (S not a multiple of any block)
 
 

@@ -6,7 +6,8 @@ never repeated in memory). D is even, at most 256.
 
 RoPE (half-split): for a row x at position p, with x1 = x[:D/2], x2 = x[D/2:], c = cos[p], s = sin[p],
     rot(x) = [x1 * c - x2 * s,  x2 * c + x1 * s]
-q and k are rotated tile by tile in registers after they are loaded; no rotated copy is written.
+The forward rotates q and k tile by tile in registers after loading them and writes no rotated
+copy; the backward rotates each row once into a transient workspace (below).
 
 Forward, per (batch, query head), with scale = 1 / sqrt(D):
     S = rot(q) rot(k)^T * scale            (S[i, j] = -inf where j > i when causal)
@@ -25,8 +26,24 @@ Backward (the flash recipe), with P = exp(S - LSE) recomputed from the saved LSE
     dQr = dS rot(K) * scale,   dKr = dS^T rot(Q) * scale   (gradients wrt the rotated q, k)
 and the gradient wrt the unrotated inputs is the inverse rotation (by -theta):
     dx1 = dxr1 * c + dxr2 * s,   dx2 = dxr2 * c - dxr1 * s
-Two kernels, both deterministic (no atomics): one per key block accumulating dK and dV over
-every query block and every query head of the group, one per query block accumulating dQ.
+Three kernels, all deterministic (no atomics):
+  1. prep, per block of rows: rot(q) and rot(k) rounded to the input dtype (as the forward feeds
+     them to its matmuls) into a workspace [B, H, S, D_PAD], and delta for the q rows in the same
+     pass over them.
+  2. kv, one program per key block: holds rot(K) and V, streams the rot(Q) and dO tiles of every
+     query block of every query head of the group, accumulates dK and dV.
+  3. q, one program per query block: holds rot(Q) and dO, streams rot(K) and V tiles, accumulates dQ.
+Why the workspace: rotating in the inner loops (the kv kernel re-rotates a q tile for every key
+block, the q kernel a k tile for every query block) keeps fp32 cos / sin tiles and fp32 halves in
+registers beside the accumulators, and the compiled kernels spilled (an offline compile for sm_80
+and sm_90 at D = 128: hundreds to thousands of bytes of stack per thread). Rotating once, as the CUDA
+backward (csrc/cuda/attention_backward.cu) does, leaves plain tile loads in the inner loops and
+costs a workspace the size of q and k (head dim padded) for the duration of the backward. Only the epilogues read
+cos / sin: they split the dK / dQ accumulator into its halves and apply the inverse rotation.
+The workspace stores each rotated row as [xr1, 0 pad, xr2, 0 pad] (halves at columns 0 and
+HALF_PAD): a product over the head dim does not depend on the column order, so rot(Q), rot(K) and
+the dQ, dK accumulators keep that order and the epilogue's halves are a reshape away, while V, dO
+and dV keep the natural one.
 
 Matmuls take operands in the input dtype with fp32 accumulation; rotation, softmax and all
 row statistics are fp32. Head dims that are not a power of two are padded (masked) to the next one.
@@ -48,30 +65,55 @@ LOG2E = 1.4426950408889634
 # (block_m, block_n, num_warps, num_stages) per GPU generation and padded head dim, for 16-bit
 # inputs. Each kernel's block_m / block_n keep their meaning in that kernel (see its arguments); the
 # larger must be a multiple of the smaller (the causal split walks a diagonal block in steps).
-# Head dims 64 / 128 chosen for no or little register spilling in an offline compile (triton 3.9,
-# ptxas, sm_80 and sm_90a; rotating the k tiles in fp32 costs registers); not yet timed on a GPU.
-# Head dim 256 (padded sizes over 128) is sized for correctness within shared memory only.
+# Forward: head dims 64 / 128 chosen for no or little register spilling in an offline compile
+# (triton 3.9, ptxas, sm_80 and sm_90a; rotating the k tiles in fp32 costs registers); not yet timed
+# on a GPU. Head dim 256 (padded sizes over 128) is sized for correctness within shared memory only.
 _FORWARD_CONFIGS = {  # block_m queries per program, block_n keys per step
     9: {64: (128, 64, 8, 3), 128: (128, 32, 8, 3), 256: (64, 32, 4, 2)},
     8: {64: (128, 32, 8, 3), 128: (128, 32, 8, 3), 256: (64, 16, 4, 1)},
 }
+# Backward kv and q kernels: untimed. Picked from an offline compile of every candidate (kv: block_m
+# 16 / 32 / 64, block_n 32 / 64 / 128; q: block_m 32 / 64 / 128, block_n 16 / 32 / 64; 4 or 8 warps,
+# 1 to 3 stages; bf16, GROUP 4, causal) by triton 3.6 and 3.9 to sm_90a and sm_80 cubins, with only
+# pointers and strides specialized as 16-byte aligned (the general case), reading the stack (spill)
+# bytes cuobjdump reports: zero stack under both triton versions first, then the larger
+# block_m * block_n, then more stages, then the larger per-program block (fewer bytes streamed per
+# FLOP); kv needs block_n % block_m == 0, q block_m % block_n == 0; shared memory within 227 KB
+# (sm_90) and 163 KB (sm_80). Every entry below has zero stack on its arch under both versions, and
+# again as a contiguous launch specializes it (head-dim strides 1, D and S multiples of 16: loads
+# vectorize and more of them go through shared memory). The kernels that rotated tiles in their
+# loops had 24 to 5992 bytes of stack at the same entries. Shared memory, general 3.6 / 3.9, then
+# specialized (both versions):
+#   kv  sm_90: D 64 33 / 33, 41 KB; D 128 45 / 49, 51 KB    sm_80: D 64 41 / 41, 41 KB; D 128 49 / 49, 51 KB
+#   q   sm_90: D 64 64 / 64, 80 KB; D 128 96 / 96, 128 KB   sm_80: D 64 44 / 44, 48 KB; D 128 72 / 80, 104 KB
+#   D 256 (a few small candidates compiled, not the sweep), both archs: kv 45 / 49, 49 KB; q 68 / 80, 98 KB.
 _BACKWARD_KV_CONFIGS = {  # block_m queries per step, block_n keys per program
-    9: {64: (32, 64, 8, 2), 128: (32, 64, 8, 2), 256: (16, 32, 4, 1)},
-    8: {64: (32, 64, 8, 2), 128: (32, 64, 8, 2), 256: (16, 32, 4, 1)},
+    9: {64: (32, 64, 8, 3), 128: (32, 32, 8, 3), 256: (16, 16, 8, 3)},
+    8: {64: (16, 128, 8, 3), 128: (16, 64, 8, 3), 256: (16, 16, 8, 3)},
 }
 _BACKWARD_Q_CONFIGS = {  # block_m queries per program, block_n keys per step
-    9: {64: (128, 32, 8, 2), 128: (128, 32, 8, 2), 256: (32, 16, 4, 1)},
-    8: {64: (128, 32, 8, 2), 128: (128, 32, 8, 2), 256: (32, 16, 4, 1)},
+    9: {64: (128, 64, 8, 3), 128: (64, 64, 8, 3), 256: (32, 32, 8, 3)},
+    8: {64: (128, 32, 8, 3), 128: (64, 64, 8, 3), 256: (32, 32, 8, 3)},
 }
 # Tried in order after the tuned entry when a GPU rejects it for shared memory or registers
-# (fp32 inputs double every tile; consumer GPUs have less shared memory).
+# (fp32 inputs double every tile; consumer GPUs have less shared memory). The backward's: zero
+# stack at D 64 and 128 on both archs under both versions, general and specialized, but for kv
+# (16, 16, 8, 1) on sm_80 under triton 3.9 (16 bytes at D 128 general, 8 at D 64 specialized); in
+# falling shared memory (D 128, general: kv 40, 29, 20 KB; q 48, 24, 16 KB).
 _FORWARD_FALLBACKS = [(64, 32, 4, 1), (32, 16, 4, 1)]
-_BACKWARD_KV_FALLBACKS = [(16, 32, 4, 1), (16, 16, 4, 1)]
-_BACKWARD_Q_FALLBACKS = [(32, 16, 4, 1), (16, 16, 4, 1)]
+_BACKWARD_KV_FALLBACKS = [(32, 32, 8, 1), (16, 32, 8, 2), (16, 16, 8, 1)]
+_BACKWARD_Q_FALLBACKS = [(64, 32, 8, 1), (32, 16, 8, 2), (16, 16, 8, 1)]
 # The CPU interpreter runs every block op as a numpy call: few, mid-sized blocks are fastest.
 _INTERPRETER_FORWARD = (64, 32, 4, 1)
 _INTERPRETER_BACKWARD_KV = (32, 64, 4, 1)
 _INTERPRETER_BACKWARD_Q = (64, 32, 4, 1)
+# The backward's prep kernel (elementwise: rotation and delta) takes [rows, D_PAD] tiles of this many
+# elements (4 warps, no spilling).
+_PREP_TILE = 4096
+
+
+def _prep_rows(d_pad: int) -> int:
+    return _PREP_TILE // d_pad
 
 
 def _padded(head_dim: int) -> tuple[int, int]:
@@ -132,22 +174,6 @@ def _load_rotated(
     c = tl.load(cos_ptr + cs_off, mask=mask, other=0.0)
     s = tl.load(sin_ptr + cs_off, mask=mask, other=0.0)
     return x1 * c - x2 * s, x2 * c + x1 * s
-
-
-@triton.jit
-def _store_unrotated(
-    base, stride_s, stride_d, cos_ptr, sin_ptr, stride_cs, offs_s, seq_len, HALF, HALF_PAD: tl.constexpr,
-    g1, g2,  # fp32 gradient wrt the rotated halves, [BLOCK, HALF_PAD]
-):
-    """Applies the inverse rotation (by -theta) to (g1, g2) and stores rows offs_s of one head."""
-    offs_h = tl.arange(0, HALF_PAD)
-    mask = (offs_s < seq_len)[:, None] & (offs_h[None, :] < HALF)
-    cs_off = offs_s[:, None] * stride_cs + offs_h[None, :]
-    c = tl.load(cos_ptr + cs_off, mask=mask, other=0.0)
-    s = tl.load(sin_ptr + cs_off, mask=mask, other=0.0)
-    ptr1 = base + offs_s[:, None] * stride_s + offs_h[None, :] * stride_d
-    tl.store(ptr1, (g1 * c + g2 * s).to(base.dtype.element_ty), mask=mask)
-    tl.store(ptr1 + HALF * stride_d, (g2 * c - g1 * s).to(base.dtype.element_ty), mask=mask)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -286,71 +312,128 @@ def attention_forward(q, k, v, cos, sin, causal: bool = True) -> tuple[torch.Ten
 # Backward
 # ------------------------------------------------------------------------------------------------
 @triton.jit
-def _backward_delta_kernel(
-    o_ptr, do_ptr,  # O [B, S, Hq, D] and dO, any strides
-    delta_ptr,  # output fp32 [B, Hq, S]: rowsum(dO * O)
-    stride_ob, stride_os, stride_oh, stride_od,
-    stride_db, stride_ds, stride_dh, stride_dd,
-    num_heads, seq_len, D,
-    BLOCK_M: tl.constexpr, D_PAD: tl.constexpr,
+def _load_rows(
+    base, stride_s, stride_d,  # element [0, 0] of one head and its strides along the sequence and head dim
+    offs_s,  # [BLOCK] int64 positions of the rows to load
+    seq_len, D, D_PAD: tl.constexpr,
 ):
+    """Rows offs_s of one head as a [BLOCK, D_PAD] tile in the stored dtype; rows past seq_len and
+    columns past D read as zero."""
+    offs_d = tl.arange(0, D_PAD)
+    mask = (offs_s < seq_len)[:, None] & (offs_d[None, :] < D)
+    return tl.load(base + offs_s[:, None] * stride_s + offs_d[None, :] * stride_d, mask=mask, other=0.0)
+
+
+@triton.jit
+def _load_row_stats(lse_base, delta_base, offs_m, seq_len):
+    """LSE * log2(e) and delta of query rows offs_m of one head (fp32, [BLOCK]). Rows past the
+    sequence end get LSE = +inf, which makes their P exactly 0."""
+    row_ok = offs_m < seq_len
+    lse2 = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+    return lse2, delta
+
+
+@triton.jit
+def _probs_and_ds(
+    a, b,  # score operands: S = a b^T
+    x, y,  # dP operands: dP = x y^T
+    lse2, delta,  # fp32 row statistics, broadcastable to S (queries along rows or along columns)
+    keep,  # bool, broadcastable to S: False where P must be 0 (used only when MASK)
+    qk_scale, MASK: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """P = exp2(S * qk_scale - lse2) and dS = P * (dP - delta), both fp32. The q kernel passes
+    (rot(q), rot(k), dO, V) and gets P and dS [BLOCK_M, BLOCK_N]; the kv kernel passes
+    (rot(k), rot(q), V, dO) and gets their transposes [BLOCK_N, BLOCK_M]."""
+    p = tl.math.exp2(tl.dot(a, tl.trans(b), input_precision=PRECISION) * qk_scale - lse2)
+    if MASK:
+        p = tl.where(keep, p, 0.0)
+    dp = tl.dot(x, tl.trans(y), input_precision=PRECISION)
+    return p, p * (dp - delta)
+
+
+@triton.jit
+def _store_unrotated(
+    base, stride_s, stride_d, cos_ptr, sin_ptr, stride_cs, offs_s, seq_len, HALF, HALF_PAD: tl.constexpr,
+    g,  # fp32 gradient wrt the rotated rows, [BLOCK, 2 * HALF_PAD], halves at columns 0 and HALF_PAD
+):
+    """Applies the inverse rotation (by -theta) to g and stores rows offs_s of one head."""
+    g = tl.permute(tl.reshape(g, (g.shape[0], 2, HALF_PAD)), (0, 2, 1))  # [BLOCK, HALF_PAD, 2]
+    g1, g2 = tl.split(g)  # [BLOCK, HALF_PAD] each
+    offs_h = tl.arange(0, HALF_PAD)
+    mask = (offs_s < seq_len)[:, None] & (offs_h[None, :] < HALF)
+    cs_off = offs_s[:, None] * stride_cs + offs_h[None, :]
+    c = tl.load(cos_ptr + cs_off, mask=mask, other=0.0)
+    s = tl.load(sin_ptr + cs_off, mask=mask, other=0.0)
+    ptr1 = base + offs_s[:, None] * stride_s + offs_h[None, :] * stride_d
+    tl.store(ptr1, (g1 * c + g2 * s).to(base.dtype.element_ty), mask=mask)
+    tl.store(ptr1 + HALF * stride_d, (g2 * c - g1 * s).to(base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _backward_prep_kernel(
+    x_ptr,  # q [B, S, Hq, D] or k [B, S, Hkv, D], any strides
+    xr_ptr,  # output rot(x) in x's dtype, [B, H, S, D_PAD] contiguous, halves at columns 0 and HALF_PAD
+    o_ptr, do_ptr,  # O and dO [B, S, Hq, D], any strides (read only when DELTA)
+    delta_ptr,  # output fp32 [B, Hq, S]: rowsum(dO * O) (written only when DELTA)
+    cos_ptr, sin_ptr,
+    stride_xb, stride_xs, stride_xh, stride_xd,
+    stride_ob, stride_os, stride_oh, stride_od,
+    stride_db, stride_ds, stride_dh, stride_dd,  # strides of dO
+    stride_cs,
+    num_heads, seq_len, D, HALF,  # H (of x), S, head dim, head dim / 2
+    DELTA: tl.constexpr,  # x is q: also compute delta for its rows
+    BLOCK_M: tl.constexpr,  # rows per program
+    D_PAD: tl.constexpr, HALF_PAD: tl.constexpr,
+):
+    """One program per (row block, batch, head): rot(x) rows into the workspace (and delta)."""
     pid_m = tl.program_id(0).to(tl.int64)
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // num_heads
     h = pid_bh % num_heads
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    offs_d = tl.arange(0, D_PAD)
-    mask = (offs_m < seq_len)[:, None] & (offs_d[None, :] < D)
-    o = tl.load(o_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od,
-                mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(do_ptr + b * stride_db + h * stride_dh + offs_m[:, None] * stride_ds + offs_d[None, :] * stride_dd,
-                 mask=mask, other=0.0).to(tl.float32)
-    tl.store(delta_ptr + pid_bh * seq_len + offs_m, tl.sum(o * do, 1), mask=offs_m < seq_len)
+    row_ok = offs_m < seq_len
+    # Padding columns (past HALF in each half) read as zero and are stored as zero.
+    xr1, xr2 = _load_rotated(x_ptr + b * stride_xb + h * stride_xh, stride_xs, stride_xd, cos_ptr, sin_ptr,
+                             stride_cs, offs_m, seq_len, HALF, HALF_PAD)
+    offs_h = tl.arange(0, HALF_PAD)
+    xr_ptrs = xr_ptr + (pid_bh * seq_len + offs_m[:, None]) * D_PAD + offs_h[None, :]  # [BLOCK_M, HALF_PAD]
+    tl.store(xr_ptrs, xr1.to(xr_ptr.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(xr_ptrs + HALF_PAD, xr2.to(xr_ptr.dtype.element_ty), mask=row_ok[:, None])
+    if DELTA:
+        o = _load_rows(o_ptr + b * stride_ob + h * stride_oh, stride_os, stride_od, offs_m, seq_len, D, D_PAD)
+        do = _load_rows(do_ptr + b * stride_db + h * stride_dh, stride_ds, stride_dd, offs_m, seq_len, D, D_PAD)
+        tl.store(delta_ptr + pid_bh * seq_len + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=row_ok)
 
 
 @triton.jit
 def _backward_kv_block(
-    dk1, dk2, dv, kr1, kr2, v,  # accumulators (fp32) and this program's key block (input dtype)
-    q_base, do_base, lse_base, delta_base,  # one query head: q, dO, and its LSE / delta rows
-    stride_qs, stride_qd, stride_ds, stride_dd,
-    cos_ptr, sin_ptr, stride_cs,
-    offs_n, start_m, seq_len, qk_scale, HALF, D,
-    MASK: tl.constexpr, BLOCK_M: tl.constexpr, HALF_PAD: tl.constexpr, D_PAD: tl.constexpr,
-    PRECISION: tl.constexpr,
+    dk, dv, k, v,  # fp32 accumulators and this program's rot(k) and v tiles (input dtype)
+    qr_base, do_base, lse_base, delta_base,  # one query head: rot(q) (workspace), dO, LSE and delta rows
+    stride_ds, stride_dd,
+    offs_n, start_m, seq_len, qk_scale, D,
+    MASK: tl.constexpr, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr,
 ):
     offs_m = start_m + tl.arange(0, BLOCK_M).to(tl.int64)
-    qr1, qr2 = _load_rotated(q_base, stride_qs, stride_qd, cos_ptr, sin_ptr, stride_cs, offs_m, seq_len, HALF, HALF_PAD)
-    qr1 = qr1.to(kr1.dtype)
-    qr2 = qr2.to(kr1.dtype)
-    row_ok = offs_m < seq_len
-    # Rows past the sequence end: LSE = +inf makes their P exactly 0 (q and dO read as 0).
-    lse2 = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
-    delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
-    offs_d = tl.arange(0, D_PAD)
-    do = tl.load(do_base + offs_m[:, None] * stride_ds + offs_d[None, :] * stride_dd,
-                 mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    # Transposed scores: keys along rows, queries along columns. [BLOCK_N, BLOCK_M]
-    st = tl.dot(kr1, tl.trans(qr1), input_precision=PRECISION)
-    st = tl.dot(kr2, tl.trans(qr2), st, input_precision=PRECISION) * qk_scale
-    pt = tl.math.exp2(st - lse2[None, :])
-    if MASK:
-        pt = tl.where(offs_m[None, :] >= offs_n[:, None], pt, 0.0)
+    qr = _load_rows(qr_base, D_PAD, 1, offs_m, seq_len, D_PAD, D_PAD)
+    do = _load_rows(do_base, stride_ds, stride_dd, offs_m, seq_len, D, D_PAD)
+    lse2, delta = _load_row_stats(lse_base, delta_base, offs_m, seq_len)
+    # Transposed: keys along rows, queries along columns, [BLOCK_N, BLOCK_M]. Rows past the
+    # sequence end need no mask: their P is 0 (queries) or their dK, dV are not stored (keys).
+    pt, dst = _probs_and_ds(k, qr, v, do, lse2[None, :], delta[None, :], offs_m[None, :] >= offs_n[:, None],
+                            qk_scale, MASK, PRECISION)
     dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PRECISION)
-    dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # [BLOCK_N, BLOCK_M]
-    dst = (pt * (dpt - delta[None, :])).to(kr1.dtype)
-    dk1 = tl.dot(dst, qr1, dk1, input_precision=PRECISION)
-    dk2 = tl.dot(dst, qr2, dk2, input_precision=PRECISION)
-    return dk1, dk2, dv
+    dk = tl.dot(dst.to(qr.dtype), qr, dk, input_precision=PRECISION)
+    return dk, dv
 
 
 @triton.jit
 def _attention_backward_kv_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr,  # inputs (q, k, v unrotated), any strides
+    qr_ptr, kr_ptr,  # workspace rot(q) [B, Hq, S, D_PAD] and rot(k) [B, Hkv, S, D_PAD] (input dtype)
+    v_ptr, do_ptr,  # v and dO, any strides
     lse_ptr, delta_ptr,  # fp32 [B, Hq, S]
-    dk_ptr, dv_ptr,  # outputs [B, S, Hkv, D], contiguous
+    dk_ptr, dv_ptr,  # outputs [B, S, Hkv, D]
     cos_ptr, sin_ptr,
-    stride_qb, stride_qs, stride_qh, stride_qd,
-    stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
     stride_db, stride_ds, stride_dh, stride_dd,  # strides of dO
     stride_gb, stride_gs, stride_gh, stride_gd,  # strides of dk and dv (same layout)
@@ -363,23 +446,15 @@ def _attention_backward_kv_kernel(
 ):
     """One program per (key block, batch, kv head): dK and dV summed over the group's query heads."""
     pid_n = tl.program_id(0).to(tl.int64)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    pid_bh = tl.program_id(1).to(tl.int64)  # b * Hkv + kv head
     b = pid_bh // num_kv_heads
     kv_h = pid_bh % num_kv_heads
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N).to(tl.int64)
-    offs_d = tl.arange(0, D_PAD)
-    row_ok = offs_n < seq_len
+    k = _load_rows(kr_ptr + pid_bh * seq_len * D_PAD, D_PAD, 1, offs_n, seq_len, D_PAD, D_PAD)
+    v = _load_rows(v_ptr + b * stride_vb + kv_h * stride_vh, stride_vs, stride_vd, offs_n, seq_len, D, D_PAD)
 
-    k_base = k_ptr + b * stride_kb + kv_h * stride_kh
-    kr1, kr2 = _load_rotated(k_base, stride_ks, stride_kd, cos_ptr, sin_ptr, stride_cs, offs_n, seq_len, HALF, HALF_PAD)
-    kr1 = kr1.to(k_ptr.dtype.element_ty)
-    kr2 = kr2.to(k_ptr.dtype.element_ty)
-    v = tl.load(v_ptr + b * stride_vb + kv_h * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
-                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-
-    dk1 = tl.zeros([BLOCK_N, HALF_PAD], tl.float32)
-    dk2 = tl.zeros([BLOCK_N, HALF_PAD], tl.float32)
+    dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
     dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
     if CAUSAL:
         masked_end = tl.minimum(start_n + BLOCK_N, seq_len)
@@ -388,71 +463,54 @@ def _attention_backward_kv_kernel(
         masked_end = 0
         first_m = 0
     for g in range(GROUP):
-        h = kv_h * GROUP + g
-        q_base = q_ptr + b * stride_qb + h * stride_qh
-        do_base = do_ptr + b * stride_db + h * stride_dh
-        lse_base = lse_ptr + (b * num_kv_heads * GROUP + h) * seq_len
-        delta_base = delta_ptr + (b * num_kv_heads * GROUP + h) * seq_len
+        bh = pid_bh * GROUP + g  # b * Hq + query head
+        qr_base = qr_ptr + bh * seq_len * D_PAD
+        do_base = do_ptr + b * stride_db + (kv_h * GROUP + g) * stride_dh
         # Query blocks on the diagonal of this key block: masked.
         for start_m in range(first_m, masked_end, BLOCK_M):
-            dk1, dk2, dv = _backward_kv_block(
-                dk1, dk2, dv, kr1, kr2, v, q_base, do_base, lse_base, delta_base,
-                stride_qs, stride_qd, stride_ds, stride_dd, cos_ptr, sin_ptr, stride_cs,
-                offs_n, start_m, seq_len, qk_scale, HALF, D, True, BLOCK_M, HALF_PAD, D_PAD, PRECISION,
+            dk, dv = _backward_kv_block(
+                dk, dv, k, v, qr_base, do_base, lse_ptr + bh * seq_len, delta_ptr + bh * seq_len,
+                stride_ds, stride_dd, offs_n, start_m, seq_len, qk_scale, D, True, BLOCK_M, D_PAD, PRECISION,
             )
         # Query blocks below the diagonal (or all of them, not causal): no mask.
         for start_m in range(tl.maximum(masked_end, first_m), seq_len, BLOCK_M):
-            dk1, dk2, dv = _backward_kv_block(
-                dk1, dk2, dv, kr1, kr2, v, q_base, do_base, lse_base, delta_base,
-                stride_qs, stride_qd, stride_ds, stride_dd, cos_ptr, sin_ptr, stride_cs,
-                offs_n, start_m, seq_len, qk_scale, HALF, D, False, BLOCK_M, HALF_PAD, D_PAD, PRECISION,
+            dk, dv = _backward_kv_block(
+                dk, dv, k, v, qr_base, do_base, lse_ptr + bh * seq_len, delta_ptr + bh * seq_len,
+                stride_ds, stride_dd, offs_n, start_m, seq_len, qk_scale, D, False, BLOCK_M, D_PAD, PRECISION,
             )
 
     g_off = b * stride_gb + kv_h * stride_gh
     _store_unrotated(dk_ptr + g_off, stride_gs, stride_gd, cos_ptr, sin_ptr, stride_cs, offs_n, seq_len,
-                     HALF, HALF_PAD, dk1 * sm_scale, dk2 * sm_scale)
+                     HALF, HALF_PAD, dk * sm_scale)
+    offs_d = tl.arange(0, D_PAD)
     tl.store(dv_ptr + g_off + offs_n[:, None] * stride_gs + offs_d[None, :] * stride_gd,
-             dv.to(dv_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
+             dv.to(dv_ptr.dtype.element_ty), mask=(offs_n < seq_len)[:, None] & (offs_d[None, :] < D))
 
 
 @triton.jit
 def _backward_q_block(
-    dq1, dq2, qr1, qr2, do, lse2, delta,  # accumulators and this program's query block
-    k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
-    cos_ptr, sin_ptr, stride_cs,
-    offs_m, start_n, seq_len, qk_scale, HALF, D,
-    MASK: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, HALF_PAD: tl.constexpr, D_PAD: tl.constexpr,
+    dq, qr, do, lse2, delta,  # fp32 accumulator and this program's query block
+    kr_base, v_base, stride_vs, stride_vd,  # one kv head: rot(k) (workspace) and v
+    offs_m, start_n, seq_len, qk_scale, D,
+    MASK: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     offs_n = start_n + tl.arange(0, BLOCK_N).to(tl.int64)
-    kr1, kr2 = _load_rotated(k_base, stride_ks, stride_kd, cos_ptr, sin_ptr, stride_cs, offs_n, seq_len, HALF, HALF_PAD)
-    kr1 = kr1.to(qr1.dtype)
-    kr2 = kr2.to(qr1.dtype)
-    offs_d = tl.arange(0, D_PAD)
-    v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
-                mask=(offs_n < seq_len)[:, None] & (offs_d[None, :] < D), other=0.0)
-    s = tl.dot(qr1, tl.trans(kr1), input_precision=PRECISION)
-    s = tl.dot(qr2, tl.trans(kr2), s, input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
-    p = tl.math.exp2(s - lse2[:, None])
-    if MASK:
-        keep = offs_n[None, :] < seq_len
-        if CAUSAL:
-            keep = keep & (offs_n[None, :] <= offs_m[:, None])
-        p = tl.where(keep, p, 0.0)
-    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-    ds = (p * (dp - delta[:, None])).to(qr1.dtype)
-    dq1 = tl.dot(ds, kr1, dq1, input_precision=PRECISION)
-    dq2 = tl.dot(ds, kr2, dq2, input_precision=PRECISION)
-    return dq1, dq2
+    kr = _load_rows(kr_base, D_PAD, 1, offs_n, seq_len, D_PAD, D_PAD)
+    v = _load_rows(v_base, stride_vs, stride_vd, offs_n, seq_len, D, D_PAD)
+    keep = offs_n[None, :] < seq_len
+    if CAUSAL:
+        keep = keep & (offs_n[None, :] <= offs_m[:, None])
+    p, ds = _probs_and_ds(qr, kr, do, v, lse2[:, None], delta[:, None], keep, qk_scale, MASK, PRECISION)
+    return tl.dot(ds.to(kr.dtype), kr, dq, input_precision=PRECISION)
 
 
 @triton.jit
 def _attention_backward_q_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr,
-    dq_ptr,  # output [B, S, Hq, D], contiguous
+    qr_ptr, kr_ptr,  # workspace rot(q) [B, Hq, S, D_PAD] and rot(k) [B, Hkv, S, D_PAD] (input dtype)
+    v_ptr, do_ptr, lse_ptr, delta_ptr,
+    dq_ptr,  # output [B, S, Hq, D]
     cos_ptr, sin_ptr,
-    stride_qb, stride_qs, stride_qh, stride_qd,
-    stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
     stride_db, stride_ds, stride_dh, stride_dd,
     stride_gb, stride_gs, stride_gh, stride_gd,  # strides of dq
@@ -465,28 +523,19 @@ def _attention_backward_q_kernel(
 ):
     """One program per (query block, batch, query head): dQ over every key block it attends to."""
     pid_m = tl.program_id(0).to(tl.int64)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    pid_bh = tl.program_id(1).to(tl.int64)  # b * Hq + query head
     b = pid_bh // num_heads
     h = pid_bh % num_heads
-    kv_h = h // GROUP
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M).to(tl.int64)
-    offs_d = tl.arange(0, D_PAD)
-    row_ok = offs_m < seq_len
+    qr = _load_rows(qr_ptr + pid_bh * seq_len * D_PAD, D_PAD, 1, offs_m, seq_len, D_PAD, D_PAD)
+    do = _load_rows(do_ptr + b * stride_db + h * stride_dh, stride_ds, stride_dd, offs_m, seq_len, D, D_PAD)
+    lse2, delta = _load_row_stats(lse_ptr + pid_bh * seq_len, delta_ptr + pid_bh * seq_len, offs_m, seq_len)
+    kv_bh = pid_bh // GROUP  # b * Hkv + kv head
+    kr_base = kr_ptr + kv_bh * seq_len * D_PAD
+    v_base = v_ptr + b * stride_vb + (h // GROUP) * stride_vh
 
-    q_base = q_ptr + b * stride_qb + h * stride_qh
-    qr1, qr2 = _load_rotated(q_base, stride_qs, stride_qd, cos_ptr, sin_ptr, stride_cs, offs_m, seq_len, HALF, HALF_PAD)
-    qr1 = qr1.to(q_ptr.dtype.element_ty)
-    qr2 = qr2.to(q_ptr.dtype.element_ty)
-    do = tl.load(do_ptr + b * stride_db + h * stride_dh + offs_m[:, None] * stride_ds + offs_d[None, :] * stride_dd,
-                 mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    lse2 = tl.load(lse_ptr + pid_bh * seq_len + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
-    delta = tl.load(delta_ptr + pid_bh * seq_len + offs_m, mask=row_ok, other=0.0)
-    k_base = k_ptr + b * stride_kb + kv_h * stride_kh
-    v_base = v_ptr + b * stride_vb + kv_h * stride_vh
-
-    dq1 = tl.zeros([BLOCK_M, HALF_PAD], tl.float32)
-    dq2 = tl.zeros([BLOCK_M, HALF_PAD], tl.float32)
+    dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     if CAUSAL:
         unmasked_end = start_m
         masked_end = tl.minimum(start_m + BLOCK_M, seq_len)
@@ -494,19 +543,17 @@ def _attention_backward_q_kernel(
         unmasked_end = (seq_len // BLOCK_N) * BLOCK_N
         masked_end = seq_len
     for start_n in range(0, unmasked_end, BLOCK_N):
-        dq1, dq2 = _backward_q_block(
-            dq1, dq2, qr1, qr2, do, lse2, delta, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
-            cos_ptr, sin_ptr, stride_cs, offs_m, start_n, seq_len, qk_scale, HALF, D,
-            False, CAUSAL, BLOCK_N, HALF_PAD, D_PAD, PRECISION,
+        dq = _backward_q_block(
+            dq, qr, do, lse2, delta, kr_base, v_base, stride_vs, stride_vd, offs_m, start_n, seq_len, qk_scale, D,
+            False, CAUSAL, BLOCK_N, D_PAD, PRECISION,
         )
     for start_n in range(unmasked_end, masked_end, BLOCK_N):
-        dq1, dq2 = _backward_q_block(
-            dq1, dq2, qr1, qr2, do, lse2, delta, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
-            cos_ptr, sin_ptr, stride_cs, offs_m, start_n, seq_len, qk_scale, HALF, D,
-            True, CAUSAL, BLOCK_N, HALF_PAD, D_PAD, PRECISION,
+        dq = _backward_q_block(
+            dq, qr, do, lse2, delta, kr_base, v_base, stride_vs, stride_vd, offs_m, start_n, seq_len, qk_scale, D,
+            True, CAUSAL, BLOCK_N, D_PAD, PRECISION,
         )
     _store_unrotated(dq_ptr + b * stride_gb + h * stride_gh, stride_gs, stride_gd, cos_ptr, sin_ptr, stride_cs,
-                     offs_m, seq_len, HALF, HALF_PAD, dq1 * sm_scale, dq2 * sm_scale)
+                     offs_m, seq_len, HALF, HALF_PAD, dq * sm_scale)
 
 
 def attention_backward(dout, q, k, v, out, lse, cos, sin, causal: bool = True):
@@ -521,26 +568,30 @@ def attention_backward(dout, q, k, v, out, lse, cos, sin, causal: bool = True):
     if dq.numel() == 0:
         return dq, dk, dv
     d_pad, half_pad = _padded(D)
+    # Workspace: rot(q), rot(k) in the input dtype (freed on return) and delta.
+    qr = torch.empty((B, Hq, S, d_pad), dtype=q.dtype, device=q.device)
+    kr = torch.empty((B, Hkv, S, d_pad), dtype=k.dtype, device=k.device)
     delta = torch.empty((B, Hq, S), dtype=torch.float32, device=q.device)
-    _backward_delta_kernel[(triton.cdiv(S, 64), B * Hq)](
-        out, dout, delta, *out.stride(), *dout.stride(), Hq, S, D, BLOCK_M=64, D_PAD=d_pad,
-    )
+    prep_rows = _prep_rows(d_pad)
+    for x, xr, heads in ((q, qr, Hq), (k, kr, Hkv)):
+        _backward_prep_kernel[(triton.cdiv(S, prep_rows), B * heads)](
+            x, xr, out, dout, delta, cos, sin, *x.stride(), *out.stride(), *dout.stride(), cos.stride(0),
+            heads, S, D, D // 2, DELTA=x is q, BLOCK_M=prep_rows, D_PAD=d_pad, HALF_PAD=half_pad,
+        )
     sm_scale = 1.0 / math.sqrt(D)
+    args = (cos, sin, *v.stride(), *dout.stride())
+    scalars = (S, D, D // 2, sm_scale * LOG2E, sm_scale)
     common = dict(GROUP=Hq // Hkv, CAUSAL=causal, D_PAD=d_pad, HALF_PAD=half_pad, PRECISION=_precision(q))
 
     def launch_kv(block_m, block_n, warps, stages):
         _attention_backward_kv_kernel[(triton.cdiv(S, block_n), B * Hkv)](
-            q, k, v, dout, lse, delta, dk, dv, cos, sin,
-            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), cos.stride(0),
-            Hkv, S, D, D // 2, sm_scale * LOG2E, sm_scale,
+            qr, kr, v, dout, lse, delta, dk, dv, *args, *dk.stride(), cos.stride(0), Hkv, *scalars,
             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **common,
         )
 
     def launch_q(block_m, block_n, warps, stages):
         _attention_backward_q_kernel[(triton.cdiv(S, block_m), B * Hq)](
-            q, k, v, dout, lse, delta, dq, cos, sin,
-            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), cos.stride(0),
-            Hq, S, D, D // 2, sm_scale * LOG2E, sm_scale,
+            qr, kr, v, dout, lse, delta, dq, *args, *dq.stride(), cos.stride(0), Hq, *scalars,
             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **common,
         )
 

@@ -128,6 +128,33 @@ def test_long_sequences(S, backward):
         check_all("triton forward", (out, lse), high[:2], low[:2], torch.float32, S)
 
 
+# The kv kernel's rows for keys past the end overflow too, harmlessly (they are never stored); the
+# interpreter's numpy warns about it.
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
+def test_triton_backward_masks_keys_past_the_end():
+    """Scores near -110 (q and k anti-aligned, identity rotary tables): for a key row past the end
+    (read as zeros) exp(0 - LSE) overflows, so only the mask keeps inf * 0 = nan out of dQ. S = 37
+    leaves a partial key block; not causal, where causality does not hide those keys. The floor is
+    wider than default_floor(fp32): the backward recomputes scores of magnitude ~110 in another
+    summation order than the forward's, which moves P by ~1e-5 relative (seen: errors up to 1.6e-4),
+    while PyTorch's own error reuses one computation."""
+    causal = False
+    B, S, Hq, Hkv, D = 1, 37, 2, 1, 16
+    direction = torch.randn(D)
+    q = 6.0 * (direction + 0.1 * torch.randn(B, S, Hq, D))
+    k = -6.0 * (direction + 0.1 * torch.randn(B, S, Hkv, D))
+    v = torch.randn(B, S, Hkv, D)
+    cos, sin = torch.ones(S, D // 2), torch.zeros(S, D // 2)
+    dout = torch.randn(B, S, Hq, D)
+    high = reference_run(q, k, v, cos, sin, causal, dout, torch.float64)
+    low = reference_run(q, k, v, cos, sin, causal, dout, torch.float32)
+    assert high[1].max() < -100, "the scores must be very negative for this test to mean anything"
+    out, lse = kernels.attention_forward(q, k, v, cos, sin, causal)
+    grads = kernels.attention_backward(dout, q, k, v, out, lse, cos, sin, causal)
+    for label, a, hi, lo in zip(("dq", "dk", "dv"), grads, high[2:], low[2:]):
+        assert_within_2x(f"triton backward {label}", a, hi, lo, floor=5e-4)
+
+
 _AOT_COMPILE = r"""
 import inspect, sys
 import triton
