@@ -87,6 +87,9 @@ _FORWARD_CONFIGS = {  # block_m queries per program, block_n keys per step
 #   kv  sm_90: D 64 33 / 33, 41 KB; D 128 45 / 49, 51 KB    sm_80: D 64 41 / 41, 41 KB; D 128 49 / 49, 51 KB
 #   q   sm_90: D 64 64 / 64, 80 KB; D 128 96 / 96, 128 KB   sm_80: D 64 44 / 44, 48 KB; D 128 72 / 80, 104 KB
 #   D 256 (a few small candidates compiled, not the sweep), both archs: kv 45 / 49, 49 KB; q 68 / 80, 98 KB.
+# The price of zero stack: kv at D 128 on sm_90 multiplies with mma.sync, not wgmma (its 32-row
+# key block is under wgmma's 64). (16, 64, 8, 2) gets wgmma with 8 / 0 bytes of stack: the first
+# candidate to time against it on an H100 (benchmarks/tune_attention.py).
 _BACKWARD_KV_CONFIGS = {  # block_m queries per step, block_n keys per program
     9: {64: (32, 64, 8, 3), 128: (32, 32, 8, 3), 256: (16, 16, 8, 3)},
     8: {64: (16, 128, 8, 3), 128: (16, 64, 8, 3), 256: (16, 16, 8, 3)},

@@ -1,9 +1,17 @@
-"""The Triton kernels compile for an H100 (sm_90) without a GPU, and their hot loads vectorize.
+"""The Triton kernels compile for the GPUs they are tuned for, without a GPU.
 
 CI runs the kernels only in the interpreter, which accepts code the compiler rejects (and the
-reverse); compiling to PTX here catches that. Arguments get the specializations the JIT gives real
-launches (16-byte aligned pointers, strides and sizes divisible by 16), so the PTX must move
-16-byte vectors (ld.global.v4) as it will on the GPU.
+reverse); compiling here catches that. Arguments get the specializations the JIT gives real
+launches (16-byte aligned pointers, strides and sizes divisible by 16).
+
+* Elementwise kernels (sm_90): the PTX must move 16-byte vectors (ld.global.v4) as it will on the GPU.
+* Attention: every entry of the launch tables in kernels/attention.py, for the GPU generation it is
+  chosen for (sm_90a for Hopper, sm_80 for Ampere), compiles to a cubin that fits that GPU's shared
+  memory, multiplies on the tensor cores (the forward with wgmma on Hopper at head dims 64 and 128;
+  the backward tables trade wgmma for no spills where they must, see their comment), and, for head
+  dims up to 128, spills at most SPILL_BUDGET bytes to local memory (ptxas's stack frame, read with
+  the cuobjdump that ships with triton). A spilling configuration runs, correctly, several times
+  slower: nothing else would show it before a GPU does.
 """
 import json
 import os
@@ -84,16 +92,111 @@ def compile_all() -> dict:
     return results
 
 
-def test_kernels_compile_for_sm90_with_vector_loads():
+# ------------------------------------------------------------------------------------------------
+# Attention: every launch-table entry on the GPU generation it is tuned for
+# ------------------------------------------------------------------------------------------------
+ARCHS = {9: 90, 8: 80}  # table row (compute capability major) -> target compiled for
+SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}  # opt-in shared memory per block: H100, A100
+SPILL_BUDGET = 256  # bytes of ptxas stack frame tolerated for head dims <= 128
+FP32_POINTERS = {"lse_ptr", "delta_ptr", "cos_ptr", "sin_ptr"}
+FP32_SCALARS = {"qk_scale", "sm_scale"}
+
+
+def _attention_cases() -> list:
+    from llama_fast.kernels import attention as attn
+
+    kernels = [("forward", "_attention_forward_kernel", attn._FORWARD_CONFIGS),
+               ("backward kv", "_attention_backward_kv_kernel", attn._BACKWARD_KV_CONFIGS),
+               ("backward q", "_attention_backward_q_kernel", attn._BACKWARD_Q_CONFIGS)]
+    cases = []
+    for row, arch in ARCHS.items():
+        for label, kernel_name, table in kernels:
+            for d_pad, config in table[row].items():
+                cases.append((f"{label} D{d_pad} sm_{arch} {config}", kernel_name, arch, d_pad, config))
+    return cases
+
+
+def _resource_usage(cubin: bytes) -> dict:
+    """{'REG': n, 'STACK': bytes, 'SHARED': bytes, ...} of the one kernel in a cubin."""
+    import tempfile
+
+    import triton
+
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True)
+    return {k: int(v) for k, v in re.findall(r"(\w+):(\d+)", out.stdout.split("Resource usage:")[-1])}
+
+
+def compile_attention() -> dict:
+    """Compiles each attention table entry (causal, GQA group 4, bf16); {name: error or "ok"}."""
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    attn = importlib.import_module("llama_fast.kernels.attention")
+    results = {}
+    for name, kernel_name, arch, d_pad, (block_m, block_n, warps, stages) in _attention_cases():
+        kernel = getattr(attn, kernel_name)
+        constexprs = dict(GROUP=4, CAUSAL=True, BLOCK_M=block_m, BLOCK_N=block_n, D_PAD=d_pad, HALF_PAD=d_pad // 2,
+                          PRECISION="tf32")
+        constexprs = {k: v for k, v in constexprs.items() if k in kernel.arg_names}
+        signature, attrs = {}, {}
+        for i, arg in enumerate(kernel.arg_names):
+            if arg in constexprs:
+                signature[arg] = "constexpr"
+            elif arg.endswith("_ptr"):
+                signature[arg] = "*fp32" if arg in FP32_POINTERS else BF16
+                attrs[(i,)] = [["tt.divisibility", 16]]
+            else:
+                signature[arg] = "fp32" if arg in FP32_SCALARS else "i32"
+                if arg.startswith("stride_") and not arg.endswith("d"):  # row strides: multiples of 16
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+        try:
+            compiled = triton.compile(
+                ASTSource(kernel, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
+                options={"num_warps": warps, "num_stages": stages},
+            )
+            usage = _resource_usage(compiled.asm["cubin"])
+        except Exception as exc:  # reported per case by the test
+            results[name] = f"does not compile: {type(exc).__name__}: {str(exc)[:500]}"
+            continue
+        ptx = compiled.asm["ptx"]
+        problems = []
+        if compiled.metadata.shared > SHARED_LIMIT[arch]:
+            problems.append(f"{compiled.metadata.shared} B of shared memory > {SHARED_LIMIT[arch]}")
+        if d_pad <= 128 and usage["STACK"] > SPILL_BUDGET:
+            problems.append(f"spills: {usage['STACK']} B stack frame ({usage['REG']} registers) > {SPILL_BUDGET}")
+        wants_wgmma = arch == 90 and d_pad <= 128 and name.startswith("forward")
+        if not re.search(r"wgmma\.mma_async" if wants_wgmma else r"(wgmma\.mma_async|mma\.sync)", ptx):
+            problems.append("no " + ("wgmma" if wants_wgmma else "tensor-core") + " instruction in the PTX")
+        results[name] = "; ".join(problems) or "ok"
+    return results
+
+
+def _run_in_subprocess(what: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    run = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env)
+    run = subprocess.run([sys.executable, __file__, what], capture_output=True, text=True, env=env)
     if run.returncode != 0 and "No module named 'triton" in run.stderr:
         pytest.skip("triton is not installed")
     assert run.returncode == 0, run.stderr[-5000:]
-    results = json.loads(run.stdout.strip().splitlines()[-1])
-    assert results == {case[0]: "ok" for case in CASES}
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def test_kernels_compile_for_sm90_with_vector_loads():
+    assert _run_in_subprocess("elementwise") == {case[0]: "ok" for case in CASES}
+
+
+def test_attention_launch_tables_compile_fit_and_do_not_spill():
+    results = _run_in_subprocess("attention")
+    assert set(results) == {case[0] for case in _attention_cases()}
+    assert {name: r for name, r in results.items() if r != "ok"} == {}
 
 
 if __name__ == "__main__":
-    print(json.dumps(compile_all()))
+    print(json.dumps(compile_all() if sys.argv[1] == "elementwise" else compile_attention()))
