@@ -21,6 +21,8 @@ expected and what was found.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import re
@@ -643,18 +645,30 @@ def load_state(path: str | os.PathLike, fmt: str | None = None) -> tuple[LlamaCo
     return LOADERS[fmt](path)
 
 
+def with_max_seq_len(config: LlamaConfig, max_seq_len: int | None) -> LlamaConfig:
+    """config with its context length replaced (None keeps it). Meta's params.json does not record
+    one (LLaMA 1 trained at 2048, LLaMA 2 at 4096, LLaMA 3 at 8192), so a Meta import assumes 2048."""
+    if max_seq_len is None:
+        return config
+    if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len <= 0:
+        raise ValueError(f"max_seq_len must be a positive int, got {max_seq_len!r}")
+    return dataclasses.replace(config, max_seq_len=max_seq_len)
+
+
 def load_pretrained(
     path: str | os.PathLike,
     backend: str = "reference",
     dtype: torch.dtype | str | None = None,
     device: torch.device | str = "cpu",
+    max_seq_len: int | None = None,
 ) -> Llama:
     """A ``Llama`` from a Hugging Face directory, a Meta directory or a save_weights file (detected).
 
-    ``dtype=None`` keeps the checkpoint's dtype.
+    ``dtype=None`` keeps the checkpoint's dtype; ``max_seq_len`` overrides the context length the
+    checkpoint gives (Meta's gives none: 2048 is assumed).
     """
     config, state = load_state(path)
-    return build_model(config, state, backend, dtype, device)
+    return build_model(with_max_seq_len(config, max_seq_len), state, backend, dtype, device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -664,6 +678,7 @@ def load_pretrained(
 def _convert(args) -> int:
     try:
         config, state = load_state(args.src, args.src_format)
+        config = with_max_seq_len(config, args.max_seq_len)
     except (FileNotFoundError, ValueError) as exc:  # bad input: the message says it all, no traceback
         print(f"llama-fast convert: error: {exc}", file=sys.stderr)
         return 2
@@ -691,4 +706,7 @@ def add_cli(subparsers) -> None:
     parser.add_argument("dst", help="target (directory for hf, .safetensors file for llama-fast)")
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="cast weights (default: keep)")
     parser.add_argument("--max-shard-size", default="5GB", help="largest Hugging Face shard, e.g. 5GB, 500MiB")
+    parser.add_argument("--max-seq-len", type=int, default=None,
+                        help="context length to record (default: the source's; Meta's params.json has none, "
+                        "2048 is assumed: give 4096 for LLaMA 2, 8192 for LLaMA 3)")
     parser.set_defaults(func=_convert)

@@ -304,6 +304,25 @@ def test_cli_convert_chain(tmp_path, capsys):
     assert_same_state(load_hf_state(tmp_path / "hf16")[1], model.state_dict())
 
 
+def test_max_seq_len_override(tmp_path, capsys):
+    """Meta's params.json records no context length: the import assumes 2048, and --max-seq-len /
+    load_pretrained(max_seq_len=) set the real one, which the HF export then carries."""
+    write_meta(tmp_path / "meta", META_PARAMS, meta_weights(META_PARAMS), n_shards=1)
+    assert load_pretrained(tmp_path / "meta").config.max_seq_len == 2048
+    assert load_pretrained(tmp_path / "meta", max_seq_len=4096).config.max_seq_len == 4096
+    assert cli_main(["convert", "--from", "meta", str(tmp_path / "meta"), "--to", "hf", str(tmp_path / "hf"),
+                     "--max-seq-len", "4096"]) == 0
+    hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert hf_config["max_position_embeddings"] == 4096
+    assert load_hf_state(tmp_path / "hf")[0].max_seq_len == 4096
+
+    capsys.readouterr()
+    assert cli_main(["convert", "--from", "meta", str(tmp_path / "meta"), "--to", "hf", str(tmp_path / "bad"),
+                     "--max-seq-len", "0"]) == 2
+    assert "max_seq_len must be a positive int, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_cli_convert_reports_bad_input_without_traceback(tmp_path, capsys):
     code = cli_main(["convert", "--from", "meta", str(tmp_path), "--to", "hf", str(tmp_path / "out")])
     assert code == 2
