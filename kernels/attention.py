@@ -576,10 +576,10 @@ def attention_backward(dout, q, k, v, out, lse, cos, sin, causal: bool = True):
     kr = torch.empty((B, Hkv, S, d_pad), dtype=k.dtype, device=k.device)
     delta = torch.empty((B, Hq, S), dtype=torch.float32, device=q.device)
     prep_rows = _prep_rows(d_pad)
-    for x, xr, heads in ((q, qr, Hq), (k, kr, Hkv)):
+    for x, xr, heads, with_delta in ((q, qr, Hq, True), (k, kr, Hkv, False)):
         _backward_prep_kernel[(triton.cdiv(S, prep_rows), B * heads)](
             x, xr, out, dout, delta, cos, sin, *x.stride(), *out.stride(), *dout.stride(), cos.stride(0),
-            heads, S, D, D // 2, DELTA=x is q, BLOCK_M=prep_rows, D_PAD=d_pad, HALF_PAD=half_pad,
+            heads, S, D, D // 2, DELTA=with_delta, BLOCK_M=prep_rows, D_PAD=d_pad, HALF_PAD=half_pad,
         )
     sm_scale = 1.0 / math.sqrt(D)
     args = (cos, sin, *v.stride(), *dout.stride())
