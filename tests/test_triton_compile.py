@@ -5,13 +5,14 @@ reverse); compiling here catches that. Arguments get the specializations the JIT
 launches (16-byte aligned pointers, strides and sizes divisible by 16).
 
 * Elementwise kernels (sm_90): the PTX must move 16-byte vectors (ld.global.v4) as it will on the GPU.
-* Attention: every entry of the launch tables in kernels/attention.py, for the GPU generation it is
-  chosen for (sm_90a for Hopper, sm_80 for Ampere), compiles to a cubin that fits that GPU's shared
-  memory, multiplies on the tensor cores (the forward with wgmma on Hopper at head dims 64 and 128;
-  the backward tables trade wgmma for no spills where they must, see their comment), and, for head
-  dims up to 128, spills at most SPILL_BUDGET bytes to local memory (ptxas's stack frame, read with
-  the cuobjdump that ships with triton). A spilling configuration runs, correctly, several times
-  slower: nothing else would show it before a GPU does.
+* Attention: every entry of the launch tables in kernels/attention.py and every fallback, for the
+  GPU generation it is chosen for (sm_90a for Hopper, sm_80 for Ampere), and the backward's prep
+  kernel, compile to cubins that fit that GPU's shared memory, multiply on the tensor cores (the
+  forward with wgmma on Hopper at head dims 64 and 128; the backward tables trade wgmma for no
+  spills where they must, see their comment), and, for head dims up to 128, spill at most their
+  SPILL_BUDGET to local memory (ptxas's stack frame, read with the cuobjdump that ships with triton).
+  A spilling configuration runs, correctly, several times slower: nothing else would show it before
+  a GPU does.
 """
 import json
 import os
@@ -97,22 +98,38 @@ def compile_all() -> dict:
 # ------------------------------------------------------------------------------------------------
 ARCHS = {9: 90, 8: 80}  # table row (compute capability major) -> target compiled for
 SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}  # opt-in shared memory per block: H100, A100
-SPILL_BUDGET = 256  # bytes of ptxas stack frame tolerated for head dims <= 128
+# Bytes of ptxas stack frame tolerated at head dims <= 128: none for the backward's table entries
+# and its prep kernel (their comment in kernels/attention.py says zero, and this holds it to that),
+# a little for the forward's entries (16-144 B today) and for every fallback.
+SPILL_BUDGET = {"tuned": 256, "tuned backward": 0, "fallback": 256}
 FP32_POINTERS = {"lse_ptr", "delta_ptr", "cos_ptr", "sin_ptr"}
 FP32_SCALARS = {"qk_scale", "sm_scale"}
 
 
 def _attention_cases() -> list:
+    """(name, kernel, arch, constexprs, num_warps, num_stages, spill budget or None, wants wgmma)."""
     from llama_fast.kernels import attention as attn
 
-    kernels = [("forward", "_attention_forward_kernel", attn._FORWARD_CONFIGS),
-               ("backward kv", "_attention_backward_kv_kernel", attn._BACKWARD_KV_CONFIGS),
-               ("backward q", "_attention_backward_q_kernel", attn._BACKWARD_Q_CONFIGS)]
+    kernels = [("forward", "_attention_forward_kernel", attn._FORWARD_CONFIGS, attn._FORWARD_FALLBACKS),
+               ("backward kv", "_attention_backward_kv_kernel", attn._BACKWARD_KV_CONFIGS, attn._BACKWARD_KV_FALLBACKS),
+               ("backward q", "_attention_backward_q_kernel", attn._BACKWARD_Q_CONFIGS, attn._BACKWARD_Q_FALLBACKS)]
     cases = []
     for row, arch in ARCHS.items():
-        for label, kernel_name, table in kernels:
-            for d_pad, config in table[row].items():
-                cases.append((f"{label} D{d_pad} sm_{arch} {config}", kernel_name, arch, d_pad, config))
+        for label, kernel_name, table, fallbacks in kernels:
+            tuned_budget = SPILL_BUDGET["tuned backward" if label.startswith("backward") else "tuned"]
+            entries = [("", d_pad, config, tuned_budget) for d_pad, config in table[row].items()]
+            entries += [("fallback ", 128, config, SPILL_BUDGET["fallback"]) for config in fallbacks]
+            for kind, d_pad, (block_m, block_n, warps, stages), budget in entries:
+                constexprs = dict(GROUP=4, CAUSAL=True, BLOCK_M=block_m, BLOCK_N=block_n, D_PAD=d_pad,
+                                  HALF_PAD=d_pad // 2, PRECISION="tf32")
+                wants_wgmma = label == "forward" and not kind and arch == 90 and d_pad <= 128
+                cases.append((f"{label} {kind}D{d_pad} sm_{arch} {(block_m, block_n, warps, stages)}", kernel_name,
+                              arch, constexprs, warps, stages, budget if d_pad <= 128 else None, wants_wgmma))
+        for d_pad in (64, 128, 256):
+            for delta in (True, False):
+                constexprs = dict(DELTA=delta, BLOCK_M=attn._prep_rows(d_pad), D_PAD=d_pad, HALF_PAD=d_pad // 2)
+                cases.append((f"backward prep D{d_pad} sm_{arch} delta={delta}", "_backward_prep_kernel", arch,
+                              constexprs, 4, 3, 0, False))
     return cases
 
 
@@ -131,7 +148,7 @@ def _resource_usage(cubin: bytes) -> dict:
 
 
 def compile_attention() -> dict:
-    """Compiles each attention table entry (causal, GQA group 4, bf16); {name: error or "ok"}."""
+    """Compiles each attention case (causal, GQA group 4, bf16); {name: error or "ok"}."""
     import importlib
 
     import triton
@@ -140,11 +157,8 @@ def compile_attention() -> dict:
 
     attn = importlib.import_module("llama_fast.kernels.attention")
     results = {}
-    for name, kernel_name, arch, d_pad, (block_m, block_n, warps, stages) in _attention_cases():
+    for name, kernel_name, arch, constexprs, warps, stages, budget, wants_wgmma in _attention_cases():
         kernel = getattr(attn, kernel_name)
-        constexprs = dict(GROUP=4, CAUSAL=True, BLOCK_M=block_m, BLOCK_N=block_n, D_PAD=d_pad, HALF_PAD=d_pad // 2,
-                          PRECISION="tf32")
-        constexprs = {k: v for k, v in constexprs.items() if k in kernel.arg_names}
         signature, attrs = {}, {}
         for i, arg in enumerate(kernel.arg_names):
             if arg in constexprs:
@@ -169,10 +183,10 @@ def compile_attention() -> dict:
         problems = []
         if compiled.metadata.shared > SHARED_LIMIT[arch]:
             problems.append(f"{compiled.metadata.shared} B of shared memory > {SHARED_LIMIT[arch]}")
-        if d_pad <= 128 and usage["STACK"] > SPILL_BUDGET:
-            problems.append(f"spills: {usage['STACK']} B stack frame ({usage['REG']} registers) > {SPILL_BUDGET}")
-        wants_wgmma = arch == 90 and d_pad <= 128 and name.startswith("forward")
-        if not re.search(r"wgmma\.mma_async" if wants_wgmma else r"(wgmma\.mma_async|mma\.sync)", ptx):
+        if budget is not None and usage["STACK"] > budget:
+            problems.append(f"spills: {usage['STACK']} B stack frame ({usage['REG']} registers) > {budget}")
+        if kernel_name != "_backward_prep_kernel" and not re.search(  # prep is elementwise: no matmul
+            r"wgmma\.mma_async" if wants_wgmma else r"(wgmma\.mma_async|mma\.sync)", ptx):
             problems.append("no " + ("wgmma" if wants_wgmma else "tensor-core") + " instruction in the PTX")
         results[name] = "; ".join(problems) or "ok"
     return results
