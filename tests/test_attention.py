@@ -155,6 +155,36 @@ def test_triton_backward_masks_keys_past_the_end():
         assert_within_2x(f"triton backward {label}", a, hi, lo, floor=5e-4)
 
 
+def _gpu_backward_blocks() -> list:
+    """(kv block, q block) pairs covering every distinct (block_m, block_n) of the GPU launch tables
+    and fallbacks, which CI's interpreter config would otherwise never run."""
+    def distinct(table, fallbacks):
+        shapes = {c[:2] for per_dim in table.values() for c in per_dim.values()} | {c[:2] for c in fallbacks}
+        return sorted(shapes)
+
+    kv = distinct(kernels._BACKWARD_KV_CONFIGS, kernels._BACKWARD_KV_FALLBACKS)
+    q = distinct(kernels._BACKWARD_Q_CONFIGS, kernels._BACKWARD_Q_FALLBACKS)
+    return [(kv[i % len(kv)], q[i % len(q)]) for i in range(max(len(kv), len(q)))]
+
+
+@pytest.mark.parametrize("kv_block, q_block", _gpu_backward_blocks(), ids=str)
+def test_triton_backward_with_the_gpu_block_shapes(monkeypatch, kv_block, q_block):
+    """The Triton backward with the tile shapes the GPU tables choose (run here in the interpreter):
+    odd S and D (padded), GQA, a transposed layout; causal and not alternate with the shapes."""
+    monkeypatch.setattr(kernels, "_INTERPRETER_BACKWARD_KV", (*kv_block, 4, 1))
+    monkeypatch.setattr(kernels, "_INTERPRETER_BACKWARD_Q", (*q_block, 4, 1))
+    causal = sum(kv_block + q_block) % 3 != 0
+    q, k, v, cos, sin = make_inputs(1, 37, 4, 2, 36, torch.float32, layout="bhsd")
+    dout = torch.randn(1, 37, 4, 36)
+    high = reference_run(q, k, v, cos, sin, causal, dout, torch.float64)
+    low = reference_run(q, k, v, cos, sin, causal, dout, torch.float32)
+    out, lse = kernels.attention_forward(q, k, v, cos, sin, causal)
+    grads = kernels.attention_backward(dout, q, k, v, out, lse, cos, sin, causal)
+    for label, a, hi, lo in zip(("dq", "dk", "dv"), grads, high[2:], low[2:]):
+        assert_within_2x(f"triton backward {label} kv {kv_block} q {q_block}", a, hi, lo,
+                         floor=default_floor(torch.float32))
+
+
 _AOT_COMPILE = r"""
 import inspect, sys
 import triton
