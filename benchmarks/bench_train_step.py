@@ -84,37 +84,35 @@ def test_train_step(benchmark, provider):
         opt.step()
         return loss
 
-    try:
-        first = step().item()
-    except torch.OutOfMemoryError as exc:
-        out_of_memory = str(exc).splitlines()[0]
-    else:
-        out_of_memory = None
-    if out_of_memory is not None:  # skip outside the handler: a chained traceback would keep the model alive
-        model = opt = loss_fn = step = None
-        gc.collect()
-        torch.cuda.empty_cache()
-        pytest.skip(f"{provider}: out of memory at B{BATCH} S{SEQ} ({out_of_memory})")
-    assert math.isfinite(first) and abs(first - math.log(CONFIG.vocab_size)) < 0.5, f"{provider}: first loss {first}"
-    for _ in range(2):  # warm-up (and compilation)
-        step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-
     def timed():
         step()
         torch.cuda.synchronize()
 
-    benchmark.pedantic(timed, rounds=8, iterations=1, warmup_rounds=1)
-    step_s = benchmark.stats.stats.median
-    tokens_per_s = BATCH * SEQ / step_s
-    benchmark.extra_info.update(
-        tokens_per_s=round(tokens_per_s),
-        mfu=round(tokens_per_s * CONFIG.flops_per_token(SEQ) / H100_BF16_PEAK, 4),
-        peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
-        first_loss=round(first, 4),
-        formula="tokens/s = B*S/step; MFU = tokens/s * (6N + 6*L*d*S) / 989e12",
-    )
-    model = opt = None  # free the GPU memory before the next provider (the closures hold these cells)
-    gc.collect()
-    torch.cuda.empty_cache()
+    out_of_memory = None
+    try:
+        first = step().item()  # also creates the AdamW state: the steps after it hold more memory
+        assert math.isfinite(first) and abs(first - math.log(CONFIG.vocab_size)) < 0.5, f"{provider}: first loss {first}"
+        for _ in range(2):  # warm-up (and compilation)
+            step()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        benchmark.pedantic(timed, rounds=8, iterations=1, warmup_rounds=1)
+        step_s = benchmark.stats.stats.median
+        tokens_per_s = BATCH * SEQ / step_s
+        benchmark.extra_info.update(
+            tokens_per_s=round(tokens_per_s),
+            mfu=round(tokens_per_s * CONFIG.flops_per_token(SEQ) / H100_BF16_PEAK, 4),
+            peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            first_loss=round(first, 4),
+            formula="tokens/s = B*S/step; MFU = tokens/s * (6N + 6*L*d*S) / 989e12",
+        )
+    except torch.OutOfMemoryError as exc:
+        out_of_memory = str(exc).splitlines()[0]
+    finally:
+        # Free the GPU memory before the next provider, whatever happened: the closures hold these
+        # cells, and a failed test's traceback keeps this frame (not its cleared locals) alive.
+        model = opt = loss_fn = step = timed = None
+        gc.collect()
+        torch.cuda.empty_cache()
+    if out_of_memory is not None:  # skip outside the handler: a chained traceback would keep the model alive
+        pytest.skip(f"{provider}: out of memory at B{BATCH} S{SEQ} ({out_of_memory})")
