@@ -114,7 +114,7 @@ def test_cuda_kernels_spill_within_budget_on_sm90():
             assert spill and regs, f"no resource report for {name} in ptxas's output"
             report[f"{source}: {demangle(name)}"] = (int(spill.group(1)), int(regs.group(1)))
     assert any("attention_backward_kv" in k for k in report), sorted(report)
-    exempt = re.compile(r"attention_backward_kv<[^,]+, 256,")
+    exempt = re.compile(r"attention_backward_kv<[^,]+, 256,|attention_backward_kv\w*Li256E")  # demangled or not
     over = {k: v for k, v in report.items() if v[0] > SPILL_BUDGET_SM90 and not exempt.search(k)}
     assert over == {}, f"kernels spilling past {SPILL_BUDGET_SM90} B (spill loads, registers): {over}"
 
