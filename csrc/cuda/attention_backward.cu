@@ -234,6 +234,27 @@ __device__ __forceinline__ void two_products(float (&acc1)[NC / 8][4], float (&a
   }
 }
 
+// P = exp2(S * scale_log2 - lse) under the tile's mask and dS = P * (dP - delta), in place over one
+// warp's accumulator tiles of NC columns (s becomes P, dp becomes dS). lse and delta are indexed by
+// query. QUERY_ROWS: the tiles' rows r0.. are queries and their columns keys (q kernel); otherwise
+// the rows are keys and the columns queries (kv kernel, transposed tiles).
+template <bool QUERY_ROWS, int NC>
+__device__ __forceinline__ void probs_and_ds(float (&s)[NC / 8][4], float (&dp)[NC / 8][4], const float* lse,
+                                             const float* delta, const TileMask& mask, float scale_log2, int r0) {
+  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+#pragma unroll
+  for (int n = 0; n < NC / 8; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int r = r0 + g + 8 * (e >> 1), c = n * 8 + 2 * t + (e & 1);
+      const int query = QUERY_ROWS ? r : c, key = QUERY_ROWS ? c : r;
+      float p = fast_exp2(s[n][e] * scale_log2 - lse[query]);
+      if (mask.hides(query, key)) p = 0.f;
+      s[n][e] = p;
+      dp[n][e] = p * (dp[n][e] - delta[query]);
+    }
+}
+
 // acc[16, NCOLS] += A[16, 16] * Y[k0:k0+16, c0:c0+NCOLS], Y a swizzled [*, DP] tile read as [k][n].
 template <typename T, int DP, int NCOLS>
 __device__ __forceinline__ void mma_rows_of(float (&acc)[NCOLS / 8][4], const uint32_t (&a)[4], const T* y, int k0,
@@ -401,17 +422,7 @@ __global__ void __launch_bounds__(Config<DP, SMALL>::BN * 2)
     two_products<T, DP, BM>(st, dpt, sK, sV, sQ, sDo, r0);
 
     // P^T and dS^T in place; a mask only where the block can hold masked or out-of-range entries.
-    const TileMask mask = tile_mask<BM, BN>(m0, n0, S, a.causal);
-#pragma unroll
-    for (int n = 0; n < BM / 8; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int c = n * 8 + 2 * t + (e & 1), r = r0 + g + 8 * (e >> 1);
-        float pr = fast_exp2(st[n][e] * scale_log2 - sLse[c]);
-        if (mask.hides(c, r)) pr = 0.f;
-        st[n][e] = pr;
-        dpt[n][e] = pr * (dpt[n][e] - sDelta[c]);
-      }
+    probs_and_ds<false, BM>(st, dpt, sLse, sDelta, tile_mask<BM, BN>(m0, n0, S, a.causal), scale_log2, r0);
 
     // Rounded to T as A operands (half the registers of the fp32 tiles), then dV += P^T dO and
     // dK += dS^T Q (queries are the reduction dimension).
@@ -494,7 +505,7 @@ __global__ void __launch_bounds__(Config<DP, SMALL>::BM * 2)
   float* sDelta = reinterpret_cast<float*>(smem + C::kDelta);
   auto stage = [&](int st) { return smem + C::kStages + st * C::kStage; };
 
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int warp = threadIdx.x / 32;
   const int64_t S = a.seq_len, S_pad = padded_rows(S), Hq = a.num_heads, Hkv = a.num_kv_heads;
   const int64_t b = blockIdx.z, h = blockIdx.y, hk = h / (Hq / Hkv);
   const int64_t m0 = int64_t(gridDim.x - 1 - blockIdx.x) * BM;  // causal: the longest rows start first
@@ -542,16 +553,7 @@ __global__ void __launch_bounds__(Config<DP, SMALL>::BM * 2)
     // S = Q K^T and dP = dO V^T for this warp's 16 queries x BN keys.
     float s[BN / 8][4], dp[BN / 8][4];
     two_products<T, DP, BN>(s, dp, sQ, sDo, sK, sV, r0);
-    const TileMask mask = tile_mask<BM, BN>(m0, n0, S, a.causal);
-#pragma unroll
-    for (int n = 0; n < BN / 8; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int r = r0 + g + 8 * (e >> 1), c = n * 8 + 2 * t + (e & 1);
-        float pr = fast_exp2(s[n][e] * scale_log2 - sLse[r]);
-        if (mask.hides(r, c)) pr = 0.f;
-        dp[n][e] = pr * (dp[n][e] - sDelta[r]);
-      }
+    probs_and_ds<true, BN>(s, dp, sLse, sDelta, tile_mask<BM, BN>(m0, n0, S, a.causal), scale_log2, r0);
     // dQ += dS K (keys are the reduction dimension).
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk) {
