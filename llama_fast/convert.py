@@ -5,7 +5,7 @@ names of ``llama_fast.Llama`` (fused ``attn.wqkv`` = [q; k; v] rows and ``mlp.w_
 [gate; up] rows, half-split RoPE layout).
 
 * Hugging Face: ``config.json`` plus ``model.safetensors`` or shards listed in
-  ``model.safetensors.index.json``. Transformers already stores q and k in the half-split
+  ``model.safetensors.index.json`` (or the older ``pytorch_model.bin`` / its shard index). Transformers already stores q and k in the half-split
   layout, so import only concatenates q/k/v and gate/up; export splits them again.
 * Meta: ``params.json`` plus ``consolidated.NN.pth``, one file per model-parallel rank.
   Column-parallel weights (wq, wk, wv, w1, w3, output) are split along dim 0, row-parallel
@@ -37,6 +37,8 @@ from .model import Llama
 HF_CONFIG = "config.json"
 HF_WEIGHTS = "model.safetensors"
 HF_INDEX = "model.safetensors.index.json"
+HF_BIN = "pytorch_model.bin"  # older transformers checkpoints: pickles, read with weights_only=True
+HF_BIN_INDEX = "pytorch_model.bin.index.json"
 META_PARAMS = "params.json"
 META_SHARDS = "consolidated.*.pth"
 CONFIG_METADATA_KEY = "llama_fast.config"  # key of the LlamaConfig JSON in a save_weights file
@@ -100,7 +102,7 @@ def _read_safetensors(path: Path, names: list[str] | None = None) -> tuple[dict[
 
 
 def _read_pth(path: Path) -> dict[str, torch.Tensor]:
-    """A Meta shard: a dict of tensors, loaded with weights_only=True (memory-mapped when the format allows)."""
+    """A pickled shard (Meta .pth, transformers .bin): a dict of tensors, loaded with weights_only=True (memory-mapped when the format allows)."""
     try:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -333,31 +335,57 @@ def state_to_hf(config: LlamaConfig, state: dict[str, torch.Tensor]) -> dict[str
     return hf_state
 
 
+def _read_hf_shards(path: Path, index_name: str, read) -> dict[str, torch.Tensor]:
+    """The tensors of the shards that ``index_name`` (a transformers shard index) lists, each file
+    read by ``read(file, names)``."""
+    index = _read_json(path / index_name, "a shard index")
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{path / index_name}: expected a 'weight_map' object of tensor name -> shard file")
+    by_file: dict[str, list[str]] = {}
+    for name, file in weight_map.items():
+        by_file.setdefault(file, []).append(name)
+    state = {}
+    for file, names in sorted(by_file.items()):
+        if not (path / file).is_file():
+            raise FileNotFoundError(f"{path / file}: shard listed in {index_name} is missing")
+        state.update(read(path / file, names))
+    return state
+
+
+def _read_pth_names(path: Path, names: list[str]) -> dict[str, torch.Tensor]:
+    """The tensors ``names`` of a pickled shard (weights_only=True), an error when one is absent."""
+    state = _read_pth(path)
+    absent = sorted(set(names) - set(state))
+    if absent:
+        raise ValueError(f"{path}: the shard index places tensors {absent} in this file, but it does not hold them")
+    return {name: state[name] for name in names}
+
+
 def load_hf_state(path: str | os.PathLike) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
-    """(config, our state dict) from a Hugging Face LLaMA directory (config.json + safetensors)."""
+    """(config, our state dict) from a Hugging Face LLaMA directory.
+
+    Weights are read from safetensors when the directory has them, else from the older
+    ``pytorch_model*.bin`` pickles with ``torch.load(weights_only=True)``, which refuses
+    anything but tensors and plain containers.
+    """
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"{path}: expected a Hugging Face model directory (config.json + safetensors)")
+        raise FileNotFoundError(f"{path}: expected a Hugging Face model directory (config.json + weights)")
     config = config_from_hf(_read_json(path / HF_CONFIG, "a transformers config.json"), str(path / HF_CONFIG))
     if (path / HF_WEIGHTS).is_file():
         hf_state, _ = _read_safetensors(path / HF_WEIGHTS)
     elif (path / HF_INDEX).is_file():
-        index = _read_json(path / HF_INDEX, "a safetensors shard index")
-        weight_map = index.get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise ValueError(f"{path / HF_INDEX}: expected a 'weight_map' object of tensor name -> shard file")
-        by_file: dict[str, list[str]] = {}
-        for name, file in weight_map.items():
-            by_file.setdefault(file, []).append(name)
-        hf_state = {}
-        for file, names in sorted(by_file.items()):
-            if not (path / file).is_file():
-                raise FileNotFoundError(f"{path / file}: shard listed in {HF_INDEX} is missing")
-            hf_state.update(_read_safetensors(path / file, names)[0])
+        hf_state = _read_hf_shards(path, HF_INDEX, lambda file, names: _read_safetensors(file, names)[0])
+    elif (path / HF_BIN).is_file():
+        hf_state = _read_pth(path / HF_BIN)
+    elif (path / HF_BIN_INDEX).is_file():
+        hf_state = _read_hf_shards(path, HF_BIN_INDEX, _read_pth_names)
     else:
-        pickled = sorted(p.name for p in path.glob("pytorch_model*.bin"))
-        hint = f"; found {pickled}, pickles this loader does not read (re-save as safetensors)" if pickled else ""
-        raise FileNotFoundError(f"{path}: expected weights in {HF_WEIGHTS} or shards listed in {HF_INDEX}{hint}")
+        raise FileNotFoundError(
+            f"{path}: expected weights in {HF_WEIGHTS}, shards listed in {HF_INDEX}, {HF_BIN}, "
+            f"or shards listed in {HF_BIN_INDEX}; found none of them"
+        )
     return config, state_from_hf(config, hf_state, str(path))
 
 
@@ -629,7 +657,7 @@ def detect_format(path: str | os.PathLike) -> str:
     elif (path / META_PARAMS).is_file():
         return "meta"
     raise ValueError(
-        f"{path}: not a checkpoint we can read; expected a Hugging Face directory ({HF_CONFIG} + safetensors), "
+        f"{path}: not a checkpoint we can read; expected a Hugging Face directory ({HF_CONFIG} + weights), "
         f"a Meta directory ({META_PARAMS} + {META_SHARDS}), or a .safetensors file written by save_weights"
     )
 

@@ -164,17 +164,46 @@ def test_meta_to_hf_to_transformers(tmp_path):
 # Hugging Face directories.
 
 
-@pytest.mark.parametrize("max_shard_size", [None, "100KB"], ids=["single-file", "sharded"])
-def test_import_transformers_save_pretrained(tmp_path, max_shard_size):
+def save_transformers_pickles(hf_model, path, max_shard_size=None) -> None:
+    """What transformers' save_pretrained(safe_serialization=False) writes (newer transformers
+    only write safetensors): pytorch_model.bin, or shards plus pytorch_model.bin.index.json."""
+    path.mkdir(exist_ok=True)
+    hf_model.config.save_pretrained(path)
+    state = hf_model.state_dict()
+    if max_shard_size is None:
+        torch.save(state, path / "pytorch_model.bin")
+        return
+    names = sorted(state)
+    halves = [names[: len(names) // 2], names[len(names) // 2 :]]
+    weight_map = {}
+    for i, part in enumerate(halves):
+        file = f"pytorch_model-{i + 1:05d}-of-00002.bin"
+        torch.save({n: state[n] for n in part}, path / file)
+        weight_map.update({n: file for n in part})
+    (path / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+def tiny_transformers_llama():
     transformers = pytest.importorskip("transformers")
     hf_config = transformers.LlamaConfig(
         hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=176,
         vocab_size=256, max_position_embeddings=64, rope_theta=500000.0, attn_implementation="eager",
     )
-    hf_model = transformers.LlamaForCausalLM(hf_config).eval()
-    kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
-    hf_model.save_pretrained(tmp_path, **kwargs)
-    assert (tmp_path / "model.safetensors.index.json").exists() == (max_shard_size is not None)
+    return transformers.LlamaForCausalLM(hf_config).eval()
+
+
+@pytest.mark.parametrize("pickled", [False, True], ids=["safetensors", "pytorch_model.bin"])
+@pytest.mark.parametrize("max_shard_size", [None, "100KB"], ids=["single-file", "sharded"])
+def test_import_transformers_save_pretrained(tmp_path, max_shard_size, pickled):
+    hf_model = tiny_transformers_llama()
+    if pickled:
+        save_transformers_pickles(hf_model, tmp_path, max_shard_size)
+    else:
+        kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+        hf_model.save_pretrained(tmp_path, **kwargs)
+    index = "pytorch_model.bin.index.json" if pickled else "model.safetensors.index.json"
+    assert (tmp_path / index).exists() == (max_shard_size is not None)
+    assert any(tmp_path.glob("*.bin")) == pickled
 
     model = load_pretrained(tmp_path)
     assert model.config.rope_theta == 500000.0 and model.config.n_kv_heads == 2
@@ -376,8 +405,8 @@ def test_missing_files(tmp_path):
     only_config = tmp_path / "hf"
     save_hf(random_model(), None, only_config)
     (only_config / "model.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match=r"expected weights in model\.safetensors or shards listed in "
-                                                r"model\.safetensors\.index\.json"):
+    with pytest.raises(FileNotFoundError, match=r"expected weights in model\.safetensors, shards listed in "
+                                                r"model\.safetensors\.index\.json, pytorch_model\.bin.*found none"):
         load_pretrained(only_config)
 
     sharded = tmp_path / "sharded"
@@ -466,6 +495,23 @@ def test_pth_that_would_run_code_is_refused(tmp_path):
     with pytest.raises(ValueError, match=rf"{shard}: not a readable PyTorch checkpoint.*weights_only"):
         load_pretrained(tmp_path)
     assert not CALLED, "loading a checkpoint executed code from its pickle"
+
+
+def test_hf_pickle_that_would_run_code_is_refused(tmp_path):
+    save_transformers_pickles(tiny_transformers_llama(), tmp_path, max_shard_size="sharded")
+    shard = tmp_path / "pytorch_model-00002-of-00002.bin"
+    torch.save({"lm_head.weight": _RunsCodeWhenUnpickled()}, shard)
+    with pytest.raises(ValueError, match=rf"{shard}: not a readable PyTorch checkpoint.*weights_only"):
+        load_pretrained(tmp_path)
+    assert not CALLED, "loading a checkpoint executed code from its pickle"
+
+
+def test_hf_pickle_shard_without_its_tensors(tmp_path):
+    save_transformers_pickles(tiny_transformers_llama(), tmp_path, max_shard_size="sharded")
+    shard = tmp_path / "pytorch_model-00001-of-00002.bin"
+    torch.save({}, shard)
+    with pytest.raises(ValueError, match=rf"{shard}: the shard index places tensors \[.*\] in this file"):
+        load_pretrained(tmp_path)
 
 
 def test_directory_of_neither_format(tmp_path):
