@@ -369,7 +369,7 @@ def load_hf_state(path: str | os.PathLike) -> tuple[LlamaConfig, dict[str, torch
     ``pytorch_model*.bin`` pickles with ``torch.load(weights_only=True)``, which refuses
     anything but tensors and plain containers.
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: expected a Hugging Face model directory (config.json + weights)")
     config = config_from_hf(_read_json(path / HF_CONFIG, "a transformers config.json"), str(path / HF_CONFIG))
@@ -435,7 +435,7 @@ def save_hf(
             shard_bytes = 0
         shards[-1].append(name)
         shard_bytes += size
-    path = Path(path)
+    path = Path(path).expanduser()
     path.mkdir(parents=True, exist_ok=True)
     for stale in [path / HF_WEIGHTS, path / HF_INDEX, *path.glob("model-*-of-*.safetensors")]:
         stale.unlink(missing_ok=True)
@@ -559,7 +559,7 @@ def _meta_vocab_size(params: dict, shards: list[dict[str, torch.Tensor]]) -> int
 
 def load_meta_state(path: str | os.PathLike) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
     """(config, our state dict) from Meta's params.json + consolidated.NN.pth (shards merged, q/k permuted)."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: expected a Meta checkpoint directory (params.json + consolidated.*.pth)")
     params = _read_json(path / META_PARAMS, "Meta's params.json")
@@ -602,7 +602,7 @@ def save_weights(model_or_state, path: str | os.PathLike, config: LlamaConfig | 
         for name, t in state.items()
         if not (config.tie_embeddings and name == "lm_head.weight")  # the same tensor as embed.weight
     }
-    path = Path(path)
+    path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": "pt", CONFIG_METADATA_KEY: json.dumps(config.to_dict())})
@@ -612,7 +612,7 @@ def save_weights(model_or_state, path: str | os.PathLike, config: LlamaConfig | 
 
 def load_weights_state(path: str | os.PathLike) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
     """(config, state dict) from a file written by ``save_weights``."""
-    path = Path(path)
+    path = Path(path).expanduser()
     tensors, metadata = _read_safetensors(path)
     if CONFIG_METADATA_KEY not in metadata:
         raise ValueError(
@@ -646,7 +646,7 @@ def load_weights(
 
 def detect_format(path: str | os.PathLike) -> str:
     """'hf', 'meta' or 'llama-fast' for a checkpoint path; a clear error when it is none of them."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory")
     if path.is_file():

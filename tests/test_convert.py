@@ -241,6 +241,18 @@ def test_round_trip_through_hf_is_exact(tmp_path, max_shard_size):
     assert_same_state(state, model.state_dict())
 
 
+def test_paths_with_a_tilde_are_expanded(tmp_path, monkeypatch):
+    """The README's load_pretrained("~/llama-2-7b-hf"): Python, unlike a shell, does not expand ~."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    model = random_model()
+    save_hf(model, None, "~/hf")
+    save_weights(model, "~/ours.safetensors")
+    assert (tmp_path / "hf" / "config.json").is_file() and (tmp_path / "ours.safetensors").is_file()
+    for path in ("~/hf", "~/ours.safetensors"):
+        for p, q in zip(load_pretrained(path).parameters(), model.parameters()):
+            assert torch.equal(p, q)
+
+
 def test_save_hf_replaces_earlier_shards(tmp_path):
     save_hf(random_model(), None, tmp_path, max_shard_size="30KB")
     model = random_model()
