@@ -1,4 +1,5 @@
-"""linear_cross_entropy (chunked lm_head + loss) against F.cross_entropy on full logits."""
+"""linear_cross_entropy (chunked lm_head + loss) against F.cross_entropy on full logits, and its
+per-row op llama_fast::cross_entropy_rows_ (Triton kernel in the interpreter, PyTorch math elsewhere)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,9 +20,20 @@ def grads(fn, h, w, t, dtype):
     return loss.detach(), h.grad, w.grad
 
 
+@pytest.fixture(params=["triton", "torch"])
+def impl(request, monkeypatch):
+    """Both implementations of cross_entropy_rows_: the Triton kernel (interpreter on CPU) and the
+    PyTorch math used where Triton cannot run."""
+    if request.param == "torch":
+        monkeypatch.setattr(ce, "triton_runs_on", lambda device: False)
+    elif not ce.triton_runs_on(torch.device("cpu")):
+        pytest.skip("the Triton kernel runs on CPU only under TRITON_INTERPRET=1 (set by conftest.py)")
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("rows, dim, vocab", [(1, 16, 7), (37, 24, 301), (130, 64, 1000)])
-def test_matches_full_logits(monkeypatch, dtype, rows, dim, vocab):
+def test_matches_full_logits(monkeypatch, impl, dtype, rows, dim, vocab):
     monkeypatch.setattr(ce, "_CHUNK_ELEMENTS", vocab * 16)  # several chunks, the last one partial
     h, w = torch.randn(rows, dim), torch.randn(vocab, dim) / dim**0.5
     t = torch.randint(0, vocab, (rows,))
@@ -62,16 +74,73 @@ def test_fp16_with_a_loss_scale():
 
 def test_no_grad_computes_the_loss_alone(monkeypatch):
     """Evaluation under no_grad must not pay for the softmax gradient or the dW buffer."""
-    softmaxes = []  # the gradient's softmax is an in-place exp_ over the logits
-    real = torch.Tensor.exp_
-    monkeypatch.setattr(torch.Tensor, "exp_", lambda *a, **k: softmaxes.append(1) or real(*a, **k))
+    calls = []
+    real = ce.cross_entropy_rows_
+    monkeypatch.setattr(ce, "cross_entropy_rows_", lambda *a: calls.append(a[3]) or real(*a))
     h, w, t = torch.randn(20, 8, requires_grad=True), torch.randn(11, 8, requires_grad=True), torch.randint(0, 11, (20,))
     with torch.no_grad():
         loss = ce.linear_cross_entropy(h, w, t)
-    assert softmaxes == [] and not loss.requires_grad
+    assert calls == [False] and not loss.requires_grad
     torch.testing.assert_close(loss, full_logits_loss(h, w, t).detach())
     ce.linear_cross_entropy(h, w, t)
-    assert softmaxes, "with gradients enabled the forward computes them"
+    assert calls == [False, True], "with gradients enabled the forward computes them"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("rows, vocab", [(1, 1), (5, 7), (9, 4096), (6, 5000)])  # one, several blocks
+def test_rows_op_against_autograd(impl, dtype, rows, vocab):
+    """Loss per row and, written over the logits, d loss_row / d logits: against fp64 autograd."""
+    x = torch.randn(rows, vocab) * 4
+    t = torch.randint(0, vocab, (rows,))
+    t[1::3] = -100  # ignored rows: loss 0, gradient 0
+
+    def reference(x):
+        x = x.detach().requires_grad_()
+        loss = F.cross_entropy(x, t, ignore_index=-100, reduction="none")
+        loss.sum().backward()
+        return loss.detach(), x.grad
+
+    hi, lo = reference(x.double()), reference(x.to(dtype).float() if dtype == torch.float16 else x)
+    logits = x.to(dtype)
+    logits_before = logits.clone()
+    loss = ce.cross_entropy_rows_(logits, t, -100, False)
+    assert torch.equal(logits, logits_before), "write_grad=False must leave the logits alone"
+    loss_again = ce.cross_entropy_rows_(logits, t, -100, True)
+    assert loss.dtype == torch.float32 and torch.equal(loss, loss_again)
+    floor = default_floor(dtype)
+    assert_within_2x("loss", loss, hi[0], lo[0], floor=floor)
+    # The fp16 gradient is rounded once more than PyTorch's (whose gradient here stays fp32).
+    assert_within_2x("grad", logits.float(), hi[1], lo[1].to(dtype).float(), floor=floor)
+    assert torch.all(logits[1::3] == 0) and torch.all(loss[1::3] == 0)
+
+
+def test_rows_op_reads_a_row_stride(impl):
+    """A [rows, vocab] view with a row stride larger than vocab (a slice of wider logits); the
+    columns past the view are left alone."""
+    wide = torch.randn(4, 40)
+    original = wide.clone()
+    logits = wide[:, :33]
+    t = torch.randint(0, 33, (4,))
+    expected_loss = F.cross_entropy(original[:, :33], t, reduction="none")
+    expected_grad = torch.softmax(original[:, :33], dim=1) - F.one_hot(t, 33)
+    loss = ce.cross_entropy_rows_(logits, t, -100, True)
+    torch.testing.assert_close(loss, expected_loss)
+    torch.testing.assert_close(wide[:, :33], expected_grad)
+    assert torch.equal(wide[:, 33:], original[:, 33:])
+
+
+def test_rows_op_target_outside_the_vocabulary_gives_nan_not_a_read_out_of_bounds(impl):
+    logits = torch.randn(3, 10)
+    loss = ce.cross_entropy_rows_(logits, torch.tensor([2, 10, -7]), -100, True)
+    assert torch.isfinite(loss[0]) and torch.isnan(loss[1]) and torch.isnan(loss[2])
+
+
+def test_opcheck():
+    logits = torch.randn(6, 37)
+    t = torch.randint(0, 37, (6,))
+    t[2] = -100
+    for write_grad in (False, True):
+        torch.library.opcheck(torch.ops.llama_fast.cross_entropy_rows_, (logits.clone(), t, -100, write_grad))
 
 
 def test_bad_input():
@@ -81,3 +150,21 @@ def test_bad_input():
         ce.linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 8), torch.zeros(5, dtype=torch.long))
     with pytest.raises(TypeError, match="targets must be int64"):
         ce.linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 8), torch.zeros(4))
+    with pytest.raises(ValueError, match=r"targets must be class indices in \[0, 10\) or ignore_index=-100, got \[10, -3\]"):
+        ce.linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 8), torch.tensor([1, 10, -100, -3]))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_matches_full_logits_on_the_gpu(monkeypatch, dtype):
+    """The Triton kernel compiled (bf16 never runs in the interpreter), lm_head's vocabulary size."""
+    monkeypatch.setattr(ce, "_CHUNK_ELEMENTS", 32000 * 100)  # several chunks, the last one partial
+    rows, dim, vocab = 333, 256, 32000
+    h, w = torch.randn(rows, dim, device="cuda"), torch.randn(vocab, dim, device="cuda") / dim**0.5
+    t = torch.randint(0, vocab, (rows,), device="cuda")
+    t[::7] = -100
+    hi = grads(full_logits_loss, h.double(), w.double(), t, torch.float64)
+    lo = grads(full_logits_loss, h, w, t, dtype)
+    ours = grads(ce.linear_cross_entropy, h, w, t, dtype)
+    for name, a, b, c in zip(("loss", "dhidden", "dweight"), ours, hi, lo):
+        assert_within_2x(name, a.float(), b.float(), c.float(), floor=default_floor(dtype))

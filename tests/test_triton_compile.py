@@ -36,8 +36,10 @@ SWIGLU_BWD = dict(dy_ptr=BF16, dy_row_stride="i32", gate_ptr=BF16, gate_row_stri
 ROPE = dict(q_ptr=BF16, q_sb="i32", q_ss="i32", q_sh="i32", q_sd="i32", k_ptr=BF16, k_sb="i32", k_ss="i32",
             k_sh="i32", k_sd="i32", q_out_ptr=BF16, k_out_ptr=BF16, cos_ptr="*fp32", sin_ptr="*fp32",
             cs_row_stride="i32", S="i32", Hq="i32", Hkv="i32", HALF="i32")
+CROSS_ENTROPY = dict(logits_ptr=BF16, row_stride="i32", targets_ptr="*i64", loss_ptr="*fp32", V="i32",
+                     ignore_index="i32")
 # Runtime arguments not specialized as divisible by 16 (head counts, strides of size-1 dims, ...).
-UNALIGNED = {"q_sd", "k_sd", "S", "Hq", "Hkv", "rows"}
+UNALIGNED = {"q_sd", "k_sd", "S", "Hq", "Hkv", "rows", "ignore_index"}
 
 # (name, module, kernel, signature, constexprs, num_warps, must use 16-byte loads)
 CASES = [
@@ -55,6 +57,8 @@ CASES = [
      dict(BACKWARD=False, HALF_BLOCK=64, BLOCK_H=32, Q_D_CONTIGUOUS=True, K_D_CONTIGUOUS=True), 8, True),
     ("rope bwd, strided head dim", "rope", "rope_kernel", ROPE,
      dict(BACKWARD=True, HALF_BLOCK=64, BLOCK_H=32, Q_D_CONTIGUOUS=False, K_D_CONTIGUOUS=True), 8, False),
+    ("cross-entropy rows", "cross_entropy", "cross_entropy_kernel", CROSS_ENTROPY,
+     dict(BLOCK=4096, WRITE_GRAD=True), 8, True),
 ]
 
 

@@ -3,8 +3,11 @@
     loss = mean_{i: t_i != ignore} ( logsumexp(h_i W^T) - (h_i W^T)[t_i] )
 
 The rows of h are processed in chunks: for each chunk the logits are formed (GEMM in the
-activation dtype, fp32 accumulate), reduced in fp32 to the loss, and turned straight into the
+activation dtype, fp32 accumulate), reduced in fp32 to the loss, and turned in place into the
 gradients  dlogits = softmax - onehot(t)  ->  dh = dlogits W,  dW += dlogits^T h.
+The reduction and the in-place gradient are one op, ``llama_fast::cross_entropy_rows_``: a Triton
+kernel (kernels/cross_entropy.py: two reads and one write of the chunk in the activation dtype)
+where Triton runs, PyTorch math elsewhere.
 The forward thus does the backward's work and keeps only dh (the size of h) and dW (fp32, the size
 of W); the peak extra memory is one chunk of logits instead of [N, vocab] logits plus their
 gradient. backward() scales the stored gradients by the incoming scalar gradient.
@@ -13,9 +16,40 @@ from __future__ import annotations
 
 import torch
 
-# Rows per chunk: chunk_rows * vocab fp32 logits stay around 256 MiB at vocab 32000 (plus the
-# chunk's gradient in the activation dtype while it feeds the two GEMMs).
+from ._common import triton_runs_on
+
+# Rows per chunk: chunk_rows * vocab logits, 128 MiB in bf16 at vocab 32000 (which become the
+# chunk's gradient in place and feed the two GEMMs).
 _CHUNK_ELEMENTS = 64 * 1024 * 1024
+
+
+@torch.library.custom_op("llama_fast::cross_entropy_rows_", mutates_args=("logits",))
+def cross_entropy_rows_(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, write_grad: bool) -> torch.Tensor:
+    """Per-row cross-entropy (fp32 [rows]; 0 where targets == ignore_index, NaN for a target outside
+    [0, vocab)) of logits [rows, vocab] (last dim contiguous). With ``write_grad`` the logits are
+    overwritten by the unscaled gradient softmax - onehot(target), zero on ignored rows."""
+    if triton_runs_on(logits.device):
+        from llama_fast.kernels import cross_entropy as kernels
+
+        return kernels.cross_entropy_(logits, targets, ignore_index, write_grad)
+    x = logits.float()  # (rows, vocab)
+    lse = torch.logsumexp(x, dim=-1)
+    counted = targets != ignore_index
+    in_range = (targets >= 0) & (targets < logits.shape[1])
+    safe = torch.where(counted & in_range, targets, torch.zeros_like(targets))
+    picked = x.gather(1, safe[:, None]).squeeze(1)
+    loss = torch.where(in_range, lse - picked, torch.full_like(lse, float("nan")))
+    loss = torch.where(counted, loss, torch.zeros_like(lse))
+    if write_grad:
+        grad = (x - lse[:, None]).exp_()
+        grad.scatter_add_(1, safe[:, None], -(counted & in_range).to(grad.dtype)[:, None])
+        logits.copy_(grad * counted[:, None])
+    return loss
+
+
+@cross_entropy_rows_.register_fake
+def _(logits, targets, ignore_index, write_grad):
+    return logits.new_empty(logits.shape[0], dtype=torch.float32)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -31,24 +65,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, n_rows, chunk):
             h = hidden[start : start + chunk]  # (c, d)
-            t = targets[start : start + chunk]
-            ok = valid[start : start + chunk]
-            logits = (h @ weight.t()).float()  # (c, vocab)
-            lse = torch.logsumexp(logits, dim=-1)
-            safe_t = torch.where(ok, t, torch.zeros_like(t))
-            picked = logits.gather(1, safe_t[:, None]).squeeze(1)
-            total += ((lse - picked) * ok).sum()
+            logits = h @ weight.t()  # (c, vocab), activation dtype
+            total += cross_entropy_rows_(logits, targets[start : start + chunk], ignore_index, needs_grad).sum()
             if needs_grad:
-                # softmax - onehot, in place over the logits (no second [c, vocab] buffer). Left
-                # unscaled (|g| <= 1) so fp16 keeps the small probabilities: 1/n_valid and the
-                # upstream gradient (a loss scale, say) are applied in fp32 in backward().
-                grad = logits.sub_(lse[:, None]).exp_()
-                del logits  # grad alone holds the fp32 buffer now: the cast below frees it before the GEMMs
-                grad.scatter_add_(1, safe_t[:, None], -torch.ones_like(picked)[:, None])
-                grad *= ok[:, None]
-                grad = grad.to(hidden.dtype)
-                d_hidden[start : start + chunk] = grad @ weight
-                d_weight += (grad.t() @ h).float()  # (vocab, d): GEMM in the activation dtype
+                # logits now holds softmax - onehot, left unscaled (|g| <= 1) so fp16 keeps the small
+                # probabilities: 1/n_valid and the upstream gradient (a loss scale, say) are applied
+                # in fp32 in backward().
+                d_hidden[start : start + chunk] = logits @ weight
+                d_weight += (logits.t() @ h).float()  # (vocab, d): GEMM in the activation dtype
         ctx.save_for_backward(d_hidden, d_weight, n_valid)
         ctx.weight_dtype = weight.dtype
         return total / n_valid
@@ -79,6 +103,15 @@ def linear_cross_entropy(
         raise TypeError(f"targets must be int64 or int32 class indices, got {targets.dtype}")
     if hidden.dtype != weight.dtype:
         raise TypeError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype")
+    vocab = weight.shape[0]
+    # One device sync (none when compiling or tracing on meta): the kernel would only give a NaN loss.
+    if not torch.compiler.is_compiling() and targets.device.type != "meta":
+        outside = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
+        if outside.any():
+            raise ValueError(
+                f"targets must be class indices in [0, {vocab}) or ignore_index={ignore_index}, "
+                f"got {targets[outside][:5].tolist()} (first of {int(outside.sum())} outside)"
+            )
     with_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return _LinearCrossEntropy.apply(
         hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1).long(), ignore_index, with_grad
