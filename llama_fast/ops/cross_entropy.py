@@ -72,7 +72,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 # probabilities: 1/n_valid and the upstream gradient (a loss scale, say) are applied
                 # in fp32 in backward().
                 d_hidden[start : start + chunk] = logits @ weight
-                d_weight += (logits.t() @ h).float()  # (vocab, d): GEMM in the activation dtype
+                d_weight += logits.t() @ h  # (vocab, d): GEMM in the activation dtype, added in fp32 (no fp32 copy)
         ctx.save_for_backward(d_hidden, d_weight, n_valid)
         ctx.weight_dtype = weight.dtype
         return total / n_valid
