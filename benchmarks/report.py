@@ -49,6 +49,12 @@ def train_step_cell(info: dict) -> str:
     return f"{info['tokens_per_s'] / 1e3:.1f}k tok/s, {info['mfu'] * 100:.1f}% MFU, {info['peak_mem_gib']:.1f} GiB"
 
 
+def loss_cell(info: dict) -> str:
+    if not {"TFLOP/s", "peak_extra_mib"} <= info.keys():
+        return MISSING
+    return f"{number(info['TFLOP/s'])} TFLOP/s, {info['peak_extra_mib']:.0f} MiB"
+
+
 def peak_memory_cell(info: dict) -> str:
     if not {"peak_extra_mib", "activation_mib", "TFLOP/s"} <= info.keys():
         return MISSING
@@ -98,6 +104,10 @@ TABLES = [
     Table("Attention peak memory, forward + backward, B1 H32 S16384 D128 bf16",
           {"bench_attention.py::test_attention_peak_memory_16k": "B1_H32_S16384_D128"},
           {None: "llama_fast"}, (None,), peak_memory_cell),
+    Table("lm_head + cross-entropy, forward + backward, 8192 x 2048 -> vocab 32000 bf16: TFLOP/s, peak memory "
+          "above the inputs",
+          {"bench_cross_entropy.py::test_forward_backward": "1B loss"},
+          ELEMENTWISE_COLUMNS, ("ours",), loss_cell),
     Table("Train step, 1B flavor, B4 S2048 bf16, fused AdamW: tokens/s, MFU, peak memory",
           {"bench_train_step.py::test_train_step": "1B B4 S2048"},
           {"llama_fast": "llama_fast fused", "llama_fast-reference": "llama_fast reference",

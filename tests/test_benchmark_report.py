@@ -83,6 +83,8 @@ def extra_info(case: dict, value: float) -> dict:
         return {"peak_extra_mib": value, "activation_mib": 128.0, **recorded, "flops": 1e12, "TFLOP/s": 300.0}
     if "bench_attention.py" in name:
         return {**recorded, "flops": 1e12, "TFLOP/s": value}
+    if "bench_cross_entropy.py" in name:
+        return {**recorded, "flops": 1e12, "TFLOP/s": value, "peak_extra_mib": 300.0}
     return {**recorded, "bytes": 1 << 30, "GB/s": value}
 
 
@@ -181,6 +183,10 @@ def test_numbers_land_in_their_cells_with_target_markers(run):
     assert train["llama_fast fused"] == "66.0k tok/s, 44.0% MFU, 23.0 GiB ✅"
     assert train["HF + replace_modules"].endswith("25.0 GiB ❌")
     assert train["design.md target"] == ">= 65k tok/s (44% MFU), <= 24 GiB"
+    loss = table(md, "lm_head + cross-entropy")["1B loss"]
+    loss_value = run[3]["benchmarks/bench_cross_entropy.py::test_forward_backward[ours]"]
+    assert loss["llama_fast"] == f"{loss_value:.0f} TFLOP/s, 300 MiB"
+    assert set(loss) == {"case", "llama_fast", "eager reference", "torch.compile", "Liger"}  # no target here
     peak_value = next(v for name, v in run[3].items() if "test_attention_peak_memory" in name)
     memory = table(md, "Attention peak memory")["B1_H32_S16384_D128"]["llama_fast"]
     assert memory.startswith(f"{peak_value:.0f} MiB extra = {peak_value / 128:.1f}x one q tensor (128 MiB)")
