@@ -500,19 +500,20 @@ class _RunsCodeWhenUnpickled:
         return (_record_call, ())
 
 
-def test_pth_that_would_run_code_is_refused(tmp_path):
-    write_meta(tmp_path, META_PARAMS, {})
-    shard = tmp_path / "consolidated.00.pth"
-    torch.save(_RunsCodeWhenUnpickled(), shard)
-    with pytest.raises(ValueError, match=rf"{shard}: not a readable PyTorch checkpoint.*weights_only"):
-        load_pretrained(tmp_path)
-    assert not CALLED, "loading a checkpoint executed code from its pickle"
+def _meta_pickle(path):
+    write_meta(path, META_PARAMS, {})
+    return path / "consolidated.00.pth", _RunsCodeWhenUnpickled()
 
 
-def test_hf_pickle_that_would_run_code_is_refused(tmp_path):
-    save_transformers_pickles(tiny_transformers_llama(), tmp_path, max_shard_size="sharded")
-    shard = tmp_path / "pytorch_model-00002-of-00002.bin"
-    torch.save({"lm_head.weight": _RunsCodeWhenUnpickled()}, shard)
+def _transformers_pickle(path):
+    save_transformers_pickles(tiny_transformers_llama(), path, max_shard_size="sharded")
+    return path / "pytorch_model-00002-of-00002.bin", {"lm_head.weight": _RunsCodeWhenUnpickled()}
+
+
+@pytest.mark.parametrize("make", [_meta_pickle, _transformers_pickle], ids=["meta .pth", "transformers .bin"])
+def test_pickle_that_would_run_code_is_refused(tmp_path, make):
+    shard, payload = make(tmp_path)
+    torch.save(payload, shard)
     with pytest.raises(ValueError, match=rf"{shard}: not a readable PyTorch checkpoint.*weights_only"):
         load_pretrained(tmp_path)
     assert not CALLED, "loading a checkpoint executed code from its pickle"
