@@ -379,7 +379,7 @@ class ShardReader:
         else:
             start, stop = rows if rows is not None else (0, entry["shape"][0])
             parts = []
-            for s in entry["slices"]:
+            for s in sorted(entry["slices"], key=lambda s: s["start"]):
                 lo, hi = max(start, s["start"]), min(stop, s["stop"])
                 if lo >= hi:
                     continue
@@ -405,7 +405,7 @@ def _load_model_state(reader: ShardReader, model: Llama) -> dict[str, torch.Tens
     reader.check_names("model", model_sd)
     with torch.no_grad():
         for name, target in model_sd.items():
-            local, rows, _ = _local_part(target, rank=0)
+            local, rows, _ = _local_part(target, rank=0)  # (whether rank 0 would write it does not matter here)
             local.copy_(reader.read("model", name, target.shape, rows))
     return model_sd
 
