@@ -181,6 +181,10 @@ def test_one_process_round_trip_and_format_1(tmp_path):
             for key, value in optimizer.state[q].items():
                 torch.testing.assert_close(fresh_optimizer.state[p][key], value, rtol=0, atol=0, msg=f"{name}/{key}")
 
+    (whole / "optimizer.safetensors").unlink()  # a model to generate from needs no optimizer state
+    ckpt.load_model(whole)
+    with pytest.raises(FileNotFoundError, match="format 'llama_fast.checkpoint/1'\\): optimizer.safetensors is missing"):
+        ckpt.load_checkpoint(whole, *trained_tiny(1), d)
     tensors = load_file(saved / "model.rank0.safetensors")
     del tensors["norm.weight"]
     save_file(tensors, saved / "model.rank0.safetensors")
@@ -188,4 +192,7 @@ def test_one_process_round_trip_and_format_1(tmp_path):
     del index["model"]["norm.weight"]
     (saved / "index.json").write_text(json.dumps(index))
     with pytest.raises(ValueError, match="model tensors missing from the shards: \\['norm.weight'\\]; unexpected: \\[\\]"):
+        ckpt.load_model(saved)
+    (saved / "index.json").unlink()
+    with pytest.raises(FileNotFoundError, match="format 'llama_fast.checkpoint/2'\\): index.json is missing"):
         ckpt.load_model(saved)

@@ -310,8 +310,12 @@ class ShardReader:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        state = read_state(self.path)
-        self.index = self._whole_index() if state["format"] == FORMAT_WHOLE else json.loads((self.path / INDEX).read_text())
+        self.format = read_state(self.path)["format"]
+        self.index = {}  # format 1: built per kind from the file's header on first use (see entries)
+        if self.format == FORMAT:
+            if not (self.path / INDEX).is_file():
+                raise FileNotFoundError(f"checkpoint {self.path} (format {FORMAT!r}): {INDEX} is missing")
+            self.index = json.loads((self.path / INDEX).read_text())
         self._files: dict[str, object] = {}
         self._stack = contextlib.ExitStack()
 
@@ -321,19 +325,22 @@ class ShardReader:
     def __exit__(self, *exc) -> None:
         self._stack.close()
 
-    def _whole_index(self) -> dict:
-        """The index of a format-1 checkpoint: every tensor whole in model/optimizer.safetensors."""
-        index = {}
-        for kind in KINDS:
+    def entries(self, kind: str) -> dict:
+        """name -> {"shape", "dtype", "slices"} of the ``kind`` ("model" or "optimizer") tensors."""
+        if kind not in self.index:  # format 1: every tensor whole in <kind>.safetensors
+            if self.format != FORMAT_WHOLE:
+                raise ValueError(f"checkpoint {self.path}: {INDEX} has no {kind!r} section")
             file = f"{kind}.safetensors"
-            entries = index[kind] = {}
+            if not (self.path / file).is_file():
+                raise FileNotFoundError(f"checkpoint {self.path} (format {FORMAT_WHOLE!r}): {file} is missing")
+            entries = self.index[kind] = {}
             with safe_open(self.path / file, framework="pt", device="cpu") as f:
                 for name in f.keys():
                     shape = f.get_slice(name).get_shape()
                     probe = f.get_slice(name)[0:0] if shape else f.get_tensor(name)  # no data read for the dtype
                     whole = {"file": file, "start": 0, "stop": shape[0]} if shape else {"file": file}
                     entries[name] = {"shape": shape, "dtype": _dtype_name(probe.dtype), "slices": [whole]}
-        return index
+        return self.index[kind]
 
     def _open(self, file: str, name: str):
         if file not in self._files:
@@ -349,7 +356,7 @@ class ShardReader:
 
     def check_names(self, kind: str, names) -> None:
         """The checkpoint holds exactly these tensors of ``kind`` (a clear error for missing or extra ones)."""
-        saved, wanted = set(self.index[kind]), set(names)
+        saved, wanted = set(self.entries(kind)), set(names)
         if saved != wanted:
             raise ValueError(
                 f"checkpoint {self.path}: {kind} tensors missing from the shards: {sorted(wanted - saved)}; "
@@ -360,7 +367,7 @@ class ShardReader:
         return self._entry(kind, name)["shape"]
 
     def _entry(self, kind: str, name: str) -> dict:
-        entry = self.index[kind].get(name)
+        entry = self.entries(kind).get(name)
         if entry is None:
             raise ValueError(f"checkpoint {self.path}: {kind} tensor {name!r} is missing from the shards ({INDEX} lacks it)")
         return entry
@@ -417,7 +424,7 @@ def _load_optimizer_state(reader: ShardReader, model_sd: dict, groups: dict) -> 
     other (the step count, 0-dim) is read whole.
     """
     state: dict[str, dict] = {}
-    for flat in reader.index["optimizer"]:
+    for flat in reader.entries("optimizer"):
         name, _, key = flat.rpartition("/")
         if name not in model_sd:
             raise ValueError(f"checkpoint {reader.path}: optimizer state {flat!r} names no parameter of the model")
