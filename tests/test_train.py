@@ -130,9 +130,9 @@ def torchrun(*args, nproc=2) -> subprocess.CompletedProcess:
 
 
 def test_two_processes_match_one(tmp_path, data):
-    """2 gloo processes x 1 micro-batch == 1 process x 2 accumulated micro-batches (same global batch)."""
-    run(tmp_path / "one", data, "--steps", "4")
-    torchrun(*tiny_args(tmp_path / "two", data, "--steps", "4"))
+    """2 gloo processes x 2 accumulated micro-batches == 1 process x 4 (same global batch; DDP's no_sync)."""
+    run(tmp_path / "one", data, "--steps", "4", "--train.micro_batch", "2")
+    torchrun(*tiny_args(tmp_path / "two", data, "--steps", "4", "--train.micro_batch", "2"))
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert sorted(one) == sorted(two) == [1, 2, 3, 4]
     for step in one:
