@@ -1,4 +1,5 @@
 """The trainer: schedule, config, resume, multi-process equivalence, robustness, the main job."""
+import json
 import math
 import os
 import signal
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from synthetic_text import write_corpus
 
 from llama_fast.data import parse_source, prepare
@@ -128,9 +130,9 @@ def torchrun(*args, nproc=2) -> subprocess.CompletedProcess:
 
 
 def test_two_processes_match_one(tmp_path, data):
-    """2 gloo processes x 1 micro-batch == 1 process x 2 accumulated micro-batches (same global batch)."""
-    run(tmp_path / "one", data, "--steps", "4")
-    torchrun(*tiny_args(tmp_path / "two", data, "--steps", "4"))
+    """2 gloo processes x 2 accumulated micro-batches == 1 process x 4 (same global batch; DDP's no_sync)."""
+    run(tmp_path / "one", data, "--steps", "4", "--train.micro_batch", "2")
+    torchrun(*tiny_args(tmp_path / "two", data, "--steps", "4", "--train.micro_batch", "2"))
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert sorted(one) == sorted(two) == [1, 2, 3, 4]
     for step in one:
@@ -139,21 +141,59 @@ def test_two_processes_match_one(tmp_path, data):
     assert state["world_size"] == 2 and state["config"]["train"]["parallel"] == "ddp"
 
 
+# 12 sequences of 32 tokens per step: 1, 2 or 3 processes of 2-sequence micro-batches.
+GEOMETRY = ("--train.batch_tokens", "384", "--train.micro_batch", "2")
+
+
 def test_fsdp_resumes_a_checkpoint_and_matches_one_process(tmp_path, data):
-    """FSDP2 (gloo, CPU) loads a full checkpoint shard by shard and trains as one process does."""
-    run(tmp_path / "start", data, "--steps", "4", "--checkpoint.interval", "2")
-    start = tmp_path / "start" / "checkpoints" / "step_0000002"
-    run(tmp_path / "one", data, "--steps", "4", "--resume", str(start))
-    torchrun(*tiny_args(tmp_path / "fsdp", data, "--steps", "4", "--resume", str(start), "--train.parallel", "fsdp"))
-    one, fsdp = losses(tmp_path / "one"), losses(tmp_path / "fsdp")
-    assert sorted(fsdp) == [3, 4]
-    for step in fsdp:
-        assert fsdp[step] == pytest.approx(one[step], rel=1e-5, abs=0)
-    # The FSDP checkpoint holds the full model: it loads into one process.
-    model = ckpt.load_model(tmp_path / "fsdp")
-    reference = ckpt.load_model(tmp_path / "one")
-    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
+    """FSDP2 (gloo, CPU) resumes a one-process checkpoint and writes sharded ones; those resume on 3 FSDP
+    processes (uneven shards) and on one process, and every loss is the uninterrupted run's."""
+    run(tmp_path / "one", data, *GEOMETRY, "--checkpoint.interval", "2")
+    one = losses(tmp_path / "one")
+    start = tmp_path / "one" / "checkpoints" / "step_0000002"
+    torchrun(*tiny_args(tmp_path / "fsdp2", data, *GEOMETRY, "--resume", str(start), "--train.parallel", "fsdp",
+                        "--checkpoint.interval", "2"))
+    sharded = tmp_path / "fsdp2" / "checkpoints" / "step_0000004"
+    torchrun(*tiny_args(tmp_path / "fsdp3", data, *GEOMETRY, "--resume", str(sharded), "--train.parallel", "fsdp"),
+             nproc=3)
+    run(tmp_path / "back", data, *GEOMETRY, "--resume", str(sharded))
+    for name, steps in (("fsdp2", [3, 4, 5, 6]), ("fsdp3", [5, 6]), ("back", [5, 6])):
+        resumed = losses(tmp_path / name)
+        assert sorted(resumed) == steps, name
+        for step in steps:
+            assert resumed[step] == pytest.approx(one[step], rel=1e-5, abs=0), (name, step)
+
+    # Each of the 2 processes wrote only its rows (torch.chunk's split of dim 0), nothing whole.
+    index = json.loads((sharded / "index.json").read_text())
+    assert ckpt.read_state(sharded)["format"] == index["format"] == ckpt.FORMAT and index["world_size"] == 2
+    assert not (sharded / "model.safetensors").exists()
+    for kind in ("model", "optimizer"):
+        stored = [0, 0]
+        for rank in (0, 1):
+            with safe_open(sharded / f"{kind}.rank{rank}.safetensors", framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    shape = index[kind][name]["shape"]
+                    if not shape:  # an AdamW step count: replicated, written once by rank 0
+                        assert rank == 0 and name.endswith("/step")
+                        continue
+                    rows = len(torch.arange(shape[0]).chunk(2)[rank])
+                    assert f.get_slice(name).get_shape() == [rows, *shape[1:]] and rows < shape[0], name
+                    stored[rank] += math.prod(f.get_slice(name).get_shape())
+        full = sum(math.prod(e["shape"]) for e in index[kind].values() if e["shape"])
+        assert stored[0] + stored[1] == full and abs(stored[0] - stored[1]) < 0.01 * full, (kind, stored)
+    assert index["model"]["embed.weight"]["slices"] == [
+        {"file": "model.rank0.safetensors", "start": 0, "stop": 256},
+        {"file": "model.rank1.safetensors", "start": 256, "stop": 512}]
+    three = json.loads((tmp_path / "fsdp3" / "checkpoints" / "step_0000006" / "index.json").read_text())
+    assert [(s["start"], s["stop"]) for s in three["model"]["layers.0.attn_norm.weight"]["slices"]] == [
+        (0, 22), (22, 44), (44, 64)]
+
+    # The sharded checkpoints assemble into the one-process models.
+    for sharded_run, step in ((tmp_path / "fsdp2", 4), (tmp_path / "fsdp3", 6)):
+        model = ckpt.load_model(sharded_run / "checkpoints" / f"step_{step:07d}")
+        reference = ckpt.load_model(tmp_path / "one" / "checkpoints" / f"step_{step:07d}")
+        for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, data, monkeypatch):
@@ -180,7 +220,7 @@ def test_checkpoint_is_atomic(tmp_path, data, monkeypatch):
     real_save = ckpt.save_file
 
     def disk_full(tensors, path):
-        if Path(path).name == "optimizer.safetensors":
+        if Path(path).name == "optimizer.rank0.safetensors":
             raise OSError("No space left on device")
         real_save(tensors, path)
 

@@ -1,7 +1,7 @@
 """The trainer: ``llama-fast train`` (one process) or ``torchrun ... -m llama_fast.train`` (many).
 
 Parts: config (file + flags), parallelize (DDP / FSDP2 from outside the model),
-checkpoint (atomic, pickle-free), metrics (progress, JSONL, plot), trainer (the loop).
+checkpoint (atomic, sharded under FSDP, pickle-free), metrics (progress, JSONL, plot), trainer (the loop).
 """
 from __future__ import annotations
 

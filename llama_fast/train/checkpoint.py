@@ -1,27 +1,35 @@
-"""Checkpoints: written atomically, loaded without unpickling anything.
+"""Checkpoints: written atomically and shard by shard, loaded without unpickling anything.
 
 A checkpoint is a directory ``<run_dir>/checkpoints/step_NNNNNNN``::
 
-    model.safetensors      full (unsharded) model state, fp32
-    optimizer.safetensors  AdamW moments and step counts, keyed "<param name>/<state key>"
-    optimizer.json         the optimizer's param groups (hyperparameters, param names)
-    state.json             step, schedule, data position, the run's full config, the model config
-    rng_rank<R>.json       RNG states (torch, cuda, python, numpy) of each process
-    tokenizer.model        the tokenizer of the data (for ``llama-fast generate``)
+    model.rank<R>.safetensors      the rows of each model tensor that process R holds (fp32)
+    optimizer.rank<R>.safetensors  the same for the AdamW moments, keyed "<param name>/<state key>"
+    index.json                     per tensor: global shape, dtype, and which file holds which rows
+    optimizer.json                 the optimizer's param groups (hyperparameters, param names), scalars
+    state.json                     step, schedule, data position, the run's full config, the model config
+    rng_rank<R>.json               RNG states (torch, cuda, python, numpy) of each process
+    tokenizer.model                the tokenizer of the data (for ``llama-fast generate``)
+
+Under FSDP2 every process writes only its own shards (each parameter and moment is split
+along dim 0 as ``torch.chunk`` splits it: equal chunks of ceil(rows / processes), the last
+shorter, trailing ones possibly empty), so no process ever holds the full state. With one
+process or DDP the state is replicated and rank 0 writes it whole: one shard per tensor.
+``index.json`` (rank 0 merges what each rank reports having written, and checks that the
+slices tile every tensor) is the map. Loading reshards: each process reads, memory-mapped,
+only the rows of ITS current shard, so a checkpoint written by N processes resumes on M
+(FSDP, DDP or one process); ``load_model`` assembles whole tensors for ``generate``/export.
+
+Checkpoints of format ``llama_fast.checkpoint/1`` (one ``model.safetensors`` and one
+``optimizer.safetensors`` of whole tensors, written before sharding) still load: they read
+as a checkpoint of one shard.
 
 It is written under a temporary name and renamed (``os.replace``) once complete, so a
 directory named ``step_*`` is always whole; the last ``keep`` are kept. Tensors are in
 safetensors and everything else in JSON, so loading never executes code.
-
-Under FSDP the full state dicts are gathered onto rank 0 (CPU) for writing and each rank
-takes its shard when loading (torch.distributed.checkpoint.state_dict with
-``full_state_dict=True``), so a checkpoint does not depend on the number of processes
-and serves ``generate`` directly. The cost is rank 0's CPU memory holding the full model
-and optimizer state; beyond a few billion parameters torch.distributed.checkpoint's
-sharded format would be the next step.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -31,20 +39,26 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
-    set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.tensor import DTensor
 
 from ..config import LlamaConfig
 from ..model import Llama
 from .parallelize import Dist, barrier
 
-FORMAT = "llama_fast.checkpoint/1"
+FORMAT = "llama_fast.checkpoint/2"
+FORMAT_WHOLE = "llama_fast.checkpoint/1"  # one model.safetensors / optimizer.safetensors of whole tensors
+KINDS = ("model", "optimizer")
+INDEX = "index.json"
+# get_/set_optimizer_state_dict keyed by the model's parameter names; DTensors stay sharded.
+SHARDED = StateDictOptions(full_state_dict=False)
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -106,6 +120,118 @@ def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+# ---- shards -------------------------------------------------------------------------------
+def shard_rows(rows: int, shards: int, index: int) -> tuple[int, int]:
+    """Rows [start, stop) of shard ``index`` of ``shards`` under torch.chunk's rule (FSDP2's).
+
+    Chunks of ceil(rows / shards) rows; the last non-empty one may be shorter and the ones
+    after it are empty (5 rows in 4 shards: 2, 2, 1, 0).
+    """
+    if shards < 1 or not 0 <= index < shards:
+        raise ValueError(f"shard index: expected 0 <= index < shards (shards >= 1), got index {index} of {shards}")
+    chunk = -(-rows // shards)
+    start = min(index * chunk, rows)
+    return start, min(start + chunk, rows)
+
+
+def _local_part(tensor: torch.Tensor, rank: int) -> tuple[torch.Tensor, tuple[int, int] | None, bool]:
+    """(this process's part of ``tensor``, its rows of the global tensor, whether this process writes it).
+
+    A DTensor is FSDP2's: sharded along dim 0 over one mesh dimension (torch.chunk's rule),
+    replicated over any others (only coordinate 0 of those writes). A plain tensor is
+    replicated (one process, DDP, the optimizer's step counts): rank 0 writes it whole.
+    Rows are None for a 0-dim tensor.
+    """
+    if not isinstance(tensor, DTensor):
+        return tensor, ((0, tensor.shape[0]) if tensor.ndim else None), rank == 0
+    placements, mesh = tensor.placements, tensor.device_mesh
+    shard_dims = [i for i, p in enumerate(placements) if p.is_shard(dim=0)]
+    if len(shard_dims) > 1 or any(not (p.is_shard(dim=0) or p.is_replicate()) for p in placements):
+        raise ValueError(
+            f"checkpoint: expected DTensors sharded along dim 0 over at most one mesh dimension (FSDP2's "
+            f"Shard(0)) and replicated over the others, got placements {placements}"
+        )
+    coord = mesh.get_coordinate()
+    writer = all(coord[i] == 0 for i, p in enumerate(placements) if p.is_replicate())
+    rows = (0, tensor.shape[0])
+    if shard_dims:
+        rows = shard_rows(tensor.shape[0], mesh.size(shard_dims[0]), coord[shard_dims[0]])
+    local = tensor.to_local()
+    expected = (rows[1] - rows[0], *tensor.shape[1:])
+    if tuple(local.shape) != expected:
+        raise RuntimeError(
+            f"checkpoint: a shard of rows {rows[0]}:{rows[1]} of a {tuple(tensor.shape)} tensor should have shape "
+            f"{expected}, but this process holds {tuple(local.shape)} (placements {placements})"
+        )
+    return local, rows, writer
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _write_shards(tmp: Path, kind: str, tensors: dict[str, torch.Tensor], rank: int) -> dict:
+    """Write this process's parts of ``tensors`` to ``<kind>.rank<R>.safetensors``; returns their index entries.
+
+    An entry holds the global shape and dtype, and the file and rows when this process wrote some.
+    """
+    file = f"{kind}.rank{rank}.safetensors"
+    parts, entries = {}, {}
+    for name, tensor in tensors.items():
+        local, rows, writer = _local_part(tensor, rank)
+        if not writer:
+            continue
+        entry = entries[name] = {"shape": list(tensor.shape), "dtype": _dtype_name(tensor.dtype)}
+        if rows is None or rows[1] > rows[0]:
+            parts[name] = local.detach().to("cpu")
+            entry["slice"] = {"file": file} if rows is None else {"file": file, "start": rows[0], "stop": rows[1]}
+    if parts:
+        save_file(_unshared(parts), tmp / file)
+    return entries
+
+
+def _check_slices(where: str, name: str, entry: dict) -> None:
+    """The slices of a tensor tile its rows exactly (a 0-dim tensor: one whole copy)."""
+    slices = entry["slices"]
+    if not entry["shape"]:
+        if len(slices) != 1 or "start" in slices[0]:
+            raise ValueError(f"{where}: 0-dim tensor {name!r} should be stored whole exactly once, got slices {slices}")
+        return
+    row = 0
+    for s in sorted(slices, key=lambda s: s["start"]):
+        if s["start"] != row or s["stop"] <= s["start"]:
+            raise ValueError(
+                f"{where}: {name!r} has rows {s['start']}:{s['stop']} in {s['file']} where row {row} should start; "
+                f"expected slices tiling rows 0:{entry['shape'][0]} without gaps or overlaps"
+            )
+        row = s["stop"]
+    if row != entry["shape"][0]:
+        raise ValueError(f"{where}: the slices of {name!r} end at row {row}, expected {entry['shape'][0]} rows")
+
+
+def _merge_index(tmp: Path, world_size: int) -> dict:
+    """index.json from the entries each rank wrote (index.rank<R>.json, removed here)."""
+    index = {"format": FORMAT, "world_size": world_size, **{kind: {} for kind in KINDS}}
+    for rank in range(world_size):
+        part_file = tmp / f"index.rank{rank}.json"
+        for kind, entries in json.loads(part_file.read_text()).items():
+            for name, entry in entries.items():
+                merged = index[kind].setdefault(name, {"shape": entry["shape"], "dtype": entry["dtype"], "slices": []})
+                if (merged["shape"], merged["dtype"]) != (entry["shape"], entry["dtype"]):
+                    raise RuntimeError(
+                        f"checkpoint: rank {rank} wrote {name!r} as {entry['dtype']} {entry['shape']}, another rank as "
+                        f"{merged['dtype']} {merged['shape']}"
+                    )
+                if "slice" in entry:
+                    merged["slices"].append(entry["slice"])
+        part_file.unlink()
+    for kind in KINDS:
+        for name, entry in index[kind].items():
+            entry["slices"].sort(key=lambda s: s.get("start", 0))
+            _check_slices(f"checkpoint {tmp}", name, entry)
+    return index
+
+
 def save_checkpoint(
     run_dir: str | os.PathLike,
     step: int,
@@ -116,10 +242,9 @@ def save_checkpoint(
     keep: int,
     tokenizer_path: str | os.PathLike | None = None,
 ) -> Path:
-    """Write ``step_<step>`` atomically on every rank's behalf; call on all ranks."""
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_sd = get_model_state_dict(model, options=options)  # collective under FSDP
-    optim_sd = get_optimizer_state_dict(model, optimizer, options=options)
+    """Write ``step_<step>`` atomically, each rank its own shards; call on all ranks."""
+    model_sd = get_model_state_dict(model, options=SHARDED)  # DTensors under FSDP: nothing is gathered
+    tensors, groups = _flatten_optimizer(get_optimizer_state_dict(model, optimizer, options=SHARDED))
     ckpt_dir = checkpoint_dir(run_dir)
     final = ckpt_dir / f"step_{step:07d}"
     tmp = ckpt_dir / f".{final.name}.tmp"
@@ -129,16 +254,17 @@ def save_checkpoint(
             tmp.mkdir(parents=True)
         barrier(d)
         (tmp / f"rng_rank{d.rank}.json").write_text(json.dumps(_rng_state()))
+        entries = {"model": _write_shards(tmp, "model", model_sd, d.rank),
+                   "optimizer": _write_shards(tmp, "optimizer", tensors, d.rank)}
+        (tmp / f"index.rank{d.rank}.json").write_text(json.dumps(entries))
         if d.is_main:
-            save_file(_unshared(model_sd), tmp / "model.safetensors")
-            tensors, groups = _flatten_optimizer(optim_sd)
-            save_file(tensors, tmp / "optimizer.safetensors")
             (tmp / "optimizer.json").write_text(json.dumps(groups))
             (tmp / "state.json").write_text(json.dumps({"format": FORMAT, "world_size": d.world_size, **state}, indent=2))
             if tokenizer_path is not None:
                 shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
         barrier(d)
         if d.is_main:
+            (tmp / INDEX).write_text(json.dumps(_merge_index(tmp, d.world_size), indent=1))
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -157,29 +283,165 @@ def _flatten_optimizer(optim_sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
     for name, param_state in optim_sd["state"].items():
         for key, value in param_state.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"{name}/{key}"] = value.detach().contiguous()
+                tensors[f"{name}/{key}"] = value.detach()
             else:
                 scalars[f"{name}/{key}"] = value
     return tensors, {"param_groups": optim_sd["param_groups"], "scalars": scalars}
 
 
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: dict) -> dict:
-    state: dict[str, dict] = {}
-    for flat, value in [*tensors.items(), *groups["scalars"].items()]:
-        name, _, key = flat.rpartition("/")
-        state.setdefault(name, {})[key] = value
-    return {"state": state, "param_groups": groups["param_groups"]}
-
-
+# ---- reading ------------------------------------------------------------------------------
 def read_state(path: str | os.PathLike) -> dict:
     path = Path(path)
     state_file = path / "state.json"
     if not state_file.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r}: expected a llama_fast checkpoint directory with state.json")
     state = json.loads(state_file.read_text())
-    if state.get("format") != FORMAT:
-        raise ValueError(f"checkpoint {path}: expected format {FORMAT!r}, got {state.get('format')!r}")
+    if state.get("format") not in (FORMAT, FORMAT_WHOLE):
+        raise ValueError(f"checkpoint {path}: expected format {FORMAT!r} or {FORMAT_WHOLE!r}, got {state.get('format')!r}")
     return state
+
+
+class ShardReader:
+    """Rows of the tensors of a checkpoint, read memory-mapped from whichever files hold them.
+
+    Use as a context manager (it keeps the files it opened open until exit). Every read
+    checks the index (global shape, slices tiling the rows) against what the files hold.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.format = read_state(self.path)["format"]
+        self.index = {}  # format 1: built per kind from the file's header on first use (see entries)
+        if self.format == FORMAT:
+            if not (self.path / INDEX).is_file():
+                raise FileNotFoundError(f"checkpoint {self.path} (format {FORMAT!r}): {INDEX} is missing")
+            self.index = json.loads((self.path / INDEX).read_text())
+        self._files: dict[str, object] = {}
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> "ShardReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+
+    def entries(self, kind: str) -> dict:
+        """name -> {"shape", "dtype", "slices"} of the ``kind`` ("model" or "optimizer") tensors."""
+        if kind not in self.index:  # format 1: every tensor whole in <kind>.safetensors
+            if self.format != FORMAT_WHOLE:
+                raise ValueError(f"checkpoint {self.path}: {INDEX} has no {kind!r} section")
+            file = f"{kind}.safetensors"
+            if not (self.path / file).is_file():
+                raise FileNotFoundError(f"checkpoint {self.path} (format {FORMAT_WHOLE!r}): {file} is missing")
+            entries = self.index[kind] = {}
+            with safe_open(self.path / file, framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    shape = f.get_slice(name).get_shape()
+                    probe = f.get_slice(name)[0:0] if shape else f.get_tensor(name)  # no data read for the dtype
+                    whole = {"file": file, "start": 0, "stop": shape[0]} if shape else {"file": file}
+                    entries[name] = {"shape": shape, "dtype": _dtype_name(probe.dtype), "slices": [whole]}
+        return self.index[kind]
+
+    def _open(self, file: str, name: str):
+        if file not in self._files:
+            if not (self.path / file).is_file():
+                raise FileNotFoundError(
+                    f"checkpoint {self.path}: {INDEX} lists {file} (holding part of {name!r}) but there is no such file"
+                )
+            self._files[file] = self._stack.enter_context(safe_open(self.path / file, framework="pt", device="cpu"))
+        handle = self._files[file]
+        if name not in handle.keys():
+            raise ValueError(f"checkpoint {self.path}: {name!r} is missing from {file}, which {INDEX} says holds it")
+        return handle
+
+    def check_names(self, kind: str, names) -> None:
+        """The checkpoint holds exactly these tensors of ``kind`` (a clear error for missing or extra ones)."""
+        saved, wanted = set(self.entries(kind)), set(names)
+        if saved != wanted:
+            raise ValueError(
+                f"checkpoint {self.path}: {kind} tensors missing from the shards: {sorted(wanted - saved)}; "
+                f"unexpected: {sorted(saved - wanted)}"
+            )
+
+    def shape(self, kind: str, name: str) -> list[int]:
+        return self._entry(kind, name)["shape"]
+
+    def _entry(self, kind: str, name: str) -> dict:
+        entry = self.entries(kind).get(name)
+        if entry is None:
+            raise ValueError(f"checkpoint {self.path}: {kind} tensor {name!r} is missing from the shards ({INDEX} lacks it)")
+        return entry
+
+    def read(self, kind: str, name: str, shape, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Rows [start, stop) (all by default) of tensor ``name``, whose global shape must be ``shape``."""
+        entry = self._entry(kind, name)
+        where = f"checkpoint {self.path}"
+        if list(shape) != entry["shape"]:
+            raise ValueError(f"{where}: {name!r} has shape {entry['shape']} in the checkpoint, expected {list(shape)}")
+        _check_slices(where, name, entry)
+        dtype = getattr(torch, entry["dtype"])
+        if not entry["shape"]:
+            (s,) = entry["slices"]
+            parts = [self._open(s["file"], name).get_tensor(name)]
+        else:
+            start, stop = rows if rows is not None else (0, entry["shape"][0])
+            parts = []
+            for s in sorted(entry["slices"], key=lambda s: s["start"]):
+                lo, hi = max(start, s["start"]), min(stop, s["stop"])
+                if lo >= hi:
+                    continue
+                piece = self._open(s["file"], name).get_slice(name)
+                expected = [s["stop"] - s["start"], *entry["shape"][1:]]
+                if piece.get_shape() != expected:
+                    raise ValueError(
+                        f"{where}: {s['file']} holds {name!r} with shape {piece.get_shape()}; {INDEX} says rows "
+                        f"{s['start']}:{s['stop']} of {entry['shape']}, shape {expected}"
+                    )
+                parts.append(piece[lo - s["start"]:hi - s["start"]])
+            if not parts:
+                return torch.empty((0, *entry["shape"][1:]), dtype=dtype)
+        for part in parts:
+            if part.dtype != dtype:
+                raise ValueError(f"{where}: {name!r} is stored as {part.dtype}; {INDEX} says {dtype}")
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _load_model_state(reader: ShardReader, model: Llama) -> dict[str, torch.Tensor]:
+    """Copy each of this process's parameter shards from the checkpoint; returns the (sharded) state dict."""
+    model_sd = get_model_state_dict(model, options=SHARDED)  # the parameters themselves (DTensors under FSDP)
+    reader.check_names("model", model_sd)
+    with torch.no_grad():
+        for name, target in model_sd.items():
+            local, rows, _ = _local_part(target, rank=0)  # (whether rank 0 would write it does not matter here)
+            local.copy_(reader.read("model", name, target.shape, rows))
+    return model_sd
+
+
+def _load_optimizer_state(reader: ShardReader, model_sd: dict, groups: dict) -> dict:
+    """The sharded optimizer state dict (get_optimizer_state_dict's layout) of this process.
+
+    A state tensor shaped like its parameter (AdamW's moments) is sharded like it; any
+    other (the step count, 0-dim) is read whole.
+    """
+    state: dict[str, dict] = {}
+    for flat in reader.entries("optimizer"):
+        name, _, key = flat.rpartition("/")
+        if name not in model_sd:
+            raise ValueError(f"checkpoint {reader.path}: optimizer state {flat!r} names no parameter of the model")
+        param = model_sd[name]
+        if reader.shape("optimizer", flat) == list(param.shape) and param.ndim:
+            local, rows, _ = _local_part(param, rank=0)
+            value = reader.read("optimizer", flat, param.shape, rows).to(local.device)
+            if isinstance(param, DTensor):
+                value = DTensor.from_local(value, param.device_mesh, param.placements, run_check=False,
+                                           shape=param.shape, stride=param.stride())
+        else:
+            value = reader.read("optimizer", flat, reader.shape("optimizer", flat))
+        state.setdefault(name, {})[key] = value
+    for flat, value in groups["scalars"].items():
+        name, _, key = flat.rpartition("/")
+        state.setdefault(name, {})[key] = value
+    return {"state": state, "param_groups": groups["param_groups"]}
 
 
 def check_model_config(path: Path, saved: dict, current: LlamaConfig) -> None:
@@ -195,20 +457,19 @@ def check_model_config(path: Path, saved: dict, current: LlamaConfig) -> None:
 
 
 def load_checkpoint(path: str | os.PathLike, model: Llama, optimizer: torch.optim.Optimizer, d: Dist) -> dict:
-    """Restore model, optimizer and this rank's RNG states in place; returns state.json."""
+    """Restore model, optimizer (this process's shards of them) and RNG states in place; returns state.json."""
     path = Path(path)
     state = read_state(path)
     check_model_config(path, state["model_config"], model.config)
-    options = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, load_file(path / "model.safetensors"), options=options)
     groups = json.loads((path / "optimizer.json").read_text())
     # Moments and step counts come from the checkpoint; hyperparameters and the implementation
     # (fused, foreach) from this run's optimizer, so a resumed run follows its own config.
     for saved, current in zip(groups["param_groups"], optimizer.param_groups):
         saved.update({k: v for k, v in current.items() if k != "params"})
-    set_optimizer_state_dict(
-        model, optimizer, _unflatten_optimizer(load_file(path / "optimizer.safetensors"), groups), options=options
-    )
+    with ShardReader(path) as reader:
+        model_sd = _load_model_state(reader, model)
+        optim_sd = _load_optimizer_state(reader, model_sd, groups)
+    set_optimizer_state_dict(model, optimizer, optim_sd, options=SHARDED)
     # The same rank's RNG when the world size is unchanged, else rank 0's.
     rng_file = path / f"rng_rank{d.rank}.json"
     _set_rng_state(json.loads((rng_file if rng_file.is_file() else path / "rng_rank0.json").read_text()))
@@ -218,7 +479,7 @@ def load_checkpoint(path: str | os.PathLike, model: Llama, optimizer: torch.opti
 def load_model(
     path: str | os.PathLike, backend: str = "reference", device="cpu", dtype: torch.dtype | None = None
 ) -> Llama:
-    """A model from a checkpoint directory or a run directory (its latest checkpoint)."""
+    """A whole model from a checkpoint directory or a run directory (its latest checkpoint), any shard count."""
     path = Path(path)
     if not (path / "state.json").is_file() and (latest := latest_checkpoint(checkpoint_dir(path))) is not None:
         path = latest
@@ -228,7 +489,8 @@ def load_model(
         model = Llama(config, backend=backend)
     model.to_empty(device=device)
     model.reset_rope_tables()
-    model.load_state_dict(load_file(path / "model.safetensors", device=str(device)))
+    with ShardReader(path) as reader:
+        _load_model_state(reader, model)
     if dtype is not None:
         model.to(dtype)
         model.reset_rope_tables()  # the rotary tables stay fp32

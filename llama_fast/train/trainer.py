@@ -153,9 +153,9 @@ class Trainer:
             inputs, targets = tokens[:, :-1], tokens[:, 1:]  # (mb, seq_len) each
             last = micro == self.accum_steps - 1
             no_sync = self.wrapped.no_sync() if hasattr(self.wrapped, "no_sync") and not last else contextlib.nullcontext()
-            with no_sync, self.autocast:
-                _, loss = self.wrapped(inputs, targets)
-            with no_sync:
+            with no_sync:  # entered once: a DDP no_sync() context cannot be entered twice
+                with self.autocast:
+                    _, loss = self.wrapped(inputs, targets)
                 (loss / self.accum_steps).backward()
             loss_sum += loss.detach()
 
