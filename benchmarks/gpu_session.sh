@@ -16,6 +16,10 @@
 #   benchmarks/gpu_session.sh test bench rms_norm swiglu rope
 #   benchmarks/gpu_session.sh bench attention
 #   benchmarks/gpu_session.sh bench train_step
+# pytest's own PYTEST_ADDOPTS narrows a step further, e.g. the gpu tests without the three slow
+# 2^31-element cases, or the train step without (then with only) its torch.compile providers:
+#   PYTEST_ADDOPTS='-k "not 2_pow_31"' benchmarks/gpu_session.sh test
+#   PYTEST_ADDOPTS='-k "not compile"' benchmarks/gpu_session.sh bench train_step
 # and merge the calls' JSON afterwards:
 #   python benchmarks/report.py call*/bench-*.json --env call1/env.json --junit call*/bench-*.xml
 #
