@@ -15,8 +15,6 @@ provider is timed only up to S = 4096 (its S^2 score matrices would not fit beyo
 """
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from common import record
@@ -117,7 +115,7 @@ def backward_fn(provider, q, k, v, cos, sin, dout):
 
 def check_backward(provider, q, k, v, cos, sin, dout):
     from llama_fast import reference
-    from llama_fast.testing import assert_within_2x
+    from llama_fast.testing import assert_within_2x, default_floor
 
     q, k, v, dout = (t[:1, :, :CHECK_HEADS].contiguous() for t in (q, k, v, dout))
     got = backward_fn(provider, q, k, v, cos, sin, dout)()
@@ -125,9 +123,12 @@ def check_backward(provider, q, k, v, cos, sin, dout):
     for dtype in (torch.float32, DTYPE):
         leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
         refs[dtype] = torch.autograd.grad(reference.attention(*leaves, cos, sin), leaves, dout.to(dtype))
-    S = q.shape[1]
+    # The default bf16 floor, as tests/test_attention.py uses: the kernels' bf16 operands (P and dS
+    # rounded before their matmuls) stay within it at S = 8192 (an fp32 emulation of those roundings
+    # errs by 0.010 against a bound of 0.037), while a floor growing with S (1.45 at S = 8192, where
+    # the median |dq| is 0.02) would pass gradients that are off by far more than rounding.
     for name, a, hi, lo in zip(("dq", "dk", "dv"), got, refs[torch.float32], refs[DTYPE]):
-        assert_within_2x(f"{provider} {name}", a.float(), hi, lo.float(), floor=1.6e-2 * math.sqrt(S))
+        assert_within_2x(f"{provider} {name}", a.float(), hi, lo.float(), floor=default_floor(DTYPE))
 
 
 def _skip_unavailable(provider, S):

@@ -1,8 +1,11 @@
 """RoPE of q and k, B=4 H=32 S=4096 D=128 bf16, forward and backward: ours, eager reference,
 compiled reference, Liger.
 
-The tensors live as [B, H, S, D] (Hugging Face's layout); ours and the reference take them as
-[B, S, H, D] transposed views, without a copy. Bytes: read and write q and k
+The providers see q and k as Hugging Face's attention does: [B, H, S, D] views (transpose(1, 2))
+of the [B, S, H, D] projection outputs. Ours and the reference take them transposed back, as
+[B, S, H, D] (contiguous again); Liger takes the [B, H, S, D] views, which it turns back to their
+contiguous storage without a copy (and rotates in place). A [B, H, S, D]-contiguous storage would
+instead charge Liger a copy of q and k that it never makes in a model. Bytes: read and write q and k
 (2 * (q.numel + k.numel) * 2 B), forward and backward alike.
 """
 import pytest
@@ -32,10 +35,12 @@ def provider_fn(name, cos, sin):
     return run
 
 
-def make_inputs():
-    q = torch.randn(B, H, S, D, device="cuda", dtype=DTYPE).requires_grad_()
-    k = torch.randn(B, H, S, D, device="cuda", dtype=DTYPE).requires_grad_()
-    grads = (torch.randn(B, S, H, D, device="cuda", dtype=DTYPE), torch.randn(B, S, H, D, device="cuda", dtype=DTYPE))
+def make_inputs(device="cuda"):
+    """q, k: [B, H, S, D] views of [B, S, H, D] storage (leaves, requiring grad); upstream gradients
+    of the [B, S, H, D] outputs."""
+    q = torch.randn(B, S, H, D, device=device, dtype=DTYPE).transpose(1, 2).requires_grad_()
+    k = torch.randn(B, S, H, D, device=device, dtype=DTYPE).transpose(1, 2).requires_grad_()
+    grads = (torch.randn(B, S, H, D, device=device, dtype=DTYPE), torch.randn(B, S, H, D, device=device, dtype=DTYPE))
     return q, k, grads
 
 

@@ -11,11 +11,17 @@ API:
   cuda_time_ms(fn, warmup, reps) -> float
                               median milliseconds of fn() over `reps` runs, each timed by its own pair
                               of CUDA events on the current stream, after `warmup` untimed runs
+  cuda_timings(fn, warmup, reps) -> (float, float)
+                              that median, and the host's milliseconds per call to issue the timed
+                              runs (the loop's wall time / reps, nothing synchronized inside it)
   record(benchmark, fn, *, bytes=None, flops=None, formula="", warmup=10, reps=50) -> float
-                              times fn with cuda_time_ms, stores ms, GB/s (bytes / s / 1e9) and/or
-                              TFLOP/s with the formula, and the peak memory allocated while timing, in
-                              benchmark.extra_info, and lets pytest-benchmark
-                              time synchronized calls for its own table; returns the median ms
+                              times fn with cuda_timings, stores ms, GB/s (bytes / s / 1e9) and/or
+                              TFLOP/s with the formula, the peak memory allocated while timing, and
+                              cpu_issue_ms with launch_bound (True where issuing a call took at least
+                              0.8x its GPU time: the events then time the Python launch path, not the
+                              kernels, and GB/s understates them), in benchmark.extra_info, and lets
+                              pytest-benchmark time synchronized calls for its own table; returns the
+                              median ms
   validate(name, got, ref_high, ref_low, *, strict=True)
                               strict: llama_fast.testing's 2x rule; strict=False (peers that round
                               differently, e.g. Liger's casting modes): within 2e-2 of the
@@ -33,6 +39,7 @@ from __future__ import annotations
 
 import importlib
 import statistics
+import time
 from typing import Callable
 
 import pytest
@@ -45,19 +52,27 @@ requires_cuda = pytest.mark.skipif(
 )
 
 
-def cuda_time_ms(fn: Callable[[], object], warmup: int = 10, reps: int = 50) -> float:
-    """Median milliseconds of fn() on the current CUDA stream (per-run CUDA events after warm-up)."""
+def cuda_timings(fn: Callable[[], object], warmup: int = 10, reps: int = 50) -> tuple[float, float]:
+    """(median GPU milliseconds of fn() on the current CUDA stream, per-run CUDA events after warm-up;
+    host milliseconds per call spent issuing those runs)."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    issue_start = time.perf_counter()
     for start, end in zip(starts, ends):
         start.record()
         fn()
         end.record()
+    issue_ms = (time.perf_counter() - issue_start) * 1e3 / reps
     torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)), issue_ms
+
+
+def cuda_time_ms(fn: Callable[[], object], warmup: int = 10, reps: int = 50) -> float:
+    """Median milliseconds of fn() on the current CUDA stream (per-run CUDA events after warm-up)."""
+    return cuda_timings(fn, warmup, reps)[0]
 
 
 def record(
@@ -70,11 +85,12 @@ def record(
     warmup: int = 10,
     reps: int = 50,
 ) -> float:
-    """Times fn, writes ms / GB/s / TFLOP/s, the formula and the peak memory of the timed runs into
-    benchmark.extra_info; returns ms."""
+    """Times fn, writes ms / GB/s / TFLOP/s, the formula, the peak memory of the timed runs and the
+    host's issue time per call (cpu_issue_ms, launch_bound) into benchmark.extra_info; returns ms."""
     torch.cuda.reset_peak_memory_stats()
-    ms = cuda_time_ms(fn, warmup, reps)
-    info = {"median_ms_cuda_events": ms, "formula": formula, "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
+    ms, issue_ms = cuda_timings(fn, warmup, reps)
+    info = {"median_ms_cuda_events": ms, "formula": formula, "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "cpu_issue_ms": issue_ms, "launch_bound": issue_ms >= 0.8 * ms}
     if bytes is not None:
         info["bytes"] = bytes
         info["GB/s"] = bytes / (ms * 1e-3) / 1e9

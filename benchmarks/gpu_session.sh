@@ -16,11 +16,20 @@
 #   benchmarks/gpu_session.sh test bench rms_norm swiglu rope
 #   benchmarks/gpu_session.sh bench attention
 #   benchmarks/gpu_session.sh bench train_step
+# pytest's own PYTEST_ADDOPTS narrows a step further, e.g. the gpu tests without the three slow
+# 2^31-element cases, or the train step without (then with only) its torch.compile providers:
+#   PYTEST_ADDOPTS='-k "not 2_pow_31"' benchmarks/gpu_session.sh test
+#   PYTEST_ADDOPTS='-k "not compile"' benchmarks/gpu_session.sh bench train_step
 # and merge the calls' JSON afterwards:
 #   python benchmarks/report.py call*/bench-*.json --env call1/env.json --junit call*/bench-*.xml
 #
 # Environment: OUT (default ./gpu-out) receives build.log, gpu-tests.{log,xml},
 # bench-NAME.{json,log,xml}, env.json and results.md. PYTHON (default python3).
+# BUDGET (default 560): seconds this call may take, 0 for no limit. The device tool kills a call
+# at its limit (600 s by default), which would lose the running step's JSON and the report; so each
+# step gets SIGTERM (pytest then still writes the JSON and XML of the cases that finished, see the
+# conftest.py files) once the budget, less 30 s kept for env.json and results.md, is spent, and a
+# step that finds no time left is not started. Set BUDGET below the call's timeout_s.
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -30,6 +39,8 @@ DRY_RUN=0
 RUN_TESTS=0
 BENCH_REQUESTED=0
 BENCHES=()
+BUDGET=${BUDGET:-560}
+RESERVE=30  # seconds kept back for env.json and results.md
 
 usage() {
   echo "usage: benchmarks/gpu_session.sh [--dry-run] [test] [bench [NAME ...]]" >&2
@@ -70,17 +81,33 @@ fi
 
 # ---- running steps ------------------------------------------------------------------------------
 FAILED=()
+START=$SECONDS
+case "$BUDGET" in ''|*[!0-9]*) echo "gpu_session.sh: BUDGET must be a number of seconds, got '$BUDGET'" >&2; exit 2 ;; esac
 
 # step NAME LOG CMD...: runs CMD with its output in LOG (the last lines echoed), records a failure.
+# Under a BUDGET, CMD runs under `timeout` (SIGTERM, then SIGKILL 20 s later) until the budget less
+# RESERVE is spent (build, tests, benchmarks) or until the whole budget is (the env and report steps).
 step() {
   local name=$1 log=$2
   shift 2
+  if [ "$BUDGET" -gt 0 ]; then
+    local left=$((BUDGET - (SECONDS - START)))
+    [ "$name" = env ] || [ "$name" = report ] || left=$((left - RESERVE))
+    if [ "$left" -le 0 ]; then
+      echo "+ not run: $name (no time left of BUDGET=$BUDGET s)"
+      FAILED+=("$name (not run: no time left of BUDGET=$BUDGET s)")
+      return 1
+    fi
+    set -- timeout --kill-after=20 "$left" "$@"
+  fi
   echo "+ $(printf '%q ' "$@")> $log"
   [ "$DRY_RUN" -eq 1 ] && return 0
   "$@" > "$log" 2>&1
   local rc=$?
   tail -n 25 "$log"
-  if [ $rc -ne 0 ]; then
+  if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+    FAILED+=("$name (stopped at the BUDGET=$BUDGET s deadline, see $log)")
+  elif [ $rc -ne 0 ]; then
     FAILED+=("$name (exit $rc, see $log)")
   fi
   return $rc

@@ -3,8 +3,12 @@
 A kernel's error against a high-precision reference (fp32, or fp64 on the CPU) must be at most
 ``factor`` (2) times PyTorch's own error when the same reference math runs in the low-precision
 dtype, plus a small absolute floor for outputs that PyTorch happens to get exactly right.
+
+Also ``stop_on_sigterm``, which the tests' and benchmarks' conftest.py install (see there).
 """
 from __future__ import annotations
+
+import signal
 
 import torch
 
@@ -40,3 +44,16 @@ def assert_within_2x(
 def default_floor(dtype: torch.dtype) -> float:
     """Absolute slack per dtype: a few units of the dtype's resolution near 1."""
     return {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+
+
+def stop_on_sigterm() -> None:
+    """Makes SIGTERM (and SIGINT, even where the parent ignored it) stop a pytest run as Ctrl-C does:
+    pytest then still prints its summary and writes --junitxml and pytest-benchmark's
+    --benchmark-json for the cases that finished, where the default SIGTERM action would lose them.
+    benchmarks/gpu_session.sh stops its steps with SIGTERM at its deadline."""
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt(f"stopped by signal {signal.Signals(signum).name}")
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -13,6 +13,12 @@ import pytest  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 
+# SIGTERM stops the run like Ctrl-C: the summary and --junitxml still come out (benchmarks/gpu_session.sh
+# stops its steps with SIGTERM at its deadline).
+from llama_fast.testing import stop_on_sigterm  # noqa: E402
+
+stop_on_sigterm()
+
 
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:

@@ -315,3 +315,56 @@ def test_gpu_session_keeps_going_and_reports_failure(tmp_path, fail, runs_benchm
     assert ("-m gpu" in ran) == runs_benchmarks  # a failed build leaves nothing to test
     assert ("benchmarks/bench_rope.py" in ran) == runs_benchmarks
     assert "--write-env" in ran  # the environment is written either way
+
+
+SLOW_PYTEST_PYTHON = """#!/bin/bash
+# Stands in for python3: a pytest run hangs (until a signal ends it), everything else succeeds.
+echo "$*" >> "$CALLS"
+case "$*" in *"-m pytest"*) exec sleep 120 ;; esac
+"""
+
+
+def test_gpu_session_stops_steps_at_its_budget(tmp_path):
+    """A hanging step is stopped when BUDGET less the 30 s reserve is spent, later steps are not
+    started, and env.json is still written: the device call is not killed with nothing saved."""
+    import time
+
+    fake = tmp_path / "python"
+    fake.write_text(SLOW_PYTEST_PYTHON)
+    fake.chmod(0o755)
+    calls = tmp_path / "calls.log"
+    start = time.monotonic()
+    result = session("test", "bench", "rope", PYTHON=str(fake), OUT=str(tmp_path / "out"), CALLS=str(calls),
+                     BUDGET="33")
+    assert time.monotonic() - start < 25, result.stdout
+    assert result.returncode == 1
+    assert "gpu tests (stopped at the BUDGET=33 s deadline" in result.stdout
+    assert "bench rope (not run: no time left" in result.stdout
+    ran = calls.read_text()
+    assert "benchmarks/bench_rope.py" not in ran and "--write-env" in ran
+
+
+SIGTERM_BENCH = """
+import os, signal, pytest
+
+@pytest.mark.parametrize("i", [0, 1, 2])
+def test_case(benchmark, i):
+    if i == 1:
+        os.kill(os.getpid(), signal.SIGTERM)  # as gpu_session.sh's deadline does
+    benchmark.extra_info["i"] = i
+    benchmark.pedantic(lambda: None, rounds=2, iterations=1)
+"""
+
+
+def test_sigterm_keeps_the_finished_benchmarks(tmp_path):
+    """benchmarks/conftest.py: SIGTERM stops pytest as Ctrl-C does, and --benchmark-json still holds
+    the cases that finished (the default SIGTERM action would end the process with no JSON)."""
+    (tmp_path / "bench_sigterm.py").write_text(SIGTERM_BENCH)
+    env = {**__import__("os").environ, "PYTHONPATH": str(REPO / "benchmarks")}
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "conftest", "-q", "-p", "no:cacheprovider", "-c", "/dev/null",
+         "--rootdir", str(tmp_path), str(tmp_path / "bench_sigterm.py"), f"--benchmark-json={tmp_path / 'b.json'}"],
+        capture_output=True, text=True, cwd=tmp_path, env=env,
+    )
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]  # pytest's "interrupted"
+    assert [b["extra_info"]["i"] for b in json.loads((tmp_path / "b.json").read_text())["benchmarks"]] == [0]

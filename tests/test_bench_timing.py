@@ -1,0 +1,57 @@
+"""benchmarks/common.py's record(), on the CPU with stand-in CUDA events: it reports the host's issue
+time per call beside the GPU time, and flags the numbers that time the Python launch path."""
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+common = pytest.importorskip("common", reason="benchmarks/common.py imports pytest and torch only")
+
+
+class FakeBenchmark:
+    def __init__(self):
+        self.extra_info = {}
+
+    def pedantic(self, fn, rounds, warmup_rounds, iterations):
+        fn()
+
+
+def fake_cuda(monkeypatch, gpu_ms):
+    """CUDA events whose elapsed time is gpu_ms(host ms between the two records)."""
+
+    class Event:
+        def __init__(self, enable_timing):
+            self.t = None
+
+        def record(self):
+            self.t = time.perf_counter()
+
+        def elapsed_time(self, end):
+            return gpu_ms((end.t - self.t) * 1e3)
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    for name in ("synchronize", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a, **k: 0)
+
+
+def test_a_launch_bound_op_is_flagged(monkeypatch):
+    """The GPU waits on the host: the events measure the 2 ms the host takes to issue each call."""
+    fake_cuda(monkeypatch, gpu_ms=lambda host_ms: host_ms)
+    bench = FakeBenchmark()
+    common.record(bench, lambda: time.sleep(2e-3), bytes=10**9, warmup=1, reps=5)
+    info = bench.extra_info
+    assert info["cpu_issue_ms"] >= 2.0 and info["launch_bound"] is True
+
+
+def test_a_gpu_bound_op_is_not_flagged(monkeypatch):
+    """Issue is instant, each run takes 5 ms of GPU time: the number is the kernels'."""
+    fake_cuda(monkeypatch, gpu_ms=lambda host_ms: 5.0)
+    bench = FakeBenchmark()
+    ms = common.record(bench, lambda: None, bytes=10**9, warmup=1, reps=5)
+    info = bench.extra_info
+    assert ms == 5.0 and info["GB/s"] == pytest.approx(200.0)
+    assert info["cpu_issue_ms"] < 1.0 and info["launch_bound"] is False
