@@ -328,6 +328,22 @@ def test_bad_input_is_named(mutate, error, match):
         attention(*args)
 
 
+def test_flags_must_be_bools():
+    """A string would otherwise be truthy: causal="no" would silently run causal attention."""
+    with pytest.raises(TypeError, match="causal must be a bool, got 'no'"):
+        attention(*_good(), causal="no")
+    with pytest.raises(TypeError, match="deterministic must be a bool or None, got 1"):
+        attention(*_good(), deterministic=1)
+
+
+@pytest.mark.gpu
+def test_too_many_heads_for_the_grid_is_named():
+    q = torch.randn(2, 1, 32769, 2, device="cuda")  # batch * heads = 65538 > 65535
+    cos, sin = torch.ones(1, 1, device="cuda"), torch.zeros(1, 1, device="cuda")
+    with pytest.raises(ValueError, match=r"batch \* query heads must be at most 65535.*got 2 \* 32769 = 65538"):
+        attention(q, q, q, cos, sin)
+
+
 # ------------------------------------------------------------------------------------------------
 # GPU
 # ------------------------------------------------------------------------------------------------

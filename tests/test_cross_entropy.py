@@ -150,6 +150,14 @@ def test_bad_input():
         ce.linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 8), torch.zeros(5, dtype=torch.long))
     with pytest.raises(TypeError, match="targets must be int64"):
         ce.linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 8), torch.zeros(4))
+    with pytest.raises(TypeError, match="hidden must be float32, float16 or bfloat16, got torch.int64"):
+        ce.linear_cross_entropy(torch.ones(4, 8, dtype=torch.long), torch.randn(10, 8), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(TypeError, match="weight must be a torch.Tensor, got list"):
+        ce.linear_cross_entropy(torch.randn(4, 8), [[0.0] * 8], torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"weight must be on the device of hidden \(cpu\), got meta"):
+        ce.linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 8, device="meta"), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"targets must be on the device of hidden \(cpu\), got meta"):
+        ce.linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 8), torch.zeros(4, dtype=torch.long, device="meta"))
     with pytest.raises(ValueError, match=r"targets must be class indices in \[0, 10\) or ignore_index=-100, got \[10, -3\]"):
         ce.linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 8), torch.tensor([1, 10, -100, -3]))
 

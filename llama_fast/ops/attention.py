@@ -26,6 +26,7 @@ from ._common import triton_runs_on
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _MAX_HEAD_DIM = 256
+_MAX_GRID_Y = 65535  # CUDA limit of a launch grid's second axis, which runs batch * query heads
 
 
 def _check_inputs(q, k, v, cos, sin) -> None:
@@ -54,6 +55,11 @@ def _check_inputs(q, k, v, cos, sin) -> None:
         raise ValueError(f"attention: the query heads ({Hq}) must be a multiple of the kv heads (k.shape[2] = {Hkv})")
     if D % 2 or D == 0 or D > _MAX_HEAD_DIM:
         raise ValueError(f"attention: head_dim must be even and at most {_MAX_HEAD_DIM}, got {D}")
+    if q.device.type == "cuda" and B * Hq > _MAX_GRID_Y:
+        raise ValueError(
+            f"attention: batch * query heads must be at most {_MAX_GRID_Y} (the kernels' second grid axis), got "
+            f"{B} * {Hq} = {B * Hq}; split the batch"
+        )
     for name, t in (("cos", cos), ("sin", sin)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"attention: {name} must be a tensor, got {type(t).__name__}")
@@ -183,10 +189,14 @@ def attention(
 ):
     """softmax(rope(q) rope(k)^T / sqrt(D) + causal mask) v; see the module docstring."""
     _check_inputs(q, k, v, cos, sin)
+    if not isinstance(causal, bool):
+        raise TypeError(f"attention: causal must be a bool, got {causal!r}")
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
+    elif not isinstance(deterministic, bool):
+        raise TypeError(f"attention: deterministic must be a bool or None, got {deterministic!r}")
     # The kernels read the rotary tables row by row with contiguous columns.
     cos = cos if cos.stride(-1) == 1 else cos.contiguous()
     sin = sin if sin.stride(-1) == 1 else sin.contiguous()
-    out, lse = _attention_op(q, k, v, cos, sin, bool(causal), bool(deterministic))
+    out, lse = _attention_op(q, k, v, cos, sin, causal, deterministic)
     return (out, lse) if return_lse else out

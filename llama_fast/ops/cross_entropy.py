@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import triton_runs_on
+from ._common import check_float, check_same_device, triton_runs_on
 
 # Rows per chunk: chunk_rows * vocab logits, 128 MiB in bf16 at vocab 32000 (which become the
 # chunk's gradient in place and feed the two GEMMs).
@@ -93,6 +93,12 @@ def linear_cross_entropy(
 
     hidden: [N, d] (or [..., d]); weight: [vocab, d]; targets: int64 of hidden's leading shape.
     """
+    check_float("hidden", hidden)
+    check_float("weight", weight)
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
+    check_same_device("hidden", hidden, "weight", weight)
+    check_same_device("hidden", hidden, "targets", targets)
     if hidden.shape[-1] != weight.shape[-1] or weight.dim() != 2:
         raise ValueError(
             f"weight must be [vocab, {hidden.shape[-1]}] to match hidden's last dim, got {tuple(weight.shape)}"
