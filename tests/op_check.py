@@ -79,8 +79,14 @@ def poison_empty(monkeypatch):
     monkeypatch.setattr(torch, "empty", lambda *a, **k: poisoned(real_empty(*a, **k)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poisoned(real_empty_like(*a, **k)))
     if torch.cuda.is_available():
-        # The caching allocator hands freed blocks back out: leave NaNs in them for the C++ ops too.
-        torch.full((64 * 2**20,), float("nan"), device="cuda")
+        # The caching allocator hands freed blocks back out: leave NaNs in them for the C++ ops too,
+        # in both of its pools (allocations up to 1 MiB are carved from 2 MiB segments of a small
+        # pool, larger ones from a large pool), after returning whatever it cached unpoisoned.
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        small = [torch.full((2**18,), float("nan"), device="cuda") for _ in range(8)]  # 1 MiB each
+        large = torch.full((64 * 2**20,), float("nan"), device="cuda")
+        del small, large
     yield
 
 
