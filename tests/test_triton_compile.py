@@ -129,6 +129,17 @@ def _attention_cases() -> list:
                 wants_wgmma = label == "forward" and not kind and arch == 90 and d_pad <= 128
                 cases.append((f"{label} {kind}D{d_pad} sm_{arch} {(block_m, block_n, warps, stages)}", kernel_name,
                               arch, constexprs, warps, stages, budget if d_pad <= 128 else None, wants_wgmma))
+        # Specializations the tables also serve on Hopper: no grouping and no causal mask (a plain
+        # multi-head, non-causal call), and head dims up to 32 (padded to 32, run with the D64 entry).
+        if arch == 90:
+            for label, kernel_name, table, _ in kernels:
+                budget = SPILL_BUDGET["tuned backward" if label.startswith("backward") else "tuned"]
+                for d_pad, table_d, group, causal in ((128, 128, 1, False), (32, 64, 4, True)):
+                    block_m, block_n, warps, stages = table[row][table_d]
+                    constexprs = dict(GROUP=group, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, D_PAD=d_pad,
+                                      HALF_PAD=d_pad // 2, PRECISION="tf32")
+                    cases.append((f"{label} D{d_pad} sm_{arch} GROUP={group} causal={causal}", kernel_name, arch,
+                                  constexprs, warps, stages, budget, label == "forward" and d_pad >= 64))
         for d_pad in (64, 128, 256):
             for delta in (True, False):
                 constexprs = dict(DELTA=delta, BLOCK_M=attn._prep_rows(d_pad), D_PAD=d_pad, HALF_PAD=d_pad // 2)
