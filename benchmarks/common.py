@@ -10,16 +10,18 @@ API:
   requires_cuda               pytest mark: skip (with the reason) where no CUDA device is visible
   cuda_time_ms(fn, warmup, reps) -> float
                               median milliseconds of fn() over `reps` runs, each timed by its own pair
-                              of CUDA events on the current stream, after `warmup` untimed runs
+                              of CUDA events on the current stream, after `warmup` untimed runs; each
+                              run queued behind a GPU spin longer than the host needs to issue it, so
+                              the events time the kernels and not the Python launch path
   cuda_timings(fn, warmup, reps) -> (float, float)
                               that median, and the host's milliseconds per call to issue the timed
-                              runs (the loop's wall time / reps, nothing synchronized inside it)
+                              runs (nothing synchronized inside the loop)
   record(benchmark, fn, *, bytes=None, flops=None, formula="", warmup=10, reps=50) -> float
                               times fn with cuda_timings, stores ms, GB/s (bytes / s / 1e9) and/or
                               TFLOP/s with the formula, the peak memory allocated while timing, and
                               cpu_issue_ms with launch_bound (True where issuing a call took at least
-                              0.8x its GPU time: the events then time the Python launch path, not the
-                              kernels, and GB/s understates them), in benchmark.extra_info, and lets
+                              0.8x its GPU time: a loop of such calls would keep the GPU waiting on
+                              the host, though GB/s is the kernels' own), in benchmark.extra_info, and lets
                               pytest-benchmark time synchronized calls for its own table; returns the
                               median ms
   validate(name, got, ref_high, ref_low, *, strict=True)
@@ -52,22 +54,49 @@ requires_cuda = pytest.mark.skipif(
 )
 
 
+_SLEEP_CYCLES_PER_MS: float | None = None
+
+
+def _sleep_cycles_per_ms() -> float:
+    """GPU clock cycles that torch.cuda._sleep spins per millisecond (measured once per process)."""
+    global _SLEEP_CYCLES_PER_MS
+    if _SLEEP_CYCLES_PER_MS is None:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        torch.cuda._sleep(10**6)
+        end.record()
+        torch.cuda.synchronize()
+        _SLEEP_CYCLES_PER_MS = 10**6 / max(start.elapsed_time(end), 1e-3)
+    return _SLEEP_CYCLES_PER_MS
+
+
 def cuda_timings(fn: Callable[[], object], warmup: int = 10, reps: int = 50) -> tuple[float, float]:
     """(median GPU milliseconds of fn() on the current CUDA stream, per-run CUDA events after warm-up;
-    host milliseconds per call spent issuing those runs)."""
+    host milliseconds per call spent issuing those runs).
+
+    Each timed run is queued behind a GPU-side spin (torch.cuda._sleep) twice as long as the host
+    takes to issue fn, so its start event fires with fn's kernels already queued: the events time the
+    kernels, not the Python launch path, whose cost is the second number."""
+    host_ms = []
     for _ in range(warmup):
+        t = time.perf_counter()
         fn()
+        host_ms.append((time.perf_counter() - t) * 1e3)
     torch.cuda.synchronize()
+    lead_cycles = int(_sleep_cycles_per_ms() * (2 * statistics.median(host_ms or [0.0]) + 0.05))
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    issue_start = time.perf_counter()
+    issue_s = 0.0
     for start, end in zip(starts, ends):
+        torch.cuda._sleep(lead_cycles)
+        t = time.perf_counter()
         start.record()
         fn()
         end.record()
-    issue_ms = (time.perf_counter() - issue_start) * 1e3 / reps
+        issue_s += time.perf_counter() - t
     torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)), issue_ms
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)), issue_s * 1e3 / reps
 
 
 def cuda_time_ms(fn: Callable[[], object], warmup: int = 10, reps: int = 50) -> float:

@@ -36,6 +36,10 @@ def fake_cuda(monkeypatch, gpu_ms):
     for name in ("synchronize", "reset_peak_memory_stats"):
         monkeypatch.setattr(torch.cuda, name, lambda *a, **k: None)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a, **k: 0)
+    sleeps = []  # the cycles of every GPU spin queued
+    monkeypatch.setattr(torch.cuda, "_sleep", sleeps.append)
+    monkeypatch.setattr(common, "_SLEEP_CYCLES_PER_MS", 1000.0)  # a 1 MHz stand-in clock
+    return sleeps
 
 
 def test_a_launch_bound_op_is_flagged(monkeypatch):
@@ -55,3 +59,12 @@ def test_a_gpu_bound_op_is_not_flagged(monkeypatch):
     info = bench.extra_info
     assert ms == 5.0 and info["GB/s"] == pytest.approx(200.0)
     assert info["cpu_issue_ms"] < 1.0 and info["launch_bound"] is False
+
+
+def test_each_timed_run_is_queued_behind_a_spin_longer_than_its_issue(monkeypatch):
+    """So the start event fires with the kernels already queued: the GPU never waits on the host
+    inside a timed window."""
+    sleeps = fake_cuda(monkeypatch, gpu_ms=lambda host_ms: 1.0)
+    common.record(FakeBenchmark(), lambda: time.sleep(3e-3), bytes=10**9, warmup=3, reps=4)
+    assert len(sleeps) == 4
+    assert all(cycles >= 1000.0 * 2 * 3.0 for cycles in sleeps), sleeps  # >= 2 x 3 ms of host issue
