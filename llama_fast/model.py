@@ -149,7 +149,8 @@ class Block(_UsesOps, nn.Module):
     def _forward_recompute_cheap(self, x, cos, sin):
         """The same block with each norm and the SwiGLU fused into the GEMM that consumes it, which
         recomputes their outputs in the backward instead of saving them (llama_fast.ops.recompute).
-        Every weight is read here, inside the block's forward, where FSDP has gathered it."""
+        Every weight is read here, inside the block's forward, where FSDP has gathered the block
+        (the trainer's unit; attn or mlp sharded as units of their own would not be gathered here)."""
         ops, attn, mlp = self.ops, self.attn, self.mlp
         qkv = ops.rms_norm_linear(x, self.attn_norm.weight, attn.wqkv.weight, self.attn_norm.eps)
         a = attn.attend(qkv, cos, sin)

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from llama_fast import Llama, LlamaConfig
+from llama_fast import Llama, LlamaConfig, replace_modules
 from llama_fast.testing import assert_within_2x, default_floor
 
 CONFIG = LlamaConfig.from_name("tiny", vocab_size=300, n_layers=2, n_heads=4, n_kv_heads=1)
@@ -64,6 +64,15 @@ def test_recompute_modes_are_checked():
         Llama(CONFIG, backend="reference", recompute="cheap")
     with pytest.raises(TypeError, match="activation_checkpointing"):
         Llama(CONFIG, backend="fused", activation_checkpointing=True)
+    # replace_modules switches a reference model to the fused ops and leaves recompute as it was;
+    # "cheap" can then be set on the attribute (checked at every forward).
+    model = Llama(CONFIG, backend="reference")
+    tokens = torch.randint(0, CONFIG.vocab_size, (1, 5))
+    model.recompute = "cheap"
+    with pytest.raises(ValueError, match="recompute='cheap' needs backend='fused'"):
+        model(tokens, tokens)
+    replace_modules(model)
+    assert model.recompute == "cheap" and torch.isfinite(model(tokens, tokens)[1])
 
 
 def test_fused_loss_returns_no_logits():

@@ -20,7 +20,9 @@ from llama_fast.train.trainer import Trainer
 
 EPS = 1e-6
 
-pytestmark = pytest.mark.usefixtures("poison_empty")
+# The op checks run with torch.empty poisoned (NaN); the compile test must not: dynamo would record
+# the patched torch.empty_like for the rest of the process.
+poisoned = pytest.mark.usefixtures("poison_empty")
 
 
 def ref_rms_norm_linear(x, w, W):
@@ -78,6 +80,7 @@ def run_swiglu_linear(rows_shape, ffn, out_features, dtype, device="cpu", *, sli
 NORM_CASES = [((1, 123), 37), ((3, 7, 64), 96), ((2, 3, 5, 130), 17)]
 
 
+@poisoned
 @pytest.mark.parametrize("residual", [False, True], ids=["rms_norm_linear", "add_rms_norm_linear"])
 @pytest.mark.parametrize("case", NORM_CASES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
@@ -85,11 +88,13 @@ def test_norm_linear_matches_reference(dtype, case, residual):
     run_norm_linear(*case, dtype, residual=residual)
 
 
+@poisoned
 @pytest.mark.parametrize("residual", [False, True], ids=["rms_norm_linear", "add_rms_norm_linear"])
 def test_norm_linear_on_a_transposed_view(residual):
     run_norm_linear((2, 9, 40), 24, torch.float32, residual=residual, transposed=True)
 
 
+@poisoned
 @pytest.mark.parametrize("sliced", [False, True], ids=["contiguous", "column-slice"])
 @pytest.mark.parametrize("case", [((1,), 5, 3), ((3, 7), 88, 33), ((2, 1, 5), 131, 64)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
@@ -97,6 +102,7 @@ def test_swiglu_linear_matches_reference(dtype, case, sliced):
     run_swiglu_linear(*case, dtype, sliced=sliced)
 
 
+@poisoned
 def test_fallback_backwards_match_reference(fallback_backward):
     """Without the compiled backwards (Triton in the interpreter, or PyTorch math) and a warning."""
     with pytest.warns(RuntimeWarning, match="no compiled backward"):
@@ -136,6 +142,13 @@ def test_only_the_inputs_and_weights_are_saved():
     # The check can fail: the composition of the separate ops keeps the normed tensor for the GEMM.
     _, saved = saved_storages(lambda: F.linear(ops.rms_norm(x, w, EPS), W))
     assert len(saved - ptrs(x, w, W)) == 2  # rstd and the normed x
+
+
+def test_double_backward_is_refused():
+    x, w, W = torch.randn(3, 8, requires_grad=True), torch.rand(8), torch.randn(4, 8)
+    (dx,) = torch.autograd.grad(ops.rms_norm_linear(x, w, W).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        dx.sum().backward()
 
 
 def test_under_autocast_matches_the_composition():
@@ -202,6 +215,7 @@ def test_fullgraph_compile_matches_eager():
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
 
+@poisoned
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_gpu_matches_reference(dtype):

@@ -19,6 +19,7 @@ forward's. The backward then runs:
     dinput = op's own backward(dy, ...)       (torch.ops.llama_fast.* or its fallback)
 
 and drops y. Saved: the op's inputs and the two weights (no rstd: recomputing y yields it).
+The backward is once-differentiable: a second derivative raises instead of coming out wrong.
 
 Dtypes: as F.linear. Without autocast the GEMM runs in the activation dtype and the weight must
 have it (bf16 parameters, or FSDP's bf16 param_dtype). Under autocast the GEMM runs in the
@@ -38,6 +39,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from ._common import check_float, check_same_device
 from .rms_norm import _backward as _norm_backward
@@ -86,6 +88,7 @@ class _RMSNormLinear(torch.autograd.Function):
         return F.linear(y.to(gemm_dtype), weight.to(gemm_dtype))  # y dies here
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout):
         x, norm_weight, weight = ctx.saved_tensors
         y, rstd = rms_norm_forward(x, norm_weight, ctx.eps)  # bitwise the forward's y
@@ -104,6 +107,7 @@ class _AddRMSNormLinear(torch.autograd.Function):
         return F.linear(y.to(gemm_dtype), weight.to(gemm_dtype)), h
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout, dh):
         h, norm_weight, weight = ctx.saved_tensors
         # rms_norm of the stored sum is add_rms_norm's y bit for bit: its kernel normalises the sum
@@ -124,6 +128,7 @@ class _SwiGLULinear(torch.autograd.Function):
         return F.linear(y.to(gemm_dtype), weight.to(gemm_dtype))
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout):
         gate_up, weight = ctx.saved_tensors
         y = swiglu_packed_forward(gate_up)
