@@ -66,7 +66,8 @@ def build(provider: str):
 
 
 PROVIDERS = [
-    "llama_fast", "llama_fast-recompute-cheap", "llama_fast-reference", "llama_fast-reference-compile", "hf", "hf-compile", "hf+llama_fast", "hf+liger",
+    "llama_fast", "llama_fast-recompute-cheap", "llama_fast-reference", "llama_fast-reference-compile",
+    "hf", "hf-compile", "hf+llama_fast", "hf+liger",
 ]
 
 

@@ -349,7 +349,8 @@ def estimate(
     peak, step_phase, peak_pass = _tracked_step(model, opt, tokens, scratch)
     grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
     return Estimate(
-        backend=backend, recompute=recompute, config=config, batch=batch, seq=seq, params=params, grads=grads, opt_state=opt_state,
+        backend=backend, recompute=recompute, config=config, batch=batch, seq=seq, params=params, grads=grads,
+        opt_state=opt_state,
         peak=peak["Total"], peak_breakdown=peak, peak_pass=peak_pass,
         peak_without_scratch=peak_plain["Total"], step_phase=step_phase["Total"],
         largest_scratch=scratch.largest, saved=saved,
@@ -373,7 +374,8 @@ def report(e: Estimate) -> str:
     tokens = e.batch * e.seq
     per_layer = e.saved.per_layer_bytes()
     lines = [
-        f"== backend {e.backend}, recompute {e.recompute}: dim {c.dim}, {c.n_layers} layers, heads {c.n_heads}/{c.n_kv_heads} (q/kv), "
+        f"== backend {e.backend}, recompute {e.recompute}: dim {c.dim}, {c.n_layers} layers, "
+        f"heads {c.n_heads}/{c.n_kv_heads} (q/kv), "
         f"head_dim {c.head_dim}, ffn {c.ffn_hidden}, vocab {c.vocab_size}; batch {e.batch} x seq {e.seq} "
         f"= {tokens} tokens; bf16 parameters, fused AdamW, steady state ==",
         f"parameters            {_gib(e.params)}   {c.num_params():,} x 2 B (bf16)",

@@ -165,7 +165,7 @@ def check_recompute(recompute: str, backend: str) -> None:
     if recompute not in RECOMPUTE:
         raise ValueError(f"recompute must be one of {RECOMPUTE}, got {recompute!r}")
     if recompute == "cheap" and backend != "fused":
-        raise ValueError(f"recompute='cheap' needs backend='fused' (its recomputing ops are fused ops), got {backend!r}")
+        raise ValueError(f"recompute='cheap' needs backend='fused' (its ops are fused ops), got {backend!r}")
 
 
 class Llama(nn.Module):

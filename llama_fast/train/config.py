@@ -155,7 +155,8 @@ class TrainConfig:
         _check_choice("model.backend", self.model.backend, ("auto", "fused", "reference"))
         _check_choice("model.recompute", self.model.recompute, RECOMPUTE)
         if self.model.recompute == "cheap" and self.model.backend == "reference":
-            raise ValueError("model.recompute='cheap' needs model.backend 'fused' (or 'auto' on a GPU), got 'reference'")
+            raise ValueError("model.recompute='cheap' needs model.backend 'fused' (or 'auto' on a GPU), "
+                             "got 'reference'")
         _check_choice("train.device", self.train.device, ("auto", "cuda", "cpu"))
         _check_choice("train.parallel", self.train.parallel, ("auto", "none", "ddp", "fsdp"))
         _check_choice("train.mixed_precision", self.train.mixed_precision, ("auto", "bf16", "fp32"))
