@@ -1,9 +1,11 @@
 """One training step (forward, backward, AdamW step) of the "1B" flavor at batch 4 x 2048, bf16.
 
-Providers: our fused model, our reference backend, torch.compile of the reference backend, and
-Hugging Face's LlamaForCausalLM plain, compiled with torch.compile (design.md's torch.compile
-peer), with llama_fast.replace_modules, and with Liger-Kernel (where installed). Every provider trains bf16 parameters with torch's fused AdamW (the same
-optimizer work for all), and reports in extra_info:
+Providers: our fused model, also with recompute="cheap" (the norm and SwiGLU outputs recomputed in
+the backward: what that memory saving costs in throughput), our reference backend, torch.compile of
+the reference backend, and Hugging Face's LlamaForCausalLM plain, compiled with torch.compile
+(design.md's torch.compile peer), with llama_fast.replace_modules, and with Liger-Kernel (where
+installed). Every provider trains bf16 parameters with torch's fused AdamW (the same optimizer work
+for all), and reports in extra_info:
 
     tokens_per_s = B * S / step time
     MFU          = tokens_per_s * (6 N + 6 L d S) / 989e12     (H100 dense bf16 peak)
@@ -40,7 +42,8 @@ def build(provider: str):
     torch.manual_seed(0)
     if provider.startswith("llama_fast"):
         backend = "reference" if "reference" in provider else "fused"
-        model = Llama(CONFIG, backend=backend).cuda().to(torch.bfloat16)
+        recompute = "cheap" if provider.endswith("recompute-cheap") else "none"
+        model = Llama(CONFIG, backend=backend, recompute=recompute).cuda().to(torch.bfloat16)
         fwd = torch.compile(model) if provider.endswith("compile") else model
         return model, lambda x, y: fwd(x, y)[1]
     transformers = pytest.importorskip("transformers", reason="the Hugging Face providers need transformers")
@@ -63,7 +66,8 @@ def build(provider: str):
 
 
 PROVIDERS = [
-    "llama_fast", "llama_fast-reference", "llama_fast-reference-compile", "hf", "hf-compile", "hf+llama_fast", "hf+liger",
+    "llama_fast", "llama_fast-recompute-cheap", "llama_fast-reference", "llama_fast-reference-compile",
+    "hf", "hf-compile", "hf+llama_fast", "hf+liger",
 ]
 
 

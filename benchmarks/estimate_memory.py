@@ -2,6 +2,7 @@
 
     python benchmarks/estimate_memory.py                      # "1B" flavor, batch 4 x 2048, both backends
     python benchmarks/estimate_memory.py --backend fused --flavor small --batch 2 --seq 256
+    python benchmarks/estimate_memory.py --backend fused --recompute cheap  # Llama(recompute=...)
 
 The step is the one benchmarks/bench_train_step.py times: bf16 parameters, torch's fused AdamW
 (betas 0.9/0.95, no amsgrad), in steady state (the optimizer state exists; the gradients of the
@@ -57,6 +58,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from llama_fast import Llama, LlamaConfig
 from llama_fast import _extension
+from llama_fast.model import RECOMPUTE
 
 GIB = 2**30
 BACKENDS = ("fused", "reference")
@@ -66,13 +68,15 @@ H100_SMS = 132  # the RMSNorm backward's dw partials scale with the SM count (2 
 # ------------------------------------------------------------------------------------------------
 # The model and optimizer on meta
 # ------------------------------------------------------------------------------------------------
-def build_meta_model(config: LlamaConfig, backend: str, dtype: torch.dtype = torch.bfloat16) -> Llama:
+def build_meta_model(
+    config: LlamaConfig, backend: str, dtype: torch.dtype = torch.bfloat16, recompute: str = "none"
+) -> Llama:
     """Llama with `dtype` parameters on the meta device (rotary tables fp32, as model._apply keeps them)."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device("meta"):
-            model = Llama(config, backend=backend)
+            model = Llama(config, backend=backend, recompute=recompute)
     finally:
         torch.set_default_dtype(previous)
     return model
@@ -280,6 +284,7 @@ def saved_for_backward(model: Llama, tokens: torch.Tensor) -> SavedReport:
 @dataclass
 class Estimate:
     backend: str
+    recompute: str
     config: LlamaConfig
     batch: int
     seq: int
@@ -322,7 +327,8 @@ def _tracked_step(model, opt, tokens, scratch: CudaScratch | None):
 
 
 def estimate(
-    config: LlamaConfig, backend: str, batch: int, seq: int, *, deterministic: bool = False, num_sms: int = H100_SMS
+    config: LlamaConfig, backend: str, batch: int, seq: int, *, deterministic: bool = False, num_sms: int = H100_SMS,
+    recompute: str = "none",
 ) -> Estimate:
     if not _extension.has_kernel("meta"):
         raise RuntimeError(
@@ -331,7 +337,7 @@ def estimate(
         )
     if seq > config.max_seq_len:
         raise ValueError(f"seq must be at most the config's max_seq_len ({config.max_seq_len}), got {seq}")
-    model = build_meta_model(config, backend)
+    model = build_meta_model(config, backend, recompute=recompute)
     tokens = torch.zeros((batch, seq + 1), dtype=torch.long, device="meta")
     saved = saved_for_backward(model, tokens)
     opt = fused_adamw_with_state(model)
@@ -343,7 +349,8 @@ def estimate(
     peak, step_phase, peak_pass = _tracked_step(model, opt, tokens, scratch)
     grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
     return Estimate(
-        backend=backend, config=config, batch=batch, seq=seq, params=params, grads=grads, opt_state=opt_state,
+        backend=backend, recompute=recompute, config=config, batch=batch, seq=seq, params=params, grads=grads,
+        opt_state=opt_state,
         peak=peak["Total"], peak_breakdown=peak, peak_pass=peak_pass,
         peak_without_scratch=peak_plain["Total"], step_phase=step_phase["Total"],
         largest_scratch=scratch.largest, saved=saved,
@@ -367,7 +374,8 @@ def report(e: Estimate) -> str:
     tokens = e.batch * e.seq
     per_layer = e.saved.per_layer_bytes()
     lines = [
-        f"== backend {e.backend}: dim {c.dim}, {c.n_layers} layers, heads {c.n_heads}/{c.n_kv_heads} (q/kv), "
+        f"== backend {e.backend}, recompute {e.recompute}: dim {c.dim}, {c.n_layers} layers, "
+        f"heads {c.n_heads}/{c.n_kv_heads} (q/kv), "
         f"head_dim {c.head_dim}, ffn {c.ffn_hidden}, vocab {c.vocab_size}; batch {e.batch} x seq {e.seq} "
         f"= {tokens} tokens; bf16 parameters, fused AdamW, steady state ==",
         f"parameters            {_gib(e.params)}   {c.num_params():,} x 2 B (bf16)",
@@ -417,13 +425,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--backend", choices=BACKENDS, action="append", help="repeatable; default: all")
+    parser.add_argument("--recompute", choices=RECOMPUTE, default="none",
+                        help="Llama(recompute=...): none, cheap (fused backend only) or blocks (default none)")
     parser.add_argument("--deterministic", action="store_true", help="the attention backward without atomics")
     parser.add_argument("--sms", type=int, default=H100_SMS, help="SM count for the RMSNorm dw partials")
     args = parser.parse_args(argv)
     config = LlamaConfig.from_name(args.flavor)
     for backend in args.backend or BACKENDS:
         print(report(estimate(config, backend, args.batch, args.seq, deterministic=args.deterministic,
-                              num_sms=args.sms)))
+                              num_sms=args.sms, recompute=args.recompute)))
         print()
     return 0
 

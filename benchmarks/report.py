@@ -110,10 +110,11 @@ TABLES = [
           ELEMENTWISE_COLUMNS, ("ours",), loss_cell),
     Table("Train step, 1B flavor, B4 S2048 bf16, fused AdamW: tokens/s, MFU, peak memory",
           {"bench_train_step.py::test_train_step": "1B B4 S2048"},
-          {"llama_fast": "llama_fast fused", "llama_fast-reference": "llama_fast reference",
+          {"llama_fast": "llama_fast fused", "llama_fast-recompute-cheap": "llama_fast fused, recompute=cheap",
+           "llama_fast-reference": "llama_fast reference",
            "llama_fast-reference-compile": "reference + torch.compile", "hf": "HF", "hf-compile": "HF + torch.compile",
            "hf+llama_fast": "HF + replace_modules", "hf+liger": "HF + Liger"},
-          ("llama_fast", "hf+llama_fast"), train_step_cell),
+          ("llama_fast", "llama_fast-recompute-cheap", "hf+llama_fast"), train_step_cell),
 ]
 
 

@@ -86,8 +86,12 @@ class Attention(_UsesOps, nn.Module):
         self.backend = backend
 
     def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0):
-        B, S, _ = x.shape
-        qkv = self.wqkv(x).view(B, S, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
+        return self.attend(self.wqkv(x), cos, sin, cache, layer)
+
+    def attend(self, qkv, cos, sin, cache: KVCache | None = None, layer: int = 0):
+        """Attention and the output projection from the wqkv GEMM's output qkv (B, S, (Hq + 2 Hkv) D)."""
+        B, S, _ = qkv.shape
+        qkv = qkv.view(B, S, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
         # Strided views, no copies: (B, S, Hq, D), (B, S, Hkv, D), (B, S, Hkv, D).
         q, k, v = qkv.split([self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=2)
         if cache is None:
@@ -134,32 +138,59 @@ class Block(_UsesOps, nn.Module):
         self.mlp = MLP(config, backend)
         self.backend = backend
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0):
+    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0, *, recompute_cheap: bool = False):
+        if recompute_cheap:
+            return self._forward_recompute_cheap(x, cos, sin)
         a = self.attn(self.attn_norm(x), cos, sin, cache, layer)
         # h = x + a and its normalisation in one pass.
         normed, h = self.ops.add_rms_norm(a, x, self.mlp_norm.weight, self.mlp_norm.eps)
         return h + self.mlp(normed)
 
+    def _forward_recompute_cheap(self, x, cos, sin):
+        """The same block with each norm and the SwiGLU fused into the GEMM that consumes it, which
+        recomputes their outputs in the backward instead of saving them (llama_fast.ops.recompute).
+        Every weight is read here, inside the block's forward, where FSDP has gathered the block
+        (the trainer's unit; attn or mlp sharded as units of their own would not be gathered here)."""
+        ops, attn, mlp = self.ops, self.attn, self.mlp
+        qkv = ops.rms_norm_linear(x, self.attn_norm.weight, attn.wqkv.weight, self.attn_norm.eps)
+        a = attn.attend(qkv, cos, sin)
+        gate_up, h = ops.add_rms_norm_linear(a, x, self.mlp_norm.weight, mlp.w_gate_up.weight, self.mlp_norm.eps)
+        return h + ops.swiglu_linear(gate_up, mlp.w_down.weight)  # (B, S, 2F) -> (B, S, dim)
+
+
+RECOMPUTE = ("none", "cheap", "blocks")
+
+
+def check_recompute(recompute: str, backend: str) -> None:
+    if recompute not in RECOMPUTE:
+        raise ValueError(f"recompute must be one of {RECOMPUTE}, got {recompute!r}")
+    if recompute == "cheap" and backend != "fused":
+        raise ValueError(f"recompute='cheap' needs backend='fused' (its ops are fused ops), got {backend!r}")
+
 
 class Llama(nn.Module):
-    """LLaMA. ``activation_checkpointing`` recomputes each block in the backward instead of storing
-    its activations. ``fused_loss`` (default: on for the fused backend) computes the loss with a
-    chunked linear + cross-entropy that never holds all the logits; forward(tokens, targets) then
-    returns ``(None, loss)``."""
+    """LLaMA. ``recompute`` trades backward compute for activation memory while training:
+    "none" saves what the ops save; "cheap" recomputes the RMSNorm and SwiGLU outputs in the
+    backward from tensors saved anyway (fused backend; the paper's "save the expensive activations");
+    "blocks" recomputes each whole block (torch.utils.checkpoint). One mode at a time: "blocks"
+    already recomputes everything "cheap" would. ``fused_loss`` (default: on for the fused backend)
+    computes the loss with a chunked linear + cross-entropy that never holds all the logits;
+    forward(tokens, targets) then returns ``(None, loss)``."""
 
     def __init__(
         self,
         config: LlamaConfig,
         backend: str = "reference",
         *,
-        activation_checkpointing: bool = False,
+        recompute: str = "none",
         fused_loss: bool | None = None,
     ):
         super().__init__()
         ops_for(backend)  # validates the name (and that the fused ops import) before allocating
+        check_recompute(recompute, backend)
         self.config = config
         self.backend = backend
-        self.activation_checkpointing = activation_checkpointing
+        self.recompute = recompute
         self.fused_loss = backend == "fused" if fused_loss is None else fused_loss
         self.embed = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(Block(config, backend) for _ in range(config.n_layers))
@@ -236,11 +267,13 @@ class Llama(nn.Module):
         cos, sin = self.rope_cos, self.rope_sin
         if cache is None:
             cos, sin = cos[:S], sin[:S]
+        check_recompute(self.recompute, self.backend)  # both are plain attributes: replace_modules sets backend
+        recompute = self.recompute if self.training and cache is None else "none"
         for i, layer in enumerate(self.layers):
-            if self.activation_checkpointing and self.training and cache is None:
+            if recompute == "blocks":
                 x = checkpoint(layer, x, cos, sin, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, cache, i)
+                x = layer(x, cos, sin, cache, i, recompute_cheap=recompute == "cheap")
         if cache is not None:
             cache.pos += S
         x = self.norm(x)

@@ -1,11 +1,11 @@
 """Llama(backend="fused") against backend="reference": logits and every parameter gradient (2x rule),
-with the chunked loss and activation checkpointing, and traced whole by torch.compile(fullgraph=True)."""
+with the chunked loss and each recompute mode, and traced whole by torch.compile(fullgraph=True)."""
 import copy
 
 import pytest
 import torch
 
-from llama_fast import Llama, LlamaConfig
+from llama_fast import Llama, LlamaConfig, replace_modules
 from llama_fast.testing import assert_within_2x, default_floor
 
 CONFIG = LlamaConfig.from_name("tiny", vocab_size=300, n_layers=2, n_heads=4, n_kv_heads=1)
@@ -19,10 +19,10 @@ def loss_and_grads(model, tokens, targets):
     return loss.detach(), {n.removeprefix("_orig_mod."): p.grad.detach().clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("activation_checkpointing", [False, True])
-def test_fused_matches_reference(activation_checkpointing):
+@pytest.mark.parametrize("recompute", ["none", "cheap", "blocks"])
+def test_fused_matches_reference(recompute):
     reference = Llama(CONFIG, backend="reference")
-    fused = Llama(CONFIG, backend="fused", activation_checkpointing=activation_checkpointing)
+    fused = Llama(CONFIG, backend="fused", recompute=recompute)
     fused.load_state_dict(reference.state_dict())
     assert list(fused.state_dict()) == list(reference.state_dict())
     tokens = torch.randint(0, CONFIG.vocab_size, (2, 23))
@@ -42,6 +42,39 @@ def test_fused_matches_reference(activation_checkpointing):
         assert_within_2x(f"grad {name}", grads[name], grads_hi[name].float(), grads_lo[name], floor=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_cheap_recompute_matches_none(dtype):
+    """Same backend, same weights: recomputing the norm and SwiGLU outputs changes no bit that matters."""
+    none = Llama(CONFIG, backend="fused").to(dtype)
+    cheap = Llama(CONFIG, backend="fused", recompute="cheap").to(dtype)
+    cheap.load_state_dict(none.state_dict())
+    tokens = torch.randint(0, CONFIG.vocab_size, (2, 19))
+    loss, grads = loss_and_grads(none, tokens, tokens)
+    cheap_loss, cheap_grads = loss_and_grads(cheap, tokens, tokens)
+    torch.testing.assert_close(cheap_loss, loss, rtol=1e-6, atol=0)
+    assert cheap_grads.keys() == grads.keys()
+    for name in grads:
+        torch.testing.assert_close(cheap_grads[name], grads[name], rtol=1e-5, atol=1e-7, msg=f"grad {name}")
+
+
+def test_recompute_modes_are_checked():
+    with pytest.raises(ValueError, match=r"recompute must be one of \('none', 'cheap', 'blocks'\), got 'all'"):
+        Llama(CONFIG, backend="fused", recompute="all")
+    with pytest.raises(ValueError, match="recompute='cheap' needs backend='fused'.*got 'reference'"):
+        Llama(CONFIG, backend="reference", recompute="cheap")
+    with pytest.raises(TypeError, match="activation_checkpointing"):
+        Llama(CONFIG, backend="fused", activation_checkpointing=True)
+    # replace_modules switches a reference model to the fused ops and leaves recompute as it was;
+    # "cheap" can then be set on the attribute (checked at every forward).
+    model = Llama(CONFIG, backend="reference")
+    tokens = torch.randint(0, CONFIG.vocab_size, (1, 5))
+    model.recompute = "cheap"
+    with pytest.raises(ValueError, match="recompute='cheap' needs backend='fused'"):
+        model(tokens, tokens)
+    replace_modules(model)
+    assert model.recompute == "cheap" and torch.isfinite(model(tokens, tokens)[1])
+
+
 def test_fused_loss_returns_no_logits():
     model = Llama(CONFIG, backend="fused")
     tokens = torch.randint(0, CONFIG.vocab_size, (1, 5))
@@ -50,11 +83,12 @@ def test_fused_loss_returns_no_logits():
     assert Llama(CONFIG, backend="fused", fused_loss=False)(tokens, tokens)[0].shape == (1, 5, CONFIG.vocab_size)
 
 
-def test_compile_fullgraph_traces_the_fused_model():
+@pytest.mark.parametrize("recompute", ["none", "cheap"])
+def test_compile_fullgraph_traces_the_fused_model(recompute):
     # aot_eager traces forward and backward graphs exactly as inductor would see them, without the
     # minutes of C++ compilation (tests/test_ops_compile.py runs inductor over the elementwise ops).
     torch._dynamo.reset()
-    model = Llama(CONFIG, backend="fused")
+    model = Llama(CONFIG, backend="fused", recompute=recompute)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     tokens = torch.randint(0, CONFIG.vocab_size, (2, 9))
     eager_loss, eager_grads = loss_and_grads(model, tokens, tokens)
@@ -65,11 +99,12 @@ def test_compile_fullgraph_traces_the_fused_model():
         torch.testing.assert_close(compiled_grads[name], eager_grads[name])
 
 
-def test_fused_under_autocast_matches_reference():
+@pytest.mark.parametrize("recompute", ["none", "cheap"])
+def test_fused_under_autocast_matches_reference(recompute):
     """As the trainer runs it on a GPU: fp32 parameters and residual stream, low-precision matmuls.
     (fp16 here: the Triton interpreter's bf16 dot is broken; the GPU trainer test covers bf16.)"""
     reference = Llama(CONFIG, backend="reference")
-    fused = Llama(CONFIG, backend="fused")
+    fused = Llama(CONFIG, backend="fused", recompute=recompute)
     fused.load_state_dict(reference.state_dict())
     tokens = torch.randint(0, CONFIG.vocab_size, (2, 17))
     losses = {}
@@ -83,11 +118,12 @@ def test_fused_under_autocast_matches_reference():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("recompute", ["none", "cheap"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_fused_matches_reference_on_gpu(dtype):
+def test_fused_matches_reference_on_gpu(dtype, recompute):
     config = LlamaConfig.from_name("tiny", dim=256, n_heads=2, n_kv_heads=1, vocab_size=512, max_seq_len=512)
     reference = Llama(config, backend="reference").cuda()
-    fused = Llama(config, backend="fused").cuda().to(dtype)
+    fused = Llama(config, backend="fused", recompute=recompute).cuda().to(dtype)
     fused.load_state_dict(reference.state_dict())
     tokens = torch.randint(0, config.vocab_size, (2, 257), device="cuda")
     loss, grads = loss_and_grads(fused, tokens, tokens)

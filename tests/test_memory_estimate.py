@@ -41,9 +41,11 @@ ISSUE_5_TARGET_GIB = 24
 
 @pytest.fixture(scope="module")
 def saved():
-    """backend -> SavedReport of one bf16 forward of ODD at BATCH x SEQ."""
+    """backend (and "fused-cheap": recompute="cheap") -> SavedReport of one bf16 forward of ODD at BATCH x SEQ."""
     tokens = torch.zeros((BATCH, SEQ + 1), dtype=torch.long, device="meta")
-    return {b: em.saved_for_backward(em.build_meta_model(ODD, b), tokens) for b in em.BACKENDS}
+    reports = {b: em.saved_for_backward(em.build_meta_model(ODD, b), tokens) for b in em.BACKENDS}
+    reports["fused-cheap"] = em.saved_for_backward(em.build_meta_model(ODD, "fused", recompute="cheap"), tokens)
+    return reports
 
 
 def fused_layer_budget(c: LlamaConfig) -> dict[str, int]:
@@ -81,6 +83,34 @@ def test_fused_layer_saves_no_more_than_the_op_contracts(saved):
     assert got < reference, f"fused {got:.1f} B/token is not below the reference backend's {reference:.1f}"
 
 
+# What recompute="cheap" recomputes in the backward instead of saving (llama_fast.ops.recompute); the
+# norms' rstd come back with their outputs, so they are not saved either.
+RECOMPUTED = ("normed x (input of wqkv)", "normed h (input of w_gate_up)", "swiglu output (input of w_down)",
+              "rstd of attn_norm (one fp32 per row)", "rstd of mlp_norm")
+
+
+def test_cheap_recompute_saves_neither_the_norm_nor_the_swiglu_outputs(saved):
+    """A regression guard for the selective recompute: a block under recompute="cheap" saves at least
+    the normed inputs of wqkv and w_gate_up and the SwiGLU output (2 dim + ffn activations per token)
+    less than without, and no more than the budget without them."""
+    cheap, none = saved["fused-cheap"], saved["fused"]
+    per_layer = cheap.per_layer_bytes()
+    assert len(set(per_layer)) == 1, f"blocks save different amounts: {per_layer}"
+    budget = fused_layer_budget(ODD)
+    recomputed = sum(budget[k] for k in RECOMPUTED)
+    listing = "\n".join(f"  {t.module} {t.shape} {t.dtype} {t.storage_bytes / cheap.tokens:.1f} B/token"
+                        for t in cheap.layer(0))
+    got, without = cheap.per_layer_per_token(), none.per_layer_per_token()
+    assert got <= sum(budget.values()) - recomputed, f"recompute='cheap' saves {got:.1f} B/token:\n{listing}"
+    assert without - got >= recomputed, (
+        f"recompute='cheap' saves {got:.1f} B/token, only {without - got:.1f} less than none ({without:.1f}); "
+        f"expected at least {recomputed} less; it saves:\n{listing}"
+    )
+    # The rest of the model is untouched: embedding and head save what they save without recompute.
+    for where in ("embed", "head"):
+        assert cheap.bytes_in(where) == none.bytes_in(where)
+
+
 def test_no_saved_tensor_holds_seq_by_seq_scores(saved):
     def scores(report):
         return [
@@ -90,6 +120,7 @@ def test_no_saved_tensor_holds_seq_by_seq_scores(saved):
         ]
 
     assert scores(saved["fused"]) == [], "the fused attention saves seq x seq scores"
+    assert scores(saved["fused-cheap"]) == [], "the fused attention saves seq x seq scores under recompute='cheap'"
     # The check can fail: the reference attention does save its probabilities.
     assert scores(saved["reference"]), "the seq x seq detector missed the reference backend's saved scores"
 
@@ -183,10 +214,27 @@ def test_attention_workspace_formula_matches_the_cuda_source(tmp_path):
         assert int(out.stdout) == sum(em.attention_backward_workspace_floats(*case).values()), case
 
 
-def test_1b_training_step_estimate_is_within_issue_5_target():
-    est = em.estimate(LlamaConfig.from_name("1B"), "fused", 4, 2048)
+@pytest.fixture(scope="module")
+def estimates_1b():
+    """recompute mode -> the estimate of the fused 1B step at batch 4 x 2048."""
+    return {r: em.estimate(LlamaConfig.from_name("1B"), "fused", 4, 2048, recompute=r) for r in ("none", "cheap")}
+
+
+def test_1b_training_step_estimate_is_within_issue_5_target(estimates_1b):
+    est = estimates_1b["none"]
     text = em.report(est)
     # Everything saved is alive when the forward ends, next to the parameters and the AdamW state.
     assert est.peak >= est.params + est.opt_state + est.saved.total, text
     assert est.largest_scratch is not None and est.largest_scratch.op == "attention_backward", text
     assert est.peak <= ISSUE_5_TARGET_GIB * em.GIB, text
+
+
+def test_1b_estimate_with_cheap_recompute_is_lower_by_the_recomputed_activations(estimates_1b):
+    config = LlamaConfig.from_name("1B")
+    none, cheap = estimates_1b["none"], estimates_1b["cheap"]
+    budget = fused_layer_budget(config)
+    recomputed_per_token = sum(budget[k] for k in RECOMPUTED)  # 2 * (2 * 2048 + 5632) + 2 * 4 = 19,464
+    saved_less = none.saved.total - cheap.saved.total
+    assert saved_less == recomputed_per_token * 4 * 2048 * config.n_layers, em.report(cheap)
+    # Both peaks fall at the end of the forward, where everything saved is alive.
+    assert none.peak - cheap.peak == saved_less, em.report(cheap)

@@ -12,3 +12,7 @@ from .swiglu import swiglu
 # --- attention (issue 4) ---
 from .attention import attention
 # --- end attention ---
+
+# --- selective recompute: a cheap op and the GEMM that consumes it (recompute="cheap") ---
+from .recompute import add_rms_norm_linear, rms_norm_linear, swiglu_linear
+# --- end selective recompute ---

@@ -108,11 +108,16 @@ def _packed_setup(ctx, inputs, output):
     ctx.save_for_backward(inputs[0])
 
 
-def _packed_backward(ctx, dy):
-    (gate_up,) = ctx.saved_tensors
+def _packed_input_grad(dy: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
+    """d(gate_up) [..., 2F]: the compiled op where the extension has a kernel, else the fallback."""
     if compiled_backward("swiglu", gate_up.device):
         return torch.ops.llama_fast.swiglu_packed_backward(dy, gate_up)
     return swiglu_packed_backward_fallback(dy, gate_up)
+
+
+def _packed_backward(ctx, dy):
+    (gate_up,) = ctx.saved_tensors
+    return _packed_input_grad(dy, gate_up)
 
 
 swiglu_packed_forward.register_autograd(_packed_backward, setup_context=_packed_setup)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import FLAVORS, PAPER_LR, LlamaConfig
+from ..model import RECOMPUTE
 
 LLAMA_FIELDS = {f.name: typing.get_type_hints(LlamaConfig)[f.name] for f in dataclasses.fields(LlamaConfig) if f.init}
 
@@ -25,6 +26,7 @@ LLAMA_FIELDS = {f.name: typing.get_type_hints(LlamaConfig)[f.name] for f in data
 class ModelSection:
     flavor: str = "small"  # a LlamaConfig flavor
     backend: str = "auto"  # "fused" | "reference"; auto: fused on GPUs, reference on CPU
+    recompute: str = "none"  # "none" | "cheap" (norm and SwiGLU outputs; fused backend) | "blocks" (whole blocks)
     overrides: dict = field(default_factory=dict)  # LlamaConfig fields that replace the flavor's
 
 
@@ -136,6 +138,9 @@ class TrainConfig:
             section.overrides[name] = _coerce(value, LLAMA_FIELDS[name], dotted)
             return
         hints = typing.get_type_hints(type(section))
+        if section_name == "model" and name == "activation_checkpointing":
+            raise ValueError(f"config {dotted!r} was replaced by model.recompute: 'blocks' recomputes whole blocks, "
+                             "'cheap' only the norm and SwiGLU outputs, 'none' nothing")
         if name not in hints:
             known = sorted(hints) + (sorted(LLAMA_FIELDS) if section_name == "model" else [])
             raise ValueError(f"config: unknown field {dotted!r}; [{section_name}] has {known}")
@@ -148,6 +153,10 @@ class TrainConfig:
         if self.model.flavor not in FLAVORS:
             raise ValueError(f"model.flavor: expected one of {sorted(FLAVORS)}, got {self.model.flavor!r}")
         _check_choice("model.backend", self.model.backend, ("auto", "fused", "reference"))
+        _check_choice("model.recompute", self.model.recompute, RECOMPUTE)
+        if self.model.recompute == "cheap" and self.model.backend == "reference":
+            raise ValueError("model.recompute='cheap' needs model.backend 'fused' (or 'auto' on a GPU), "
+                             "got 'reference'")
         _check_choice("train.device", self.train.device, ("auto", "cuda", "cpu"))
         _check_choice("train.parallel", self.train.parallel, ("auto", "none", "ddp", "fsdp"))
         _check_choice("train.mixed_precision", self.train.mixed_precision, ("auto", "bf16", "fp32"))

@@ -83,14 +83,15 @@ def build_model(
     parallel: str,
     seed: int,
     param_dtype: torch.dtype | None = None,
+    recompute: str = "none",
 ) -> tuple[Llama, nn.Module]:
     """(the model, the module to call for training): the same object except under DDP.
 
     ``param_dtype`` (FSDP only) is the dtype parameters are gathered in for compute;
-    gradients are reduced in fp32.
+    gradients are reduced in fp32. ``recompute`` is Llama's.
     """
     with torch.device("meta"):
-        model = Llama(config, backend=backend)
+        model = Llama(config, backend=backend, recompute=recompute)
     if parallel == "fsdp":
         mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
         for block in model.layers:

@@ -123,7 +123,7 @@ class Trainer:
         bf16 = t.mixed_precision == "bf16"
         self.model, self.wrapped = build_model(
             self.model_config, config.model.backend, d, t.parallel, t.seed,
-            param_dtype=torch.bfloat16 if bf16 and t.parallel == "fsdp" else None,
+            param_dtype=torch.bfloat16 if bf16 and t.parallel == "fsdp" else None, recompute=config.model.recompute,
         )
         # FSDP casts parameters through its policy; elsewhere bf16 is autocast.
         self.autocast = torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=bf16 and t.parallel != "fsdp")
