@@ -43,7 +43,8 @@ def build(provider: str):
     if provider.startswith("llama_fast"):
         backend = "reference" if "reference" in provider else "fused"
         recompute = "cheap" if provider.endswith("recompute-cheap") else "none"
-        model = Llama(CONFIG, backend=backend, recompute=recompute).cuda().to(torch.bfloat16)
+        with torch.device("cuda"):  # initialised on the GPU: a 1.1B-parameter init on the host takes a minute
+            model = Llama(CONFIG, backend=backend, recompute=recompute).to(torch.bfloat16)
         fwd = torch.compile(model) if provider.endswith("compile") else model
         return model, lambda x, y: fwd(x, y)[1]
     transformers = pytest.importorskip("transformers", reason="the Hugging Face providers need transformers")
@@ -54,9 +55,13 @@ def build(provider: str):
         use_cache=False, attn_implementation="sdpa",
     )
     if provider == "hf+liger":
-        liger = pytest.importorskip("liger_kernel.transformers", reason="Liger-Kernel is not installed")
+        # The module itself, not the package: the package imports, and Liger 0.8.5 raises its
+        # "requires transformers >= 5.0.0" only when the patch function is first reached.
+        liger = pytest.importorskip("liger_kernel.transformers.monkey_patch",
+                                    reason="Liger-Kernel's Llama patch is not importable here")
         liger.apply_liger_kernel_to_llama()
-    model = transformers.LlamaForCausalLM(hf_config).cuda().to(torch.bfloat16)
+    with torch.device("cuda"):
+        model = transformers.LlamaForCausalLM(hf_config).to(torch.bfloat16)
     if provider == "hf+llama_fast":
         from llama_fast import replace_modules
 
