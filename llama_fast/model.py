@@ -69,6 +69,10 @@ class KVCache:
 
     @classmethod
     def empty(cls, config: LlamaConfig, batch: int, max_len: int, device, dtype) -> "KVCache":
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"KVCache batch must be a positive int, got {batch!r}")
+        if isinstance(max_len, bool) or not isinstance(max_len, int) or not 1 <= max_len <= config.max_seq_len:
+            raise ValueError(f"KVCache max_len must be an int in [1, max_seq_len={config.max_seq_len}], got {max_len!r}")
         shape = (batch, max_len, config.n_kv_heads, config.head_dim)
         return cls(
             k=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)],
@@ -257,12 +261,30 @@ class Llama(nn.Module):
         """
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [batch, seq_len], got shape {tuple(tokens.shape)}")
+        if tokens.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"tokens must be int64 or int32 token ids, got {tokens.dtype}")
+        vocab = self.config.vocab_size
+        # One device sync (none when compiling or tracing on meta); on CUDA an id past the embedding
+        # would be a device-side assert that ends the process.
+        if not torch.compiler.is_compiling() and tokens.device.type != "meta":
+            if ((tokens < 0) | (tokens >= vocab)).any():
+                raise ValueError(
+                    f"tokens must be ids in [0, vocab_size={vocab}), got values from {int(tokens.min())} "
+                    f"to {int(tokens.max())}"
+                )
         B, S = tokens.shape
         start = cache.pos if cache is not None else 0
         if start + S > self.config.max_seq_len:
             raise ValueError(
                 f"sequence of {start + S} positions exceeds max_seq_len={self.config.max_seq_len} of the config"
             )
+        if cache is not None:
+            cache_batch, cache_len = cache.k[0].shape[:2]
+            if B > cache_batch or start + S > cache_len or len(cache.k) != self.config.n_layers:
+                raise ValueError(
+                    f"cache holds {len(cache.k)} layers x batch {cache_batch} x {cache_len} positions; this call needs "
+                    f"{self.config.n_layers} layers x batch {B} x {start + S} positions (cache.pos={start} + {S} tokens)"
+                )
         x = self.embed(tokens)  # (B, S, dim)
         cos, sin = self.rope_cos, self.rope_sin
         if cache is None:

@@ -39,6 +39,25 @@ def test_forward_shapes_and_loss():
         model(torch.randint(0, 256, (1, 129)))
     with pytest.raises(ValueError, match=r"tokens must be \[batch, seq_len\]"):
         model(torch.randint(0, 256, (17,)))
+    with pytest.raises(TypeError, match=r"tokens must be int64 or int32 token ids, got torch.float32"):
+        model(torch.zeros(1, 4))
+    with pytest.raises(ValueError, match=r"tokens must be ids in \[0, vocab_size=256\), got values from -1 to 256"):
+        model(torch.tensor([[0, 256, 5, -1]]))
+
+
+def test_kv_cache_errors_name_the_cache():
+    config = LlamaConfig.from_name("tiny")
+    model = Llama(config)
+    with pytest.raises(ValueError, match=r"KVCache batch must be a positive int, got 0"):
+        KVCache.empty(config, 0, 8, "cpu", torch.float32)
+    with pytest.raises(ValueError, match=r"KVCache max_len must be an int in \[1, max_seq_len=128\], got 129"):
+        KVCache.empty(config, 1, 129, "cpu", torch.float32)
+    cache = KVCache.empty(config, 1, 8, "cpu", torch.float32)
+    with pytest.raises(ValueError, match=r"cache holds 2 layers x batch 1 x 8 positions; this call needs 2 layers x "
+                                         r"batch 2 x 5 positions"):
+        model(torch.zeros(2, 5, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match=r"this call needs 2 layers x batch 1 x 9 positions \(cache.pos=0 \+ 9"):
+        model(torch.zeros(1, 9, dtype=torch.long), cache=cache)
 
 
 def test_kv_cache_decoding_equals_full_forward():
