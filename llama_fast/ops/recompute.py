@@ -43,6 +43,7 @@ from torch.autograd.function import once_differentiable
 
 from ._common import check_float, check_same_device
 from .rms_norm import _backward as _norm_backward
+from .rms_norm import _checked_sum_inputs
 from .rms_norm import _check as _check_norm
 from .rms_norm import add_rms_norm_forward, rms_norm_forward
 from .swiglu import _packed_input_grad, swiglu_packed_forward
@@ -155,12 +156,7 @@ def add_rms_norm_linear(
     """(F.linear(normed, weight), h) for (normed, h) = add_rms_norm(x, residual, norm_weight, eps),
     keeping only h for the backward. Mixed float dtypes of x and residual are promoted as in
     add_rms_norm."""
-    check_float("x", x)
-    check_float("residual", residual)
-    if x.dtype != residual.dtype:
-        dtype = torch.promote_types(x.dtype, residual.dtype)
-        x, residual = x.to(dtype), residual.to(dtype)
-    _check_norm(x, norm_weight, eps, residual)
+    x, residual = _checked_sum_inputs(x, residual, norm_weight, eps)
     _check_weight("weight", weight, x.shape[-1], "x", x)
     return _AddRMSNormLinear.apply(
         x, residual, norm_weight.contiguous(), weight, float(eps), _gemm_dtype(x, weight, "weight")

@@ -155,11 +155,17 @@ def add_rms_norm(
     x and residual of different float dtypes (a bf16 sublayer output under autocast added to an fp32
     residual stream) are promoted as ``x + residual`` would be, and both results take that dtype.
     """
+    x, residual = _checked_sum_inputs(x, residual, weight, eps)
+    y, total, _ = add_rms_norm_forward(x, residual, weight.contiguous(), float(eps))
+    return y, total
+
+
+def _checked_sum_inputs(x, residual, weight, eps) -> tuple[torch.Tensor, torch.Tensor]:
+    """add_rms_norm's inputs checked, x and residual promoted to one dtype as x + residual would be."""
     check_float("x", x)
     check_float("residual", residual)
     if x.dtype != residual.dtype:
         dtype = torch.promote_types(x.dtype, residual.dtype)
         x, residual = x.to(dtype), residual.to(dtype)
     _check(x, weight, eps, residual)
-    y, total, _ = add_rms_norm_forward(x, residual, weight.contiguous(), float(eps))
-    return y, total
+    return x, residual
