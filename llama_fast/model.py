@@ -222,10 +222,13 @@ class Llama(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
-            elif name.endswith(("attn.wo.weight", "mlp.w_down.weight")):
-                p.normal_(0.0, std / math.sqrt(2 * self.config.n_layers), generator=gen)
-            else:
-                p.normal_(0.0, std, generator=gen)
+                continue
+            scaled = name.endswith(("attn.wo.weight", "mlp.w_down.weight"))
+            # Drawn whole, then copied in: a parameter sharded from outside (FSDP's DTensors, copied
+            # into under implicit replication, see llama_fast.train.parallelize) keeps its rows of the
+            # very values one process draws, rather than every shard drawing the same numbers.
+            values = torch.empty(p.shape, dtype=p.dtype, device=p.device)  # (the full parameter's shape)
+            p.copy_(values.normal_(0.0, std / math.sqrt(2 * self.config.n_layers) if scaled else std, generator=gen))
         self.reset_rope_tables()
 
     def _apply(self, fn, *args, **kwargs):

@@ -196,6 +196,40 @@ def test_fsdp_resumes_a_checkpoint_and_matches_one_process(tmp_path, data):
             torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
 
 
+FSDP_INIT = """
+import sys
+from pathlib import Path
+
+import torch
+from llama_fast import Llama, LlamaConfig
+from llama_fast.train.parallelize import barrier, build_model, init_distributed, shutdown
+
+d = init_distributed("cpu")
+config = LlamaConfig.from_name("tiny", vocab_size=301)  # 301 embedding rows: uneven shards over 3 ranks
+model, _ = build_model(config, "reference", d, "fsdp", seed=5)
+one_process = Llama(config)
+one_process.init_weights(seed=5)
+for (name, p), q in zip(model.named_parameters(), one_process.parameters(), strict=True):
+    assert p.to_local().shape[0] < p.shape[0], f"{name} is not sharded"
+    torch.testing.assert_close(p.full_tensor(), q, rtol=0, atol=0, msg=name)
+(Path(sys.argv[1]) / f"rank{d.rank}.ok").touch()
+barrier(d)
+shutdown(d)
+"""
+
+
+def test_fsdp_init_equals_the_one_process_init(tmp_path):
+    """Built shard by shard on 3 ranks, the model is the one-process model of the same seed: each
+    rank holds its rows of the same draw (drawing into the shards gave every rank the same rows)."""
+    script = tmp_path / "fsdp_init.py"
+    script.write_text(FSDP_INIT)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3",
+                           str(script), str(tmp_path)], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.glob("rank*.ok")) == ["rank0.ok", "rank1.ok", "rank2.ok"]
+
+
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, data, monkeypatch):
     calls = {"n": 0}
     cross_entropy = torch.nn.functional.cross_entropy

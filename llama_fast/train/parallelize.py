@@ -18,6 +18,10 @@ import torch.nn as nn
 from ..config import LlamaConfig
 from ..model import Llama
 
+try:  # torch >= 2.5
+    from torch.distributed.tensor.experimental import implicit_replication
+except ImportError:  # torch 2.4
+    from torch.distributed._tensor.experimental import implicit_replication
 try:  # torch >= 2.6
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 except ImportError:  # torch 2.4 / 2.5
@@ -98,7 +102,13 @@ def build_model(
             fully_shard(block, mp_policy=mp)
         fully_shard(model, mp_policy=mp)
     model.to_empty(device=d.device)
-    model.init_weights(seed=seed)
+    # Under FSDP each parameter is a DTensor holding this rank's rows: init_weights draws every
+    # parameter whole, as one process does, and copies it in (implicit replication lets the plain
+    # full tensor stand for a replicated one), so each rank keeps its own rows of the same draw and
+    # the model equals the one-process model of the same seed. (Drawing into the shards directly
+    # gave every rank the same numbers: the rows of each weight repeated once per rank.)
+    with implicit_replication():
+        model.init_weights(seed=seed)
     if parallel == "ddp":
         ids = [d.device.index] if d.device.type == "cuda" else None
         return model, nn.parallel.DistributedDataParallel(model, device_ids=ids)
