@@ -196,3 +196,17 @@ def test_one_process_round_trip_and_format_1(tmp_path):
     (saved / "index.json").unlink()
     with pytest.raises(FileNotFoundError, match="format 'llama_fast.checkpoint/2'\\): index.json is missing"):
         ckpt.load_model(saved)
+
+
+def test_keep_never_removes_the_checkpoint_just_written(tmp_path):
+    """Resuming an earlier checkpoint into the same run directory writes steps below ones already there:
+    the retention rule (the last ``keep`` by step) must not delete the checkpoint it has just written."""
+    model, optimizer = trained_tiny(0)
+    d = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    state = {"model_config": model.config.to_dict()}
+    for step in (2, 6):
+        ckpt.save_checkpoint(tmp_path, step, model, optimizer, {"step": step, **state}, d, keep=1)
+    assert [p.name for p in ckpt.list_checkpoints(ckpt.checkpoint_dir(tmp_path))] == ["step_0000006"]
+    saved = ckpt.save_checkpoint(tmp_path, 4, model, optimizer, {"step": 4, **state}, d, keep=1)
+    assert saved.is_dir() and ckpt.read_state(saved)["step"] == 4
+    ckpt.load_model(saved)

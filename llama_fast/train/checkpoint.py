@@ -268,8 +268,11 @@ def save_checkpoint(
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
+            # The last ``keep`` by step, and never the one just written (a run resumed from an earlier
+            # checkpoint into the same directory writes steps below the ones already there).
             for old in list_checkpoints(ckpt_dir)[:-keep]:
-                shutil.rmtree(old)
+                if old != final:
+                    shutil.rmtree(old)
     except BaseException:
         if d.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
