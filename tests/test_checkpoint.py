@@ -210,3 +210,19 @@ def test_keep_never_removes_the_checkpoint_just_written(tmp_path):
     saved = ckpt.save_checkpoint(tmp_path, 4, model, optimizer, {"step": 4, **state}, d, keep=1)
     assert saved.is_dir() and ckpt.read_state(saved)["step"] == 4
     ckpt.load_model(saved)
+
+
+def test_load_model_keeps_tied_embeddings_tied(tmp_path):
+    """A tie_embeddings model loads as one: lm_head.weight IS embed.weight (to_empty on the meta-built
+    model unties them), so it holds one vocabulary matrix, as Llama(config) does."""
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig.from_name("tiny", tie_embeddings=True))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    d = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    saved = ckpt.save_checkpoint(tmp_path, 1, model, optimizer, {"step": 1, "model_config": model.config.to_dict()}, d,
+                                 keep=1)
+    for dtype in (None, torch.float64):
+        loaded = ckpt.load_model(saved, dtype=dtype)
+        assert loaded.lm_head.weight is loaded.embed.weight
+        assert len(list(loaded.parameters())) == len(list(model.parameters()))
+        torch.testing.assert_close(loaded.embed.weight, model.embed.weight.to(loaded.embed.weight.dtype), rtol=0, atol=0)

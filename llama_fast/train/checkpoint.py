@@ -491,6 +491,8 @@ def load_model(
     with torch.device("meta"):
         model = Llama(config, backend=backend)
     model.to_empty(device=device)
+    if config.tie_embeddings:  # to_empty() gave lm_head a tensor of its own
+        model.lm_head.weight = model.embed.weight
     model.reset_rope_tables()
     with ShardReader(path) as reader:
         _load_model_state(reader, model)
