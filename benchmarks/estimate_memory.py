@@ -431,7 +431,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sms", type=int, default=H100_SMS, help="SM count for the RMSNorm dw partials")
     args = parser.parse_args(argv)
     config = LlamaConfig.from_name(args.flavor)
-    for backend in args.backend or BACKENDS:
+    backends = args.backend or (("fused",) if args.recompute == "cheap" else BACKENDS)
+    if args.recompute == "cheap" and "reference" in backends:
+        parser.error("--recompute cheap needs the fused backend (its ops are fused ops), got --backend reference")
+    for backend in backends:
         print(report(estimate(config, backend, args.batch, args.seq, deterministic=args.deterministic,
                               num_sms=args.sms, recompute=args.recompute)))
         print()

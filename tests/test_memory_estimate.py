@@ -238,3 +238,17 @@ def test_1b_estimate_with_cheap_recompute_is_lower_by_the_recomputed_activations
     assert saved_less == recomputed_per_token * 4 * 2048 * config.n_layers, em.report(cheap)
     # Both peaks fall at the end of the forward, where everything saved is alive.
     assert none.peak - cheap.peak == saved_less, em.report(cheap)
+
+
+def test_cli_recompute_cheap_estimates_the_fused_backend_only(capsys):
+    """--recompute cheap without --backend estimates the fused backend (the reference one cannot run
+    it) instead of printing the fused report and then dying on the reference one; naming the
+    reference backend is a usage error."""
+    if not _extension.has_kernel("meta"):
+        pytest.skip("the estimate needs the extension's meta kernels")
+    assert em.main(["--flavor", "tiny", "--batch", "1", "--seq", "16", "--recompute", "cheap"]) == 0
+    out = capsys.readouterr().out
+    assert "== backend fused, recompute cheap" in out and "backend reference" not in out
+    with pytest.raises(SystemExit):
+        em.main(["--flavor", "tiny", "--batch", "1", "--seq", "16", "--recompute", "cheap", "--backend", "reference"])
+    assert "--recompute cheap needs the fused backend" in capsys.readouterr().err
