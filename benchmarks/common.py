@@ -13,15 +13,19 @@ API:
                               of CUDA events on the current stream, after `warmup` untimed runs; each
                               run queued behind a GPU spin longer than the host needs to issue it, so
                               the events time the kernels and not the Python launch path
-  cuda_timings(fn, warmup, reps) -> (float, float)
-                              that median, and the host's milliseconds per call to issue the timed
-                              runs (nothing synchronized inside the loop)
+  cuda_timings(fn, warmup, reps) -> (float, float, float)
+                              that median, the host's milliseconds per call to issue the timed
+                              runs (nothing synchronized inside the loop), and the spin queued
+                              before each (ms): an issue time as long as the spin means fn
+                              synchronizes (waits for the spin), so it is no launch-path cost
   record(benchmark, fn, *, bytes=None, flops=None, formula="", warmup=10, reps=50) -> float
                               times fn with cuda_timings, stores ms, GB/s (bytes / s / 1e9) and/or
                               TFLOP/s with the formula, the peak memory allocated while timing, and
                               cpu_issue_ms with launch_bound (True where issuing a call took at least
                               0.8x its GPU time: a loop of such calls would keep the GPU waiting on
-                              the host, though GB/s is the kernels' own), in benchmark.extra_info, and lets
+                              the host, though GB/s is the kernels' own; None with host_syncs True
+                              where fn synchronizes, whose issue time is then the wait for the spin),
+                              in benchmark.extra_info, and lets
                               pytest-benchmark time synchronized calls for its own table; returns the
                               median ms
   validate(name, got, ref_high, ref_low, *, strict=True)
@@ -71,9 +75,12 @@ def _sleep_cycles_per_ms() -> float:
     return _SLEEP_CYCLES_PER_MS
 
 
-def cuda_timings(fn: Callable[[], object], warmup: int = 10, reps: int = 50) -> tuple[float, float]:
+def cuda_timings(fn: Callable[[], object], warmup: int = 10, reps: int = 50) -> tuple[float, float, float]:
     """(median GPU milliseconds of fn() on the current CUDA stream, per-run CUDA events after warm-up;
-    host milliseconds per call spent issuing those runs).
+    host milliseconds per call spent issuing those runs; milliseconds of the spin queued before each).
+
+    A fn that synchronizes (a .item(), a data-dependent check) waits out the spin inside its issue
+    time, which then reaches the spin's length, and its events include the launches after the sync.
 
     Each timed run is queued behind a GPU-side spin (torch.cuda._sleep) twice as long as the host
     takes to issue fn, so its start event fires with fn's kernels already queued: the events time the
@@ -84,7 +91,8 @@ def cuda_timings(fn: Callable[[], object], warmup: int = 10, reps: int = 50) -> 
         fn()
         host_ms.append((time.perf_counter() - t) * 1e3)
     torch.cuda.synchronize()
-    lead_cycles = int(_sleep_cycles_per_ms() * (2 * statistics.median(host_ms or [0.0]) + 0.05))
+    lead_ms = 2 * statistics.median(host_ms or [0.0]) + 0.05
+    lead_cycles = int(_sleep_cycles_per_ms() * lead_ms)
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     issue_s = 0.0
@@ -96,7 +104,7 @@ def cuda_timings(fn: Callable[[], object], warmup: int = 10, reps: int = 50) -> 
         end.record()
         issue_s += time.perf_counter() - t
     torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)), issue_s * 1e3 / reps
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)), issue_s * 1e3 / reps, lead_ms
 
 
 def cuda_time_ms(fn: Callable[[], object], warmup: int = 10, reps: int = 50) -> float:
@@ -117,9 +125,10 @@ def record(
     """Times fn, writes ms / GB/s / TFLOP/s, the formula, the peak memory of the timed runs and the
     host's issue time per call (cpu_issue_ms, launch_bound) into benchmark.extra_info; returns ms."""
     torch.cuda.reset_peak_memory_stats()
-    ms, issue_ms = cuda_timings(fn, warmup, reps)
+    ms, issue_ms, lead_ms = cuda_timings(fn, warmup, reps)
+    host_syncs = issue_ms >= lead_ms  # the host waited for the spin: fn synchronizes
     info = {"median_ms_cuda_events": ms, "formula": formula, "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
-            "cpu_issue_ms": issue_ms, "launch_bound": issue_ms >= 0.8 * ms}
+            "cpu_issue_ms": issue_ms, "host_syncs": host_syncs, "launch_bound": None if host_syncs else issue_ms >= 0.8 * ms}
     if bytes is not None:
         info["bytes"] = bytes
         info["GB/s"] = bytes / (ms * 1e-3) / 1e9

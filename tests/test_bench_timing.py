@@ -68,3 +68,21 @@ def test_each_timed_run_is_queued_behind_a_spin_longer_than_its_issue(monkeypatc
     common.record(FakeBenchmark(), lambda: time.sleep(3e-3), bytes=10**9, warmup=3, reps=4)
     assert len(sleeps) == 4
     assert all(cycles >= 1000.0 * 2 * 3.0 for cycles in sleeps), sleeps  # >= 2 x 3 ms of host issue
+
+
+def test_an_op_that_synchronizes_is_marked_not_launch_bound(monkeypatch):
+    """A call that waits on the GPU (linear_cross_entropy's target check, a .item()) waits out the spin
+    queued before it: its issue time is the spin's, not the launch path's, so it is reported as a
+    host sync and not flagged launch-bound (it was, with cpu_issue_ms about twice its GPU time)."""
+    sleeps = fake_cuda(monkeypatch, gpu_ms=lambda host_ms: 5.0)
+
+    def synchronizing():  # waits for what is queued: the last spin (1000 cycles per ms), then 1 ms of its own
+        time.sleep((sleeps[-1] / 1000.0 if sleeps else 5.0) * 1e-3)
+
+    bench = FakeBenchmark()
+    common.record(bench, synchronizing, bytes=10**9, warmup=2, reps=3)
+    info = bench.extra_info
+    assert info["host_syncs"] is True and info["launch_bound"] is None
+    bench = FakeBenchmark()
+    common.record(bench, lambda: time.sleep(1e-3), bytes=10**9, warmup=2, reps=3)
+    assert bench.extra_info["host_syncs"] is False and bench.extra_info["launch_bound"] is False
