@@ -5,7 +5,10 @@ The multi-process side (FSDP ranks writing their shards, resuming on another wor
 tests/test_train.py::test_fsdp_resumes_a_checkpoint_and_matches_one_process.
 """
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -226,3 +229,49 @@ def test_load_model_keeps_tied_embeddings_tied(tmp_path):
         assert loaded.lm_head.weight is loaded.embed.weight
         assert len(list(loaded.parameters())) == len(list(model.parameters()))
         torch.testing.assert_close(loaded.embed.weight, model.embed.weight.to(loaded.embed.weight.dtype), rtol=0, atol=0)
+
+
+FAILING_SAVE = """
+import sys
+from pathlib import Path
+
+import torch
+from llama_fast import LlamaConfig
+from llama_fast.train import checkpoint as ckpt
+from llama_fast.train.parallelize import barrier, build_model, init_distributed, shutdown
+
+d = init_distributed("cpu")
+config = LlamaConfig.from_name("tiny", vocab_size=300)
+model, _ = build_model(config, "reference", d, "fsdp", seed=0)
+optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+real_save_file = ckpt.save_file
+
+
+def failing_save_file(tensors, path, *args, **kwargs):
+    if d.rank == 1:
+        raise OSError(28, "No space left on device (simulated)")
+    return real_save_file(tensors, path, *args, **kwargs)
+
+
+ckpt.save_file = failing_save_file
+try:
+    ckpt.save_checkpoint(sys.argv[1], 3, model, optimizer, {"step": 3, "model_config": config.to_dict()}, d, keep=2)
+except Exception as e:
+    (Path(sys.argv[1]) / f"rank{d.rank}.raised").write_text(f"{type(e).__name__}: {e}")
+barrier(d)
+shutdown(d)
+"""
+
+
+def test_a_rank_failing_mid_save_fails_every_rank_and_leaves_no_directory(tmp_path):
+    """Rank 1 cannot write its shard (disk full): every rank raises (rank 0 waited at a barrier for it until
+    the process group's 30-minute timeout), and no step directory or temporary is left behind."""
+    script = tmp_path / "failing_save.py"
+    script.write_text(FAILING_SAVE)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), str(tmp_path)], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "No space left on device (simulated)" in (tmp_path / "rank1.raised").read_text()
+    assert "another process failed" in (tmp_path / "rank0.raised").read_text()
+    assert list(ckpt.checkpoint_dir(tmp_path).iterdir()) == []

@@ -51,7 +51,7 @@ from torch.distributed.tensor import DTensor
 
 from ..config import LlamaConfig
 from ..model import Llama
-from .parallelize import Dist, barrier
+from .parallelize import Dist, any_rank
 
 FORMAT = "llama_fast.checkpoint/2"
 FORMAT_WHOLE = "llama_fast.checkpoint/1"  # one model.safetensors / optimizer.safetensors of whole tensors
@@ -242,17 +242,24 @@ def save_checkpoint(
     keep: int,
     tokenizer_path: str | os.PathLike | None = None,
 ) -> Path:
-    """Write ``step_<step>`` atomically, each rank its own shards; call on all ranks."""
+    """Write ``step_<step>`` atomically, each rank its own shards; call on all ranks.
+
+    Each phase ends with every rank learning whether any rank failed in it (an all-reduce in
+    place of a barrier), so a rank that cannot write its shards (disk full) makes every rank
+    raise, rank 0 removes the temporary, and no rank is left waiting at a barrier.
+    """
     model_sd = get_model_state_dict(model, options=SHARDED)  # DTensors under FSDP: nothing is gathered
     tensors, groups = _flatten_optimizer(get_optimizer_state_dict(model, optimizer, options=SHARDED))
     ckpt_dir = checkpoint_dir(run_dir)
     final = ckpt_dir / f"step_{step:07d}"
     tmp = ckpt_dir / f".{final.name}.tmp"
-    try:
+
+    def start() -> None:
         if d.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-        barrier(d)
+
+    def write_own_part() -> None:
         (tmp / f"rng_rank{d.rank}.json").write_text(json.dumps(_rng_state()))
         entries = {"model": _write_shards(tmp, "model", model_sd, d.rank),
                    "optimizer": _write_shards(tmp, "optimizer", tensors, d.rank)}
@@ -262,7 +269,8 @@ def save_checkpoint(
             (tmp / "state.json").write_text(json.dumps({"format": FORMAT, "world_size": d.world_size, **state}, indent=2))
             if tokenizer_path is not None:
                 shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
-        barrier(d)
+
+    def finish() -> None:
         if d.is_main:
             (tmp / INDEX).write_text(json.dumps(_merge_index(tmp, d.world_size), indent=1))
             if final.exists():
@@ -273,12 +281,29 @@ def save_checkpoint(
             for old in list_checkpoints(ckpt_dir)[:-keep]:
                 if old != final:
                     shutil.rmtree(old)
+
+    try:
+        for phase in (start, write_own_part, finish):
+            _on_every_rank(phase, d)
     except BaseException:
         if d.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    barrier(d)
     return final
+
+
+def _on_every_rank(phase, d: Dist) -> None:
+    """Run ``phase`` here, then raise on every rank if it raised on any (a barrier that carries failure)."""
+    error = None
+    try:
+        phase()
+    except Exception as e:  # re-raised below, after the other ranks have heard of it
+        error = e
+    if any_rank(error is not None, d):
+        if error is not None:
+            raise error
+        raise RuntimeError(f"checkpoint: another process failed while writing its part of the checkpoint "
+                           f"({phase.__name__}); see its error")
 
 
 def _flatten_optimizer(optim_sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
