@@ -275,3 +275,13 @@ def test_a_rank_failing_mid_save_fails_every_rank_and_leaves_no_directory(tmp_pa
     assert "No space left on device (simulated)" in (tmp_path / "rank1.raised").read_text()
     assert "another process failed" in (tmp_path / "rank0.raised").read_text()
     assert list(ckpt.checkpoint_dir(tmp_path).iterdir()) == []
+
+
+def test_merge_names_a_rank_whose_part_rank_0_cannot_see(tmp_path):
+    """Rank 0 merges the index from files every rank wrote: on nodes without a shared run directory it
+    cannot see them, and the error says so (it was a bare 'No such file or directory')."""
+    w = torch.randn(6, 2)
+    write_rank(tmp_path, 0, {"w": (w, (0, 3))})
+    with pytest.raises(FileNotFoundError, match="rank 1 wrote no index.rank1.json .* every process must see the same "
+                                                "run directory"):
+        ckpt._merge_index(tmp_path, 2)

@@ -15,7 +15,8 @@ along dim 0 as ``torch.chunk`` splits it: equal chunks of ceil(rows / processes)
 shorter, trailing ones possibly empty), so no process ever holds the full state. With one
 process or DDP the state is replicated and rank 0 writes it whole: one shard per tensor.
 ``index.json`` (rank 0 merges what each rank reports having written, and checks that the
-slices tile every tensor) is the map. Loading reshards: each process reads, memory-mapped,
+slices tile every tensor) is the map. Every process must therefore see the same run directory
+(on several nodes, a filesystem they share). Loading reshards: each process reads, memory-mapped,
 only the rows of ITS current shard, so a checkpoint written by N processes resumes on M
 (FSDP, DDP or one process); ``load_model`` assembles whole tensors for ``generate``/export.
 
@@ -214,6 +215,11 @@ def _merge_index(tmp: Path, world_size: int) -> dict:
     index = {"format": FORMAT, "world_size": world_size, **{kind: {} for kind in KINDS}}
     for rank in range(world_size):
         part_file = tmp / f"index.rank{rank}.json"
+        if not part_file.is_file():
+            raise FileNotFoundError(
+                f"checkpoint {tmp}: rank {rank} wrote no {part_file.name} here; every process must see the same "
+                "run directory (on several nodes, a filesystem they share)"
+            )
         for kind, entries in json.loads(part_file.read_text()).items():
             for name, entry in entries.items():
                 merged = index[kind].setdefault(name, {"shape": entry["shape"], "dtype": entry["dtype"], "slices": []})
