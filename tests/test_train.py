@@ -230,6 +230,45 @@ def test_fsdp_init_equals_the_one_process_init(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("rank*.ok")) == ["rank0.ok", "rank1.ok", "rank2.ok"]
 
 
+FSDP_BF16 = """
+import sys
+from pathlib import Path
+
+import torch
+from llama_fast import Llama, LlamaConfig
+from llama_fast.train.parallelize import barrier, build_model, init_distributed, shutdown
+
+d = init_distributed("cpu")
+config = LlamaConfig.from_name("tiny", vocab_size=300)
+tokens = torch.randint(0, 300, (2, 3, 18), generator=torch.Generator().manual_seed(0))[d.rank]  # a batch per rank
+one_process = Llama(config, backend="fused")
+one_process.init_weights(seed=0)
+want = one_process(tokens[:, :-1], tokens[:, 1:])[1]
+for recompute in ("none", "cheap"):
+    model, wrapped = build_model(config, "fused", d, "fsdp", seed=0, param_dtype=torch.bfloat16, recompute=recompute)
+    loss = wrapped(tokens[:, :-1], tokens[:, 1:])[1]
+    loss.backward()
+    assert loss.dtype == torch.float32 and abs(loss.item() - want.item()) < 0.02 * want.item(), (loss, want)
+    assert all(p.grad is not None and torch.isfinite(p.grad.full_tensor()).all() for p in model.parameters())
+(Path(sys.argv[1]) / f"rank{d.rank}.ok").touch()
+barrier(d)
+shutdown(d)
+"""
+
+
+def test_fsdp_bf16_runs_the_fused_model(tmp_path):
+    """FSDP2 with bf16 param_dtype (the trainer's bf16 on GPUs) and the fused backend: the rotary tables
+    the model passes to each block stay fp32 (FSDP's default cast of forward inputs made them bf16, which
+    the fused attention refuses: 'cos must be float32'), and the loss is the one-process fp32 loss."""
+    script = tmp_path / "fsdp_bf16.py"
+    script.write_text(FSDP_BF16)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the interpreter would take minutes
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), str(tmp_path)], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.glob("rank*.ok")) == ["rank0.ok", "rank1.ok"]
+
+
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, data, monkeypatch):
     calls = {"n": 0}
     cross_entropy = torch.nn.functional.cross_entropy

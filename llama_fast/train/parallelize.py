@@ -97,7 +97,9 @@ def build_model(
     with torch.device("meta"):
         model = Llama(config, backend=backend, recompute=recompute)
     if parallel == "fsdp":
-        mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+        # cast_forward_inputs=False: the rotary tables each block receives stay fp32 (the fused attention
+        # requires it); the activations are in param_dtype anyway, from the embedding gathered in it.
+        mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
         for block in model.layers:
             fully_shard(block, mp_policy=mp)
         fully_shard(model, mp_policy=mp)
