@@ -176,3 +176,17 @@ def test_matches_full_logits_on_the_gpu(monkeypatch, dtype):
     ours = grads(ce.linear_cross_entropy, h, w, t, dtype)
     for name, a, b, c in zip(("loss", "dhidden", "dweight"), ours, hi, lo):
         assert_within_2x(name, a.float(), b.float(), c.float(), floor=default_floor(dtype))
+
+
+def test_rows_op_checks_its_layout(impl):
+    """The op is public (torch.ops.llama_fast.cross_entropy_rows_): strided targets are read as such, and
+    logits whose last dim is strided (which the kernel cannot overwrite in place) are refused, where
+    the kernel silently read the wrong elements of both."""
+    x, t = torch.randn(4, 10), torch.randint(0, 10, (8,))
+    torch.testing.assert_close(ce.cross_entropy_rows_(x.clone(), t[::2], -100, False),
+                               F.cross_entropy(x, t[::2], reduction="none"))
+    with pytest.raises(ValueError, match=r"logits must be \[rows, vocab\] with a contiguous last dim, got shape "
+                                         r"\(4, 10\) and strides \(1, 4\)"):
+        ce.cross_entropy_rows_(torch.randn(10, 4).t(), t[:4], -100, False)
+    with pytest.raises(ValueError, match=r"targets must be \[rows=4\] integer class indices, got shape \(5,\)"):
+        ce.cross_entropy_rows_(x.clone(), t[:5], -100, False)

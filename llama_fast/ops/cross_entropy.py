@@ -28,6 +28,7 @@ def cross_entropy_rows_(logits: torch.Tensor, targets: torch.Tensor, ignore_inde
     """Per-row cross-entropy (fp32 [rows]; 0 where targets == ignore_index, NaN for a target outside
     [0, vocab)) of logits [rows, vocab] (last dim contiguous). With ``write_grad`` the logits are
     overwritten by the unscaled gradient softmax - onehot(target), zero on ignored rows."""
+    targets = _check_rows_inputs(logits, targets)
     if triton_runs_on(logits.device):
         from llama_fast.kernels import cross_entropy as kernels
 
@@ -49,7 +50,24 @@ def cross_entropy_rows_(logits: torch.Tensor, targets: torch.Tensor, ignore_inde
 
 @cross_entropy_rows_.register_fake
 def _(logits, targets, ignore_index, write_grad):
+    _check_rows_inputs(logits, targets)
     return logits.new_empty(logits.shape[0], dtype=torch.float32)
+
+
+def _check_rows_inputs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """cross_entropy_rows_'s layout (the kernel indexes rows by logits.stride(0) and reads targets
+    densely); returns the targets, contiguous."""
+    if logits.dim() != 2 or logits.stride(1) != 1:
+        raise ValueError(
+            f"logits must be [rows, vocab] with a contiguous last dim, got shape {tuple(logits.shape)} and strides "
+            f"{tuple(logits.stride())}"
+        )
+    if targets.shape != logits.shape[:1] or targets.is_floating_point() or targets.is_complex():
+        raise ValueError(
+            f"targets must be [rows={logits.shape[0]}] integer class indices, got shape {tuple(targets.shape)} "
+            f"and dtype {targets.dtype}"
+        )
+    return targets.contiguous()
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
