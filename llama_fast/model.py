@@ -250,6 +250,26 @@ class Llama(nn.Module):
             self.config.max_seq_len, self.config.head_dim, self.config.rope_theta, device, self._rope_dtype()
         )
 
+    def _check_ids(self, tokens: torch.Tensor, targets: torch.Tensor | None) -> None:
+        """Token ids in [0, vocab), targets too (or -100, ignored): one device sync for both, none when
+        compiling or tracing on meta. On CUDA an id past the embedding or the logits would be a
+        device-side assert that ends the process."""
+        if torch.compiler.is_compiling() or tokens.device.type == "meta":
+            return
+        vocab = self.config.vocab_size
+        flags = [((tokens < 0) | (tokens >= vocab)).any()]
+        if targets is not None:
+            flags.append(((targets != -100) & ((targets < 0) | (targets >= vocab))).any())
+        bad_tokens, *bad_targets = torch.stack(flags).tolist()
+        for name, t, bad in (("tokens", tokens, bad_tokens), ("targets", targets, any(bad_targets))):
+            if bad:
+                valid = "" if name == "tokens" else " or -100 (ignored)"
+                outside = t[(t < 0) | (t >= vocab)] if name == "tokens" else t[(t != -100) & ((t < 0) | (t >= vocab))]
+                raise ValueError(
+                    f"{name} must be ids in [0, vocab_size={vocab}){valid}, got {outside[:5].tolist()} "
+                    f"(first of {outside.numel()} outside)"
+                )
+
     def forward(
         self,
         tokens: torch.Tensor,
@@ -266,15 +286,14 @@ class Llama(nn.Module):
             raise ValueError(f"tokens must be [batch, seq_len], got shape {tuple(tokens.shape)}")
         if tokens.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"tokens must be int64 or int32 token ids, got {tokens.dtype}")
-        vocab = self.config.vocab_size
-        # One device sync (none when compiling or tracing on meta); on CUDA an id past the embedding
-        # would be a device-side assert that ends the process.
-        if not torch.compiler.is_compiling() and tokens.device.type != "meta":
-            if ((tokens < 0) | (tokens >= vocab)).any():
+        if targets is not None:
+            if targets.shape != tokens.shape:
                 raise ValueError(
-                    f"tokens must be ids in [0, vocab_size={vocab}), got values from {int(tokens.min())} "
-                    f"to {int(tokens.max())}"
+                    f"targets must have the shape of tokens {tuple(tokens.shape)}, got {tuple(targets.shape)}"
                 )
+            if targets.dtype not in (torch.int64, torch.int32):
+                raise TypeError(f"targets must be int64 or int32 token ids, got {targets.dtype}")
+        self._check_ids(tokens, targets)
         B, S = tokens.shape
         start = cache.pos if cache is not None else 0
         if start + S > self.config.max_seq_len:
@@ -304,12 +323,11 @@ class Llama(nn.Module):
         x = self.norm(x)
         if targets is None:
             return self.lm_head(x), None  # (B, S, vocab)
-        if targets.shape != tokens.shape:
-            raise ValueError(f"targets must have the shape of tokens {tuple(tokens.shape)}, got {tuple(targets.shape)}")
         if self.fused_loss:
             from .ops.cross_entropy import linear_cross_entropy
 
-            return None, linear_cross_entropy(x, self.lm_head.weight, targets)
+            # validate=False: _check_ids has checked the targets with the tokens, in the same sync.
+            return None, linear_cross_entropy(x, self.lm_head.weight, targets, validate=False)
         logits = self.lm_head(x)  # (B, S, vocab)
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         return logits, loss

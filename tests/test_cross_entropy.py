@@ -135,6 +135,14 @@ def test_rows_op_target_outside_the_vocabulary_gives_nan_not_a_read_out_of_bound
     assert torch.isfinite(loss[0]) and torch.isnan(loss[1]) and torch.isnan(loss[2])
 
 
+def test_validate_false_skips_the_sync_and_gives_nan_for_a_target_outside():
+    h, w = torch.randn(4, 8), torch.randn(10, 8)
+    t = torch.tensor([1, 10, -100, 3])
+    with pytest.raises(ValueError, match="targets must be class indices"):
+        ce.linear_cross_entropy(h, w, t)
+    assert torch.isnan(ce.linear_cross_entropy(h, w, t, validate=False))
+
+
 def test_opcheck():
     logits = torch.randn(6, 37)
     t = torch.randint(0, 37, (6,))

@@ -41,8 +41,17 @@ def test_forward_shapes_and_loss():
         model(torch.randint(0, 256, (17,)))
     with pytest.raises(TypeError, match=r"tokens must be int64 or int32 token ids, got torch.float32"):
         model(torch.zeros(1, 4))
-    with pytest.raises(ValueError, match=r"tokens must be ids in \[0, vocab_size=256\), got values from -1 to 256"):
+    with pytest.raises(ValueError, match=r"tokens must be ids in \[0, vocab_size=256\), got \[256, -1\] \(first of 2"):
         model(torch.tensor([[0, 256, 5, -1]]))
+    ok = torch.tensor([[0, 3, 5, 255]])
+    for fused_loss in (False, True):  # the reference loss too: on CUDA it would assert on the device
+        m = Llama(LlamaConfig.from_name("tiny"), fused_loss=fused_loss)
+        with pytest.raises(ValueError, match=r"targets must be ids in \[0, vocab_size=256\) or -100 \(ignored\), "
+                                             r"got \[300\] \(first of 1"):
+            m(ok, torch.tensor([[1, -100, 300, 2]]))
+        with pytest.raises(TypeError, match="targets must be int64 or int32 token ids, got torch.float32"):
+            m(ok, ok.float())
+        m(ok, torch.tensor([[1, -100, 255, 2]]))  # ignored positions and the last id are fine
 
 
 def test_kv_cache_errors_name_the_cache():

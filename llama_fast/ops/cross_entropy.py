@@ -105,11 +105,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def linear_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int = -100,
+    *,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Mean cross-entropy of (hidden @ weight^T) against targets, never holding all the logits.
 
     hidden: [N, d] (or [..., d]); weight: [vocab, d]; targets: int64 of hidden's leading shape.
+    ``validate`` checks that every target is in [0, vocab) or ignore_index, at the cost of one
+    device sync; a caller that has checked them already (Llama.forward does, with the tokens) may
+    skip it. An unchecked target outside the vocabulary gives a NaN loss, never a wrong read.
     """
     check_float("hidden", hidden)
     check_float("weight", weight)
@@ -129,7 +137,7 @@ def linear_cross_entropy(
         raise TypeError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype")
     vocab = weight.shape[0]
     # One device sync (none when compiling or tracing on meta): the kernel would only give a NaN loss.
-    if not torch.compiler.is_compiling() and targets.device.type != "meta":
+    if validate and not torch.compiler.is_compiling() and targets.device.type != "meta":
         outside = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
         if outside.any():
             raise ValueError(
