@@ -5,13 +5,11 @@ The multi-process side (FSDP ranks writing their shards, resuming on another wor
 tests/test_train.py::test_fsdp_resumes_a_checkpoint_and_matches_one_process.
 """
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
+from multiprocess import run_script
 from safetensors.torch import load_file, save_file
 
 from llama_fast import Llama, LlamaConfig
@@ -266,12 +264,7 @@ shutdown(d)
 def test_a_rank_failing_mid_save_fails_every_rank_and_leaves_no_directory(tmp_path):
     """Rank 1 cannot write its shard (disk full): every rank raises (rank 0 waited at a barrier for it until
     the process group's 30-minute timeout), and no step directory or temporary is left behind."""
-    script = tmp_path / "failing_save.py"
-    script.write_text(FAILING_SAVE)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script), str(tmp_path)], capture_output=True, text=True, timeout=120, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_script(FAILING_SAVE, tmp_path, timeout=120)
     assert "No space left on device (simulated)" in (tmp_path / "rank1.raised").read_text()
     assert "another process failed" in (tmp_path / "rank0.raised").read_text()
     assert list(ckpt.checkpoint_dir(tmp_path).iterdir()) == []

@@ -1,13 +1,11 @@
 """llama_fast.ops' selective-recompute functions against the reference composition (outputs, every
 gradient, 2x rule), what they save for the backward, autocast, torch.compile, errors; the trainer's
 model.recompute; recompute="cheap" against "none" under FSDP2 and DDP (gloo, two processes)."""
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+from multiprocess import run_script
 from op_check import check_op, fallback_backward, poison_empty  # noqa: F401  (fixtures)
 from synthetic_text import write_corpus
 
@@ -298,14 +296,6 @@ def test_cheap_recompute_under_fsdp_and_ddp_matches_no_recompute(tmp_path):
     """Two gloo processes, the fused backend (PyTorch forwards on the CPU, C++ backwards): under FSDP2
     (built as the trainer builds it, blocks sharded) and under DDP, recompute="cheap" gives the loss
     and every reduced gradient of recompute="none"."""
-    script = tmp_path / "two_processes.py"
-    script.write_text(TWO_PROCESSES)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the interpreter would take minutes
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-         str(tmp_path)],
-        capture_output=True, text=True, timeout=300, env=env,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = run_script(TWO_PROCESSES, tmp_path)
     for rank in (0, 1):
         assert (tmp_path / f"rank{rank}.txt").read_text() == "fsdp ok\nddp ok\n", proc.stdout

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from multiprocess import run_script, torchrun
 from synthetic_text import write_corpus
 
 from llama_fast.data import parse_source, prepare
@@ -121,18 +122,14 @@ def test_resume_after_sigterm_matches_uninterrupted_run(tmp_path, data, monkeypa
     assert losses(tmp_path / "resumed") == losses(tmp_path / "full")
 
 
-def torchrun(*args, nproc=2) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "llama_fast.train", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+def train_torchrun(*args, nproc=2) -> subprocess.CompletedProcess:
+    return torchrun("-m", "llama_fast.train", *args, nproc=nproc)
 
 
 def test_two_processes_match_one(tmp_path, data):
     """2 gloo processes x 2 accumulated micro-batches == 1 process x 4 (same global batch; DDP's no_sync)."""
     run(tmp_path / "one", data, "--steps", "4", "--train.micro_batch", "2")
-    torchrun(*tiny_args(tmp_path / "two", data, "--steps", "4", "--train.micro_batch", "2"))
+    train_torchrun(*tiny_args(tmp_path / "two", data, "--steps", "4", "--train.micro_batch", "2"))
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert sorted(one) == sorted(two) == [1, 2, 3, 4]
     for step in one:
@@ -151,10 +148,10 @@ def test_fsdp_resumes_a_checkpoint_and_matches_one_process(tmp_path, data):
     run(tmp_path / "one", data, *GEOMETRY, "--checkpoint.interval", "2")
     one = losses(tmp_path / "one")
     start = tmp_path / "one" / "checkpoints" / "step_0000002"
-    torchrun(*tiny_args(tmp_path / "fsdp2", data, *GEOMETRY, "--resume", str(start), "--train.parallel", "fsdp",
+    train_torchrun(*tiny_args(tmp_path / "fsdp2", data, *GEOMETRY, "--resume", str(start), "--train.parallel", "fsdp",
                         "--checkpoint.interval", "2"))
     sharded = tmp_path / "fsdp2" / "checkpoints" / "step_0000004"
-    torchrun(*tiny_args(tmp_path / "fsdp3", data, *GEOMETRY, "--resume", str(sharded), "--train.parallel", "fsdp"),
+    train_torchrun(*tiny_args(tmp_path / "fsdp3", data, *GEOMETRY, "--resume", str(sharded), "--train.parallel", "fsdp"),
              nproc=3)
     run(tmp_path / "back", data, *GEOMETRY, "--resume", str(sharded))
     for name, steps in (("fsdp2", [3, 4, 5, 6]), ("fsdp3", [5, 6]), ("back", [5, 6])):
@@ -221,12 +218,7 @@ shutdown(d)
 def test_fsdp_init_equals_the_one_process_init(tmp_path):
     """Built shard by shard on 3 ranks, the model is the one-process model of the same seed: each
     rank holds its rows of the same draw (drawing into the shards gave every rank the same rows)."""
-    script = tmp_path / "fsdp_init.py"
-    script.write_text(FSDP_INIT)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3",
-                           str(script), str(tmp_path)], capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_script(FSDP_INIT, tmp_path, nproc=3)
     assert sorted(p.name for p in tmp_path.glob("rank*.ok")) == ["rank0.ok", "rank1.ok", "rank2.ok"]
 
 
@@ -260,12 +252,7 @@ def test_fsdp_bf16_runs_the_fused_model(tmp_path):
     """FSDP2 with bf16 param_dtype (the trainer's bf16 on GPUs) and the fused backend: the rotary tables
     the model passes to each block stay fp32 (FSDP's default cast of forward inputs made them bf16, which
     the fused attention refuses: 'cos must be float32'), and the loss is the one-process fp32 loss."""
-    script = tmp_path / "fsdp_bf16.py"
-    script.write_text(FSDP_BF16)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the interpreter would take minutes
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script), str(tmp_path)], capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_script(FSDP_BF16, tmp_path)
     assert sorted(p.name for p in tmp_path.glob("rank*.ok")) == ["rank0.ok", "rank1.ok"]
 
 

@@ -9,6 +9,7 @@ so any number of processes with the same ``batch_tokens`` trains on the same dat
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import random
 import signal
@@ -303,6 +304,13 @@ def train(config: TrainConfig) -> dict:
     config.validate()
     d = init_distributed(config.train.device)
     try:
-        return Trainer(config, d).run()
+        summary = Trainer(config, d).run()
+        # Free the model (FSDP's state holds collective work in reference cycles) while its process
+        # group is alive, and leave together: gloo aborts a process that tears its group down under
+        # live work ("terminate called without an active exception"). Only on success: after a
+        # failure the others may never arrive, and torchrun ends them.
+        gc.collect()
+        barrier(d)
+        return summary
     finally:
         shutdown(d)
