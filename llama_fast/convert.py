@@ -181,12 +181,10 @@ def build_model(
     dtype = parse_dtype(dtype) or state["embed.weight"].dtype
     with torch.device("meta"):
         model = Llama(config, backend=backend)
-    model.to(dtype).to_empty(device=device)
-    if config.tie_embeddings:  # to_empty gives every parameter its own storage; tie them again
-        model.lm_head.weight = model.embed.weight
+    model.to(dtype).to_empty(device=device)  # (ties the embeddings again and computes the rotary tables)
+    if config.tie_embeddings:
         state = {**state, "lm_head.weight": state["embed.weight"]}
     model.load_state_dict(state)
-    model.reset_rope_tables()  # to_empty leaves the rotary tables uninitialised
     return model
 
 

@@ -216,8 +216,6 @@ class Llama(nn.Module):
         gen = None
         if seed is not None:
             gen = torch.Generator(device=self.embed.weight.device).manual_seed(seed)
-        if self.config.tie_embeddings:  # to_empty() on a meta-built model unties them
-            self.lm_head.weight = self.embed.weight
         std = 0.02
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
@@ -230,6 +228,16 @@ class Llama(nn.Module):
             values = torch.empty(p.shape, dtype=p.dtype, device=p.device)  # (the full parameter's shape)
             p.copy_(values.normal_(0.0, std / math.sqrt(2 * self.config.n_layers) if scaled else std, generator=gen))
         self.reset_rope_tables()
+
+    def to_empty(self, *, device, recurse: bool = True):
+        """nn.Module.to_empty (materialising a model built on meta), then what it leaves undone: it gives
+        every parameter a tensor of its own, so tied embeddings are tied again, and it leaves the
+        rotary tables uninitialised, so they are recomputed."""
+        super().to_empty(device=device, recurse=recurse)
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.reset_rope_tables()
+        return self
 
     def _apply(self, fn, *args, **kwargs):
         # .to(bfloat16) and friends cast buffers too; the rotary tables must stay fp32 (design.md),

@@ -96,3 +96,7 @@ def test_meta_device_build_then_init_weights():
     tokens = torch.randint(0, 256, (1, 9))
     with torch.no_grad():
         assert torch.equal(model(tokens)[0], eager(tokens)[0])
+    with torch.device("meta"):
+        tied = Llama(LlamaConfig.from_name("tiny", tie_embeddings=True))
+    tied.to_empty(device="cpu")  # gives every parameter its own tensor: the model ties them again
+    assert tied.lm_head.weight is tied.embed.weight and len(list(tied.parameters())) == len(list(model.parameters())) - 1

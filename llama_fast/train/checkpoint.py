@@ -521,10 +521,7 @@ def load_model(
     config = LlamaConfig.from_dict(state["model_config"])
     with torch.device("meta"):
         model = Llama(config, backend=backend)
-    model.to_empty(device=device)
-    if config.tie_embeddings:  # to_empty() gave lm_head a tensor of its own
-        model.lm_head.weight = model.embed.weight
-    model.reset_rope_tables()
+    model.to_empty(device=device)  # (ties the embeddings again and computes the rotary tables)
     with ShardReader(path) as reader:
         _load_model_state(reader, model)
     if dtype is not None:
