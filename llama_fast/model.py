@@ -265,17 +265,15 @@ class Llama(nn.Module):
         if torch.compiler.is_compiling() or tokens.device.type == "meta":
             return
         vocab = self.config.vocab_size
-        flags = [((tokens < 0) | (tokens >= vocab)).any()]
+        checks = {"tokens": (tokens, (tokens < 0) | (tokens >= vocab), "")}  # name: (ids, outside, also valid)
         if targets is not None:
-            flags.append(((targets != -100) & ((targets < 0) | (targets >= vocab))).any())
-        bad_tokens, *bad_targets = torch.stack(flags).tolist()
-        for name, t, bad in (("tokens", tokens, bad_tokens), ("targets", targets, any(bad_targets))):
+            checks["targets"] = (targets, (targets != -100) & ((targets < 0) | (targets >= vocab)), " or -100 (ignored)")
+        any_outside = torch.stack([outside.any() for _, outside, _ in checks.values()]).tolist()
+        for (name, (ids, outside, also_valid)), bad in zip(checks.items(), any_outside):
             if bad:
-                valid = "" if name == "tokens" else " or -100 (ignored)"
-                outside = t[(t < 0) | (t >= vocab)] if name == "tokens" else t[(t != -100) & ((t < 0) | (t >= vocab))]
                 raise ValueError(
-                    f"{name} must be ids in [0, vocab_size={vocab}){valid}, got {outside[:5].tolist()} "
-                    f"(first of {outside.numel()} outside)"
+                    f"{name} must be ids in [0, vocab_size={vocab}){also_valid}, got {ids[outside][:5].tolist()} "
+                    f"(first of {int(outside.sum())} outside)"
                 )
 
     def forward(
