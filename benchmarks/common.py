@@ -79,12 +79,12 @@ def cuda_timings(fn: Callable[[], object], warmup: int = 10, reps: int = 50) -> 
     """(median GPU milliseconds of fn() on the current CUDA stream, per-run CUDA events after warm-up;
     host milliseconds per call spent issuing those runs; milliseconds of the spin queued before each).
 
-    A fn that synchronizes (a .item(), a data-dependent check) waits out the spin inside its issue
-    time, which then reaches the spin's length, and its events include the launches after the sync.
-
     Each timed run is queued behind a GPU-side spin (torch.cuda._sleep) twice as long as the host
     takes to issue fn, so its start event fires with fn's kernels already queued: the events time the
-    kernels, not the Python launch path, whose cost is the second number."""
+    kernels, not the Python launch path, whose cost is the second number.
+
+    A fn that synchronizes (a .item(), a data-dependent check) waits out the spin inside its issue
+    time, which then reaches the spin's length, and its events include the launches after the sync."""
     host_ms = []
     for _ in range(warmup):
         t = time.perf_counter()
