@@ -6,12 +6,17 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 PYTHON=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
-  "$PYTHON" -m venv .venv
+VENV=${LLAMA_FAST_VENV:-.venv}
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PYTHON" -m venv "$VENV"
 fi
-. .venv/bin/activate
-python -m pip install -q --upgrade pip
+. "$VENV/bin/activate"
+# Pinned (.ci/constraints.txt): CI tests what main was tested with. LLAMA_FAST_UNPINNED=1 takes the newest
+# releases instead (.ci/test-latest.sh does, in a venv of its own).
+constraints=(-c .ci/constraints.txt)
+[ "${LLAMA_FAST_UNPINNED:-0}" = 1 ] && constraints=()
+python -m pip install -q "${constraints[@]}" --upgrade pip
 python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
-python -m pip install -q "triton==3.9.0" numpy safetensors sentencepiece tqdm "transformers>=4.45" \
+python -m pip install -q "${constraints[@]}" triton numpy safetensors sentencepiece tqdm transformers \
   pytest pytest-benchmark matplotlib pyyaml ninja
 python -m pip install -q -e . --no-build-isolation --no-deps

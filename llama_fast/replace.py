@@ -24,6 +24,7 @@ makes the call fail before anything is changed, naming the module and the reason
 from __future__ import annotations
 
 import math
+import warnings
 import weakref
 from collections import Counter
 from dataclasses import dataclass, field
@@ -80,21 +81,21 @@ class FusedRotaryAttention:
 
     fused_calls: int
     fallback_calls: int
+    fallback_reasons: Counter  # reason -> calls that went to the original forward for it
     _returns_cache: bool
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
         B, S, _ = hidden_states.shape
-        cache = kwargs.get("past_key_values", kwargs.get("past_key_value"))
+        reason, cache = _unfusable_call(self, kwargs)
         tables = None
-        if not (
-            (cache is not None and cache.get_seq_length(self.layer_idx) > 0)
-            or kwargs.get("output_attentions")
-            or any(kwargs.get(name) is not None for name in _PACKED_SEQUENCE_KWARGS)
-            or (self.training and float(getattr(self, "attention_dropout", 0.0) or 0.0) > 0)
-        ):
+        if reason is None:
             tables = _fusable_tables(position_embeddings, attention_mask, kwargs.get("position_ids"), S, self.head_dim)
-        if tables is None:
+            if tables is None:
+                reason = "rotary tables, positions or mask other than one causal run of positions 0..S-1"
+        if reason is not None:
             self.fallback_calls += 1
+            self.fallback_reasons[reason] += 1
+            _warn_fallback_once(type(self).__name__, reason)
             return super().forward(
                 hidden_states, position_embeddings=position_embeddings, attention_mask=attention_mask, **kwargs
             )
@@ -109,6 +110,61 @@ class FusedRotaryAttention:
         out = ops.attention(q, k, v, cos, sin, causal=True)  # (B, S, Hq, D)
         out = self.o_proj(out.reshape(B, S, -1))
         return (out, None, cache) if self._returns_cache else (out, None)
+
+
+# The keyword arguments the fused path knows it honours, each with the test of its value. Anything else
+# (a renamed argument, a new mask or cache kind, a keyword a later transformers adds) goes to the original
+# forward: the fused path runs only on calls it understands completely.
+_CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")  # transformers >= 5.24, 4.56-5.23, < 4.56
+_IGNORED_KWARGS = {
+    "use_cache": "whether the model keeps a cache: the cache argument itself decides",
+    "cache_position": "where new tokens go in a cache: only an empty DynamicCache is filled, from position 0",
+    "position_ids": "checked with the rotary tables: positions 0..S-1 in every row",
+}
+
+
+def _unfusable_call(module, kwargs):
+    """(reason, cache): why this call must go to the original forward (None if it need not), and the
+    cache to fill (an empty DynamicCache) or None. Reads no tensor values."""
+    caches = [kwargs[name] for name in _CACHE_KWARGS if kwargs.get(name) is not None]
+    for name, value in kwargs.items():
+        if name in _CACHE_KWARGS or name in _IGNORED_KWARGS:
+            continue
+        if name == "output_attentions":
+            if value:
+                return "attention weights requested (output_attentions)", None
+            continue
+        if value is None:  # an option left unset changes nothing
+            continue
+        if name in _PACKED_SEQUENCE_KWARGS:
+            return f"packed sequences ({name})", None
+        return f"keyword argument {name!r} that the fused path does not know", None
+    if module.training and float(getattr(module, "attention_dropout", 0.0) or 0.0) > 0:
+        return "attention dropout in training", None
+    if not caches:
+        return None, None
+    if len(caches) > 1:
+        return "more than one cache argument", None
+    cache = caches[0]
+    if type(cache).__name__ != "DynamicCache":
+        return f"a {type(cache).__name__} (only an empty DynamicCache is filled by the fused path)", None
+    if cache.get_seq_length(module.layer_idx) > 0:
+        return "decoding with cached tokens", None
+    return None, cache
+
+
+_WARNED_FALLBACKS: set = set()
+
+
+def _warn_fallback_once(cls_name: str, reason: str) -> None:
+    if (cls_name, reason) in _WARNED_FALLBACKS:
+        return
+    _WARNED_FALLBACKS.add((cls_name, reason))
+    warnings.warn(
+        f"llama_fast: {cls_name} runs its original forward (not the fused kernel) for calls with {reason}; "
+        "results are unchanged, only the speed. The module's fallback_reasons counts them.",
+        stacklevel=3,
+    )
 
 
 # Keyword arguments through which transformers passes packed (varlen) sequences to attention.
@@ -126,6 +182,7 @@ def _fuse_attention(module: nn.Module) -> nn.Module:
         _FUSED_CLASSES[cls] = fused
     module.__class__ = _FUSED_CLASSES[cls]
     module.fused_calls = module.fallback_calls = 0
+    module.fallback_reasons = Counter()
     module._returns_cache = _returns_cache(cls)
     return module
 

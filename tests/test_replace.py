@@ -1,6 +1,7 @@
 """replace_modules: a Hugging Face LlamaForCausalLM (and our reference Llama) on the fused ops
 gives the logits and parameter gradients of the unpatched model (2x rule), and trains the same."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -132,7 +133,34 @@ def test_hf_generate_with_cache_matches():
     prompt = torch.randint(0, 256, (1, 6))
     kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert torch.equal(fused.generate(prompt, **kwargs), original.generate(prompt, **kwargs))
-    assert fused.model.layers[0].self_attn.fused_calls >= 1  # the prompt pass, cache filled by us
+    attn = fused.model.layers[0].self_attn
+    assert attn.fused_calls == 1  # the prompt pass, cache filled by us
+    assert dict(attn.fallback_reasons) == {"decoding with cached tokens": 4}
+
+
+def test_unknown_keyword_goes_to_the_original_forward_and_is_counted():
+    """Safe by construction: a keyword the fused path does not know (as transformers 5.24's renamed
+    ``cache`` once was) runs the original forward, counted by reason and warned about once."""
+    original = hf_model()
+    fused = copy.deepcopy(original)
+    replace_modules(fused)
+    attn, attn_original = fused.model.layers[0].self_attn, original.model.layers[0].self_attn
+    hidden = torch.randn(2, 7, 64)
+    cos, sin = original.model.rotary_emb(hidden, torch.arange(7)[None])
+    call = dict(position_embeddings=(cos, sin), attention_mask=None, invented_mask_kind="sliding")
+    with pytest.warns(UserWarning, match="keyword argument 'invented_mask_kind'"):
+        out = attn(hidden, **call)[0]
+    with torch.no_grad():  # the original ignores the keyword (it only forwards **kwargs); so must we
+        ref = attn_original(hidden, **call)[0]
+    assert attn.fused_calls == 0 and attn.fallback_calls == 1
+    assert dict(attn.fallback_reasons) == {"keyword argument 'invented_mask_kind' that the fused path does not know": 1}
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second call of the same kind is counted, not warned about again
+        attn(hidden, **call)
+    assert attn.fallback_calls == 2
+    attn(hidden, position_embeddings=(cos, sin), invented_mask_kind=None)  # unset: the fused path
+    assert attn.fused_calls == 1
 
 
 def test_our_reference_llama_switches_to_fused():
