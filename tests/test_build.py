@@ -92,14 +92,15 @@ def test_cuda_bindings_compile(tmp_path):
 SPILL_BUDGET_SM90 = 256
 
 
-def test_cuda_kernels_spill_within_budget_on_sm90():
+def ptxas_report_sm90(sources) -> dict[str, tuple[int, int]]:
+    """'source: kernel' -> (spill load bytes, registers), from ptxas -v compiling each .cu for sm_90."""
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         if os.environ.get("CI"):
             pytest.fail("CI must check the CUDA kernels' register spills, but nvcc is not on PATH")
         pytest.skip("needs nvcc for ptxas's resource report")
     report = {}
-    for source in sorted(s for s in listed_sources() if s.endswith(".cu")):
+    for source in sources:
         result = subprocess.run(
             [nvcc, "-std=c++17", "-O3", "--expt-relaxed-constexpr", "-arch=sm_90", "-Xptxas", "-v",
              f"-I{ROOT / 'csrc' / 'cuda'}", "-c", str(ROOT / "csrc" / source), "-o", os.devnull],
@@ -113,10 +114,27 @@ def test_cuda_kernels_spill_within_budget_on_sm90():
             regs = re.search(r"Used (\d+) registers", body)
             assert spill and regs, f"no resource report for {name} in ptxas's output"
             report[f"{source}: {demangle(name)}"] = (int(spill.group(1)), int(regs.group(1)))
+    return report
+
+
+def test_cuda_kernels_spill_within_budget_on_sm90():
+    report = ptxas_report_sm90(sorted(s for s in listed_sources() if s.endswith(".cu")))
     assert any("attention_backward_kv" in k for k in report), sorted(report)
     exempt = re.compile(r"attention_backward_kv<[^,]+, 256,|attention_backward_kv\w*Li256E")  # demangled or not
     over = {k: v for k, v in report.items() if v[0] > SPILL_BUDGET_SM90 and not exempt.search(k)}
     assert over == {}, f"kernels spilling past {SPILL_BUDGET_SM90} B (spill loads, registers): {over}"
+
+
+def test_rms_norm_backward_kernels_fit_on_sm90():
+    """The cooperative (folded) RMSNorm backward kernels never spill, and the 16-bit ones for rows of up to
+    4096 columns (one or two packs a thread) take at most 128 registers: two 256-thread blocks an SM, the
+    grid rms_norm.cu's launcher counts on (264 blocks on an H100)."""
+    report = ptxas_report_sm90(["cuda/rms_norm.cu"])
+    folded = {k: v for k, v in report.items() if re.search(r"rms_norm_backward_\w+<.*, true>", k)}
+    assert len(folded) == 5 * 4, sorted(report)  # 5 (x, w) dtype pairs x (3 register kernels + the general one)
+    assert {k: v for k, v in folded.items() if v[0]} == {}, "folded RMSNorm backward kernels spill"
+    two_per_sm = {k: v for k, v in folded.items() if re.search(r"registers<__(half|nv_bfloat16), \w+, 8, [12], ", k)}
+    assert len(two_per_sm) == 8 and all(regs <= 128 for _, regs in two_per_sm.values()), two_per_sm
 
 
 def demangle(name: str) -> str:

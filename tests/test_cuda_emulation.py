@@ -26,26 +26,32 @@ EMU = ROOT / "tests" / "cuda_emulation"
 KERNEL = ROOT / "csrc" / "cuda" / "attention_backward.cu"
 
 
-@pytest.fixture(scope="module")
-def driver(tmp_path_factory):
+def build_emulated(build, kernel: Path, driver_cpp: Path, cut_at: str, replace: dict[str, str] | None = None) -> Path:
+    """Compiles `driver_cpp` with the kernel source (its launchers, from `cut_at` on, cut off) under emu.h."""
     if shutil.which("g++") is None:
         pytest.skip("the CUDA emulation needs g++ (C++20, _Float16)")
-    build = tmp_path_factory.mktemp("cuda_emulation")
-    src = KERNEL.read_text()
-    smem = "extern __shared__ __align__(128) unsigned char smem[];"
-    launchers = "template <typename Kernel>\nint set_smem("
-    assert src.count(smem) == 2 and src.count(launchers) == 1, "attention_backward.cu changed shape: update this test"
-    src = src.replace(smem, "unsigned char* smem = emu_smem_ptr;")
-    src = src[: src.index(launchers)] + "}  // namespace\n}  // namespace llama_fast\n"
+    src = kernel.read_text()
+    assert src.count(cut_at) == 1, f"{kernel.name} changed shape: update this test"
+    for old, new in (replace or {}).items():
+        src = src.replace(old, new)
+    src = src[: src.index(cut_at)] + "}  // namespace\n}  // namespace llama_fast\n"
     (build / "kernel_emu.cpp").write_text(src)
-    exe = build / "attention_backward_emulated"
-    cmd = ["g++", "-std=c++20", "-O2", "-pthread", f"-I{EMU}", f"-I{KERNEL.parent}", f"-I{build}",
-           "-include", "emu.h", str(EMU / "driver.cpp"), "-o", str(exe)]
+    exe = build / driver_cpp.stem
+    cmd = ["g++", "-std=c++20", "-O2", "-pthread", f"-I{EMU}", f"-I{kernel.parent}", f"-I{build}",
+           "-include", "emu.h", str(driver_cpp), "-o", str(exe)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode and ("_Float16" in done.stderr or "barrier" in done.stderr):
         pytest.skip(f"this g++ lacks C++20 <barrier> or _Float16: {done.stderr[-500:]}")
     assert done.returncode == 0, done.stderr[-5000:]
     return exe
+
+
+@pytest.fixture(scope="module")
+def driver(tmp_path_factory):
+    smem = "extern __shared__ __align__(128) unsigned char smem[];"
+    assert KERNEL.read_text().count(smem) == 2, "attention_backward.cu changed shape: update this test"
+    return build_emulated(tmp_path_factory.mktemp("cuda_emulation"), KERNEL, EMU / "driver.cpp",
+                          "template <typename Kernel>\nint set_smem(", {smem: "unsigned char* smem = emu_smem_ptr;"})
 
 
 def run_emulated(exe, tmp_path, q, k, v, dout, out, lse, cos, sin, causal, deterministic, misalign, cp_async,

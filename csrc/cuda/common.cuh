@@ -9,6 +9,10 @@
 
 #include "../llama_fast.h"
 
+#ifndef LLAMA_FAST_CUDA_EMULATION  // the host emulation (tests/cuda_emulation/emu.h) has its own grid_sync
+#include <cooperative_groups.h>
+#endif
+
 namespace llama_fast {
 
 __device__ __forceinline__ float to_float(float v) { return v; }
@@ -90,6 +94,12 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
   for (int i = 0; i < WARPS; ++i) total += scratch[i];
   return total;
 }
+
+#ifndef LLAMA_FAST_CUDA_EMULATION
+// Waits for every block of the grid; global writes before it are visible to every block after it. Only in
+// kernels started with cudaLaunchCooperativeKernel, whose grid the device holds at once.
+__device__ __forceinline__ void grid_sync() { cooperative_groups::this_grid().sync(); }
+#endif
 
 // Calls f with the CUDA type matching a DType (float, __half or __nv_bfloat16) as a tag value.
 template <typename F>

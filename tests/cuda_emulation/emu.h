@@ -30,11 +30,20 @@ inline __nv_bfloat16 __float2bfloat16_rn(float f) {
 }
 struct dim3 { unsigned x, y, z; dim3(unsigned a = 1, unsigned b = 1, unsigned c = 1) : x(a), y(b), z(c) {} };
 inline thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
+#define LLAMA_FAST_CUDA_EMULATION 1
 inline thread_local std::barrier<>* emu_block_barrier;
+// A cooperative launch's grid-wide barrier: the runner starts every block of the grid at once and
+// points each thread at one barrier over all of their threads (nullptr: not a cooperative launch).
+inline thread_local std::barrier<>* emu_grid_barrier;
 inline thread_local std::barrier<>* emu_warp_barrier;
 inline thread_local unsigned char* emu_smem_ptr;
 inline void __syncthreads() { emu_block_barrier->arrive_and_wait(); }
 inline void __syncwarp(unsigned = 0xffffffffu) { emu_warp_barrier->arrive_and_wait(); }
+[[noreturn]] inline void emu_fail(const char* what);
+inline void grid_sync() {
+  if (!emu_grid_barrier) emu_fail("grid_sync outside a cooperative launch (its blocks would deadlock on a GPU)");
+  emu_grid_barrier->arrive_and_wait();
+}
 inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
 inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
 inline void __trap() { std::abort(); }
