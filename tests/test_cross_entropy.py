@@ -72,6 +72,21 @@ def test_fp16_with_a_loss_scale():
         assert_within_2x(name, a.float(), b.float(), c.float(), floor=1e-3)
 
 
+def test_sum_reduction_is_the_sum_over_counted_rows():
+    """reduction="sum" (Hugging Face's num_items_in_batch divides it by a count over micro-batches)."""
+    h = torch.randn(13, 8, requires_grad=True)
+    w = torch.randn(11, 8, requires_grad=True)
+    t = torch.randint(0, 11, (13,))
+    t[::4] = -100
+    ce.linear_cross_entropy(h, w, t, reduction="sum").backward()
+    h2, w2 = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    F.cross_entropy(h2 @ w2.t(), t, ignore_index=-100, reduction="sum").backward()
+    torch.testing.assert_close(h.grad, h2.grad)
+    torch.testing.assert_close(w.grad, w2.grad)
+    with pytest.raises(ValueError, match="reduction must be 'mean' or 'sum', got 'none'"):
+        ce.linear_cross_entropy(h, w, t, reduction="none")
+
+
 def test_no_grad_computes_the_loss_alone(monkeypatch):
     """Evaluation under no_grad must not pay for the softmax gradient or the dW buffer."""
     calls = []

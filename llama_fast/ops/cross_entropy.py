@@ -1,6 +1,6 @@
 """Linear + cross-entropy without materialising all the logits.
 
-    loss = mean_{i: t_i != ignore} ( logsumexp(h_i W^T) - (h_i W^T)[t_i] )
+    loss = mean_{i: t_i != ignore} ( logsumexp(h_i W^T) - (h_i W^T)[t_i] )   (or the sum: reduction="sum")
 
 The rows of h are processed in chunks: for each chunk the logits are formed (GEMM in the
 activation dtype, fp32 accumulate), reduced in fp32 to the loss, and turned in place into the
@@ -72,10 +72,12 @@ def _check_rows_inputs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index, with_grad):
+    def forward(ctx, hidden, weight, targets, ignore_index, with_grad, reduction):
         n_rows, vocab = hidden.shape[0], weight.shape[0]
-        valid = targets != ignore_index
-        n_valid = valid.sum().clamp(min=1).to(torch.float32)
+        if reduction == "mean":
+            n_valid = (targets != ignore_index).sum().clamp(min=1).to(torch.float32)
+        else:  # "sum": the caller divides (Hugging Face's num_items_in_batch, counted over micro-batches)
+            n_valid = torch.ones((), dtype=torch.float32, device=hidden.device)
         chunk = max(1, min(n_rows, _CHUNK_ELEMENTS // vocab))
         needs_grad = with_grad  # False under no_grad (evaluation): the loss alone, no gradient buffers
         d_hidden = torch.empty_like(hidden) if needs_grad else None
@@ -101,7 +103,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         scale = grad_loss.float() / n_valid  # fp32: a loss scale of 65536 must not overflow fp16
         dh = (d_hidden.float() * scale).to(d_hidden.dtype) if ctx.needs_input_grad[0] else None
         dw = (d_weight * scale).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
-        return dh, dw, None, None, None
+        return dh, dw, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -111,8 +113,10 @@ def linear_cross_entropy(
     ignore_index: int = -100,
     *,
     validate: bool = True,
+    reduction: str = "mean",
 ) -> torch.Tensor:
-    """Mean cross-entropy of (hidden @ weight^T) against targets, never holding all the logits.
+    """Mean (or with ``reduction="sum"`` the sum) cross-entropy of (hidden @ weight^T) against targets,
+    never holding all the logits.
 
     hidden: [N, d] (or [..., d]); weight: [vocab, d]; targets: int64 of hidden's leading shape.
     ``validate`` checks that every target is in [0, vocab) or ignore_index, at the cost of one
@@ -135,6 +139,8 @@ def linear_cross_entropy(
         raise TypeError(f"targets must be int64 or int32 class indices, got {targets.dtype}")
     if hidden.dtype != weight.dtype:
         raise TypeError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     vocab = weight.shape[0]
     # One device sync (none when compiling or tracing on meta): the kernel would only give a NaN loss.
     if validate and not torch.compiler.is_compiling() and targets.device.type != "meta":
@@ -146,5 +152,5 @@ def linear_cross_entropy(
             )
     with_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return _LinearCrossEntropy.apply(
-        hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1).long(), ignore_index, with_grad
+        hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1).long(), ignore_index, with_grad, reduction
     )
