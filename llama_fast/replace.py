@@ -1,39 +1,78 @@
-"""Drop-in replacement: swap a model's RMSNorm, gated MLP and attention modules for fused ones.
+"""Drop-in replacement: swap a model's RMSNorm, gated MLP, attention and loss for fused ones.
 
     from transformers import LlamaForCausalLM
     import llama_fast
     model = LlamaForCausalLM.from_pretrained(path)
     report = llama_fast.replace_modules(model)      # in place; weights and module names kept
+    llama_fast.replace_modules(model, attention=False)   # per-kernel switches: leave the attention alone
 
 One generic mechanism: a short list of rules, each recognising a kind of module by its structure
 (not by model family) and building its fused counterpart around the same parameters. Recognised:
 
-* RMSNorm: a module named ``*RMSNorm`` with a 1-D ``weight`` and an ``eps`` or
+* RMSNorm (switch ``rms_norm``): a module named ``*RMSNorm`` with a 1-D ``weight`` and an ``eps`` or
   ``variance_epsilon`` attribute (Hugging Face's ``LlamaRMSNorm``, Mistral's, Qwen2's, ...);
-* gated SiLU MLP: ``gate_proj``, ``up_proj``, ``down_proj`` linears without bias and a SiLU
-  activation (``LlamaMLP`` and its copies);
-* rotary self-attention: ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj`` linears without bias and no
-  other submodule, a ``head_dim`` and a ``layer_idx`` (``LlamaAttention`` and its copies), called
-  with ``position_embeddings=(cos, sin)`` as transformers does; its class is swapped in place;
+* gated SiLU MLP (switch ``swiglu``): ``gate_proj``, ``up_proj``, ``down_proj`` projections without
+  bias and a SiLU activation (``LlamaMLP`` and its copies);
+* rotary self-attention (switch ``attention``): ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``
+  projections without bias and no other submodule, a ``head_dim`` and a ``layer_idx``
+  (``LlamaAttention`` and its copies), called with ``position_embeddings=(cos, sin)`` as
+  transformers does; its class is swapped in place;
+* the causal-LM loss (switch ``cross_entropy``): a model whose forward is transformers'
+  ``LlamaForCausalLM.forward`` (the same bytecode: Mistral, Qwen2, Qwen3, Gemma, OLMo, Phi-3 share it;
+  Gemma 2's soft-capping or Cohere's logit scale do not) gets the chunked linear + cross-entropy
+  (llama_fast.ops.cross_entropy) in training with ``labels``: the [B, S, vocab] logits never exist;
 * llama_fast's own ``Llama`` built with ``backend="reference"``: its modules switch to the fused ops.
 
-A module that looks like one of these but differs in a way the fused op cannot reproduce (a bias,
-another activation, q/k norms, attention logit soft-capping, sliding windows, a non-default scaling)
-makes the call fail before anything is changed, naming the module and the reason.
+A projection is an ``nn.Linear`` without bias, or a peft adapter layer (LoRA, ...) around one: the fused
+modules call the projection modules themselves, so whatever wraps them (before or after
+replace_modules) is served on both paths. A module that looks like one of these but differs in a way
+the fused op cannot reproduce (a bias, another activation, q/k norms, attention logit soft-capping,
+sliding windows, a non-default scaling, interleaved rotary tables) makes the call fail before anything
+is changed, naming the module, the reason and the switch that leaves that kind alone.
+
+How the fused attention decides, per call, without reading a tensor's values
+-----------------------------------------------------------------------------
+The fused kernel computes softmax(rot(q) rot(k)^T / sqrt(D) + causal) v, rotating token s of every
+row by row s of one [S, D/2] table. A call may take that path only when the original forward would
+compute exactly this, and the decision (``_unfusable_call``) reads Python values and tensor metadata
+only (None-ness, shapes, the module's attributes), never tensor contents: no device sync, and under
+torch.compile no graph break (the compiled graph bakes the decision in, guarded on the same metadata).
+
+* Positions are not checked at all: the fused op rotates by the tables the call brings, row s for token
+  s, so offset or restarting positions rotate exactly as the original rotates them. What the tables
+  must be is fixed by the model, not by the call: their last dim is head_dim with the half-split layout
+  (cos = [c, c]), which replace_modules verifies once, on the model's own rotary module(s); and they
+  must be shared by the rows (shape [1, S, head_dim]): per-row tables [B > 1, S, D] fall back.
+* The mask: only ``attention_mask is None`` under ``_attn_implementation == "sdpa"``, where the original
+  runs SDPA with is_causal (transformers passes None exactly when it has found the mask plain causal).
+  A mask tensor may be plain causal or not and only its values tell: it falls back. (So does eager
+  attention, where None means no mask at all, and flash-attention, which looks for packed sequences in
+  the position ids.) Under torch.compile transformers builds the mask from an all-ones padding mask
+  instead of reading it: pass no attention_mask to a compiled model that has no padding.
+* The cache: none, or an empty DynamicCache, which the fused path fills as the original would; any
+  cached tokens (decoding) fall back. Every keyword must be known (``_IGNORED_KWARGS``, the cache names,
+  ``output_attentions`` False); anything else, a renamed argument or a new mask kind, falls back.
+
+Fallbacks are counted per reason (``fallback_reasons`` on the module) and each reason is warned about
+once; both only outside torch.compile (a counter written in a compiled forward would be guarded on and
+recompile every call): run one call eagerly to see how a compiled model dispatches.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import warnings
-import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from . import model as llama_model
 from . import ops
+from .ops.cross_entropy import linear_cross_entropy
 
 
 class FusedRMSNorm(nn.Module):
@@ -54,7 +93,7 @@ class FusedRMSNorm(nn.Module):
 class FusedGatedMLP(nn.Module):
     """down_proj(silu(gate_proj(x)) * up_proj(x)) with the SwiGLU product on the fused kernel."""
 
-    def __init__(self, gate_proj: nn.Linear, up_proj: nn.Linear, down_proj: nn.Linear):
+    def __init__(self, gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module):
         super().__init__()
         self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
 
@@ -70,13 +109,9 @@ class FusedRotaryAttention:
     quantisation) stay the module's own, and the original forward is ``super().forward``.
 
     Takes the call of transformers' attention modules (hidden_states, position_embeddings,
-    attention_mask, past_key_values or, before transformers 4.56, past_key_value, ...) and returns
+    attention_mask, the cache as ``cache``, ``past_key_values`` or ``past_key_value``, ...) and returns
     what the original returns: (output, None), or (output, None, cache) before transformers 4.48.
-    The fused kernel serves causal attention over one shared run of positions 0..S-1 with the
-    half-split rotary layout. Every other call goes to the original forward, so results never
-    change, only the speed: padding or block-diagonal masks, packed sequences (cu_seqlens or
-    restarting position ids), per-row positions, decoding with cached tokens, requested attention
-    weights, attention dropout in training, another rotary layout.
+    Which calls take the fused kernel, decided from metadata alone: the module docstring.
     """
 
     fused_calls: int
@@ -85,22 +120,18 @@ class FusedRotaryAttention:
     _returns_cache: bool
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
-        B, S, _ = hidden_states.shape
-        reason, cache = _unfusable_call(self, kwargs)
-        tables = None
-        if reason is None:
-            tables = _fusable_tables(position_embeddings, attention_mask, kwargs.get("position_ids"), S, self.head_dim)
-            if tables is None:
-                reason = "rotary tables, positions or mask other than one causal run of positions 0..S-1"
+        reason, cache = _unfusable_call(self, hidden_states, position_embeddings, attention_mask, kwargs)
         if reason is not None:
-            self.fallback_calls += 1
-            self.fallback_reasons[reason] += 1
-            _warn_fallback_once(type(self).__name__, reason)
+            _count_fallback(self, reason)
             return super().forward(
                 hidden_states, position_embeddings=position_embeddings, attention_mask=attention_mask, **kwargs
             )
-        self.fused_calls += 1
-        cos, sin = tables
+        if not torch.compiler.is_compiling():
+            self.fused_calls += 1
+        B, S, _ = hidden_states.shape
+        half = self.head_dim // 2
+        # Row s of the call's own tables rotates token s; the halves are equal (verified at replace time).
+        cos, sin = (t[0, :, :half].float() for t in position_embeddings)  # (S, D/2) each
         q = self.q_proj(hidden_states).view(B, S, -1, self.head_dim)  # (B, S, Hq, D)
         k = self.k_proj(hidden_states).view(B, S, -1, self.head_dim)  # (B, S, Hkv, D)
         v = self.v_proj(hidden_states).view(B, S, -1, self.head_dim)
@@ -112,20 +143,23 @@ class FusedRotaryAttention:
         return (out, None, cache) if self._returns_cache else (out, None)
 
 
-# The keyword arguments the fused path knows it honours, each with the test of its value. Anything else
-# (a renamed argument, a new mask or cache kind, a keyword a later transformers adds) goes to the original
-# forward: the fused path runs only on calls it understands completely.
+# The keyword arguments the fused path knows it honours. Anything else (a renamed argument, a new mask
+# or cache kind, a keyword a later transformers adds) goes to the original forward: the fused path runs
+# only on calls it understands completely.
 _CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")  # transformers >= 5.24, 4.56-5.23, < 4.56
 _IGNORED_KWARGS = {
     "use_cache": "whether the model keeps a cache: the cache argument itself decides",
     "cache_position": "where new tokens go in a cache: only an empty DynamicCache is filled, from position 0",
-    "position_ids": "checked with the rotary tables: positions 0..S-1 in every row",
+    "position_ids": "the rotary tables carry the positions: token s is rotated by row s of the call's tables",
+    "num_items_in_batch": "the loss's normaliser, which the Trainer passes down through every layer",
 }
+# Keyword arguments through which transformers passes packed (varlen) sequences to attention.
+_PACKED_SEQUENCE_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "cu_seqlens", "max_length_q", "max_length_k")
 
 
-def _unfusable_call(module, kwargs):
+def _unfusable_call(module, hidden_states, position_embeddings, attention_mask, kwargs):
     """(reason, cache): why this call must go to the original forward (None if it need not), and the
-    cache to fill (an empty DynamicCache) or None. Reads no tensor values."""
+    cache to fill (an empty DynamicCache) or None. Reads metadata only, never a tensor's values."""
     caches = [kwargs[name] for name in _CACHE_KWARGS if kwargs.get(name) is not None]
     for name, value in kwargs.items():
         if name in _CACHE_KWARGS or name in _IGNORED_KWARGS:
@@ -141,6 +175,17 @@ def _unfusable_call(module, kwargs):
         return f"keyword argument {name!r} that the fused path does not know", None
     if module.training and float(getattr(module, "attention_dropout", 0.0) or 0.0) > 0:
         return "attention dropout in training", None
+    implementation = getattr(getattr(module, "config", None), "_attn_implementation", None)
+    if implementation != "sdpa" or not getattr(module, "is_causal", True):
+        return f"attn_implementation {implementation!r} (a missing mask means causal only under 'sdpa')", None
+    if attention_mask is not None:
+        return "an attention mask tensor (padding, packing, or any mask: its values are not read)", None
+    if position_embeddings is None:
+        return "no rotary tables (position_embeddings)", None
+    S = hidden_states.shape[1]
+    cos, sin = position_embeddings
+    if cos.dim() != 3 or cos.shape[0] != 1 or cos.shape[1:] != (S, module.head_dim) or sin.shape != cos.shape:
+        return f"rotary tables of shape {tuple(cos.shape)}, not [1, {S}, {module.head_dim}] shared by the rows", None
     if not caches:
         return None, None
     if len(caches) > 1:
@@ -156,150 +201,225 @@ def _unfusable_call(module, kwargs):
 _WARNED_FALLBACKS: set = set()
 
 
-def _warn_fallback_once(cls_name: str, reason: str) -> None:
-    if (cls_name, reason) in _WARNED_FALLBACKS:
+def _count_fallback(module, reason: str) -> None:
+    """Counts a fallback on the module and warns once per (class, reason); not while compiling."""
+    if torch.compiler.is_compiling():
         return
-    _WARNED_FALLBACKS.add((cls_name, reason))
+    module.fallback_calls += 1
+    module.fallback_reasons[reason] += 1
+    key = (type(module).__name__, reason)
+    if key in _WARNED_FALLBACKS:
+        return
+    _WARNED_FALLBACKS.add(key)
     warnings.warn(
-        f"llama_fast: {cls_name} runs its original forward (not the fused kernel) for calls with {reason}; "
+        f"llama_fast: {key[0]} runs its original forward (not the fused kernel) for calls with {reason}; "
         "results are unchanged, only the speed. The module's fallback_reasons counts them.",
         stacklevel=3,
     )
 
 
-# Keyword arguments through which transformers passes packed (varlen) sequences to attention.
-_PACKED_SEQUENCE_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "cu_seqlens", "max_length_q", "max_length_k")
+_FUSED_CLASSES: dict[tuple[type, type], type] = {}
 
-_FUSED_CLASSES: dict[type, type] = {}
+
+def _swap_class(module: nn.Module, mixin: type) -> nn.Module:
+    """Puts ``mixin`` in front of the instance's class (one subclass per class, importable by name, so a
+    pickled model loads again); attributes, submodules and hooks stay the module's own."""
+    cls = type(module)
+    if (mixin, cls) not in _FUSED_CLASSES:
+        name = f"Fused{cls.__name__}"
+        fused = type(name, (mixin, cls), {"__module__": __name__, "__qualname__": name})
+        globals()[name] = fused
+        _FUSED_CLASSES[(mixin, cls)] = fused
+    module.__class__ = _FUSED_CLASSES[(mixin, cls)]
+    module.fallback_calls = 0
+    module.fallback_reasons = Counter()
+    return module
 
 
 def _fuse_attention(module: nn.Module) -> nn.Module:
-    cls = type(module)
-    if cls not in _FUSED_CLASSES:
-        name = f"Fused{cls.__name__}"
-        fused = type(name, (FusedRotaryAttention, cls), {"__module__": __name__, "__qualname__": name})
-        globals()[name] = fused  # importable by name, so a pickled model can be loaded again
-        _FUSED_CLASSES[cls] = fused
-    module.__class__ = _FUSED_CLASSES[cls]
-    module.fused_calls = module.fallback_calls = 0
-    module.fallback_reasons = Counter()
-    module._returns_cache = _returns_cache(cls)
+    _swap_class(module, FusedRotaryAttention)
+    module.fused_calls = 0
+    module._returns_cache = _returns_cache(type(module))
     return module
 
 
 def _returns_cache(cls: type) -> bool:
     """Whether a transformers attention class returns (output, weights, cache): before 4.48."""
-    if not cls.__module__.startswith("transformers."):
+    if not any(c.__module__.startswith("transformers.") for c in cls.__mro__):
         return False
+    return _transformers_version() < (4, 48)
+
+
+def _transformers_version() -> tuple[int, int]:
     import transformers
 
     major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
-    return (major, minor) < (4, 48)
+    return major, minor
 
 
-class _LastVerdict:
-    """The verdict on one forward's shared tensors, so only the first layer pays for the checks.
+# ---------------------------------------------------------------------------------------------
+# The fused loss of a causal LM: the LlamaForCausalLM forward, with the head deferred to the loss
+# ---------------------------------------------------------------------------------------------
+class FusedLinearCrossEntropy:
+    """Makes a transformers causal LM (with LlamaForCausalLM's forward) compute its training loss with
+    the chunked linear + cross-entropy: the [B, S, vocab] logits are never made.
 
-    Holds weak references: while the tensors it names are alive no other tensor can take their
-    place, and a changed ``_version`` (an in-place write) invalidates it.
+    The original forward runs without labels and with ``self.lm_head`` a pass-through for the call,
+    so the "logits" it returns are the final hidden states; the loss is then transformers'
+    ForCausalLMLoss computed from them and the head's weight chunk by chunk: the shift of labels (or
+    ``shift_labels``), ``ignore_index``, and ``num_items_in_batch`` (the summed loss over that count:
+    gradient accumulation) honoured. The output's ``logits`` is None. Taken only in training mode with labels and the
+    default loss; evaluation (the Trainer's metrics want logits), generation, ``logits_to_keep`` and a
+    head other than a bias-free nn.Linear (peft's modules_to_save copy of one included) run the
+    original forward.
     """
 
-    key: tuple = ()
-    tables = None
+    fused_calls: int
+    fallback_calls: int
+    fallback_reasons: Counter
 
-    @staticmethod
-    def make_key(tensors) -> tuple:
-        return tuple((weakref.ref(t), t._version) if isinstance(t, torch.Tensor) else t for t in tensors)
+    def forward(self, *args, **kwargs):
+        labels = kwargs.get("labels")
+        if labels is None:  # generation, logits: the original, not counted
+            return super().forward(*args, **kwargs)
+        weight, reason = self._head_weight_or_reason(args, kwargs)
+        if reason is not None:
+            _count_fallback(self, reason)
+            return super().forward(*args, **kwargs)
+        if not torch.compiler.is_compiling():
+            self.fused_calls += 1
+        head = self._modules["lm_head"]
+        self._modules["lm_head"] = _PASS_THROUGH  # the forward's "logits" are then its final hidden states
+        try:
+            out = super().forward(*args, **{**kwargs, "labels": None})
+        finally:
+            self._modules["lm_head"] = head
+        loss = _causal_lm_loss(out.logits, weight, **kwargs)  # kwargs hold the labels
+        fields = {k: v for k, v in out.items() if k != "logits"}  # the hidden states are no logits
+        return type(out)(**{**fields, "loss": loss})
 
-    @classmethod
-    def lookup(cls, tensors):
-        if len(cls.key) != len(tensors):
-            return False, None
-        for entry, t in zip(cls.key, tensors):
-            if isinstance(t, torch.Tensor):
-                if not isinstance(entry, tuple) or entry[0]() is not t or entry[1] != t._version:
-                    return False, None
-            elif entry is not t:
-                return False, None
-        return True, cls.tables
+    def _head_weight_or_reason(self, args, kwargs):
+        """(the head's weight, None) when this call may take the fused loss, else (None, reason)."""
+        if not self.training:
+            return None, "evaluation mode (the logits are returned for metrics)"
+        if len(args) > 1:
+            return None, "positional arguments after input_ids"
+        keep = kwargs.get("logits_to_keep", kwargs.get("num_logits_to_keep"))
+        if keep is not None and not (isinstance(keep, int) and keep == 0):
+            return None, "logits_to_keep"
+        if kwargs.get("return_dict", getattr(self.config, "return_dict", True)) is False:
+            return None, "return_dict=False"
+        default = _default_causal_lm_loss()
+        if getattr(self, "loss_function", default) is not default:
+            return None, "a loss_function other than transformers' ForCausalLMLoss"
+        weight = _bias_free_linear_weight(self.lm_head)
+        if weight is None:
+            return None, f"an lm_head of type {type(self.lm_head).__name__}, not a bias-free nn.Linear"
+        return weight, None
 
 
-def _fusable_tables(position_embeddings, mask, position_ids, seq_len: int, head_dim: int):
-    """Our fp32 [S, D/2] (cos, sin) when the fused kernel computes exactly what the original would,
-    else None: transformers' tables [B, S, D] shared by every row, with the half-split layout
-    (duplicated halves), positions 0..S-1 (or none given), and no mask beyond causal."""
-    if position_embeddings is None:
+class _PassThrough(nn.Module):
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states
+
+
+_PASS_THROUGH = _PassThrough()
+
+
+def _causal_lm_loss(hidden, weight, labels, num_items_in_batch=None, ignore_index=-100, shift_labels=None, **kwargs):
+    """transformers' ForCausalLMLoss of lm_head(hidden) (the head being x @ weight^T), computed chunk by
+    chunk: mean over the labelled positions, or their sum over num_items_in_batch."""
+    if shift_labels is None:  # the target of position s is label s + 1; the last position has none
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    loss = linear_cross_entropy(
+        hidden.to(weight.dtype), weight, shift_labels.to(hidden.device), ignore_index,
+        reduction="mean" if num_items_in_batch is None else "sum",
+    )
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(loss.device)
+    return loss if num_items_in_batch is None else loss / num_items_in_batch
+
+
+def _bias_free_linear_weight(head: nn.Module):
+    """The weight a head applies when it is x @ W^T: a bias-free nn.Linear, or peft's modules_to_save
+    wrapper around one (whose attribute lookup answers with the copy its forward runs). Else None."""
+    if isinstance(head, nn.Linear):
+        return head.weight if head.bias is None else None
+    original = getattr(head, "original_module", None)
+    if type(head).__name__ == "ModulesToSaveWrapper" and isinstance(original, nn.Linear) and original.bias is None:
+        return head.weight
+    return None
+
+
+def _default_causal_lm_loss():
+    """transformers' ForCausalLMLoss; None before 4.46, whose forward computes the same loss inline."""
+    try:
+        from transformers.loss.loss_utils import ForCausalLMLoss
+    except ImportError:
         return None
-    cos, sin = position_embeddings
-    tensors = (cos, sin, mask, position_ids)
-    hit, tables = _LastVerdict.lookup(tensors)
-    if not hit:
-        tables = _check_tables(cos, sin, mask, position_ids, seq_len, head_dim)
-        _LastVerdict.key, _LastVerdict.tables = _LastVerdict.make_key(tensors), tables
-    return tables
+    return ForCausalLMLoss
 
 
-def _check_tables(cos, sin, mask, position_ids, seq_len: int, head_dim: int):
-    if cos.dim() != 3 or cos.shape[-2:] != (seq_len, head_dim) or sin.shape != cos.shape:
-        return None
-    half = head_dim // 2
-    if not (
-        torch.equal(cos, cos[:1].expand_as(cos))
-        and torch.equal(sin, sin[:1].expand_as(sin))
-        and torch.equal(cos[..., :half], cos[..., half:])  # half-split layout, not interleaved
-        and torch.equal(sin[..., :half], sin[..., half:])
-        and _is_plain_causal(mask, seq_len)
-        and _starts_at_zero(position_ids, seq_len)
-    ):
-        return None
-    return cos[0, :, :half].float(), sin[0, :, :half].float()
+@functools.lru_cache(maxsize=None)
+def _llama_causal_lm_code():
+    from transformers import LlamaForCausalLM
+
+    return _forward_code(LlamaForCausalLM)
 
 
-def _is_plain_causal(mask, seq_len: int) -> bool:
-    """True for no mask or a mask that is exactly causal over seq_len x seq_len (no padding)."""
-    if mask is None:
-        return True
-    if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.shape[-2:] != (seq_len, seq_len):
-        return False
-    allowed = torch.ones(seq_len, seq_len, dtype=torch.bool, device=mask.device).tril()
-    if mask.dtype == torch.bool:
-        return bool((mask == allowed).all())
-    return bool(((mask == 0) == allowed).all())
+def _forward_code(cls: type):
+    """The bytecode, names and constants (less the docstring) of a class's undecorated forward."""
+    code = inspect.unwrap(cls.forward).__code__
+    consts = code.co_consts[1:] if code.co_consts and isinstance(code.co_consts[0], str) else code.co_consts
+    return code.co_code, code.co_names, code.co_varnames, consts
 
 
-def _starts_at_zero(position_ids, seq_len: int) -> bool:
-    """No position ids, or every row exactly 0..S-1 (not packed, not offset)."""
-    if position_ids is None:
-        return True
-    expected = torch.arange(seq_len, device=position_ids.device)
-    return position_ids.shape[-1] == seq_len and bool((position_ids == expected).all())
+def _fuse_loss(module: nn.Module) -> nn.Module:
+    _swap_class(module, FusedLinearCrossEntropy)
+    module.fused_calls = 0
+    return module
 
 
+# ---------------------------------------------------------------------------------------------
+# The report
+# ---------------------------------------------------------------------------------------------
 @dataclass
 class ReplacementReport:
-    """What replace_modules changed: module kind -> count, and the qualified names."""
+    """What replace_modules changed: module kind -> count, and the qualified names; and what it left
+    unchanged: (name, kind, why)."""
 
     counts: Counter = field(default_factory=Counter)
     names: dict[str, list[str]] = field(default_factory=dict)
+    left: list[tuple[str, str, str]] = field(default_factory=list)
 
     def add(self, kind: str, name: str) -> None:
         self.counts[kind] += 1
         self.names.setdefault(kind, []).append(name)
 
+    def leave(self, kind: str, name: str, why: str) -> None:
+        self.left.append((name or "<root>", kind, why))
+
     def __str__(self) -> str:
         parts = ", ".join(f"{n} {kind}" for kind, n in sorted(self.counts.items()))
-        return f"llama_fast replaced {parts or 'nothing'}"
+        text = f"llama_fast replaced {parts or 'nothing'}"
+        left = Counter((kind, why) for _, kind, why in self.left)
+        if left:
+            text += "; left " + ", ".join(f"{n} {kind} ({why})" for (kind, why), n in sorted(left.items()))
+        return text
 
 
 # ---------------------------------------------------------------------------------------------
 # The rules. Each returns None (not this kind), a reason string (this kind, but unsupported),
 # or a callable building the fused module.
 # ---------------------------------------------------------------------------------------------
-def _linear_without_bias(m) -> bool:
-    return isinstance(m, nn.Linear) and m.bias is None
+def _projection(m) -> nn.Linear | None:
+    """The bias-free nn.Linear a projection applies: the module itself, or the base layer of a peft
+    adapter around it (LoRA, ...). None for anything else."""
+    base = m.get_base_layer() if hasattr(m, "base_layer") and hasattr(m, "get_base_layer") else m
+    return base if isinstance(base, nn.Linear) and base.bias is None else None
 
 
-def _rms_norm_rule(module):
+def _rms_norm_rule(module, model):
     if not type(module).__name__.endswith("RMSNorm") or isinstance(module, (FusedRMSNorm, llama_model.RMSNorm)):
         return None
     weight = getattr(module, "weight", None)
@@ -314,27 +434,29 @@ def _rms_norm_rule(module):
     return lambda: FusedRMSNorm(weight, float(eps))
 
 
-def _gated_mlp_rule(module):
+def _gated_mlp_rule(module, model):
     if not all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj")):
         return None
     if isinstance(module, FusedGatedMLP):
         return None
-    if not all(_linear_without_bias(getattr(module, n)) for n in ("gate_proj", "up_proj", "down_proj")):
-        return "gated MLP projections must be nn.Linear without bias"
+    if not all(_projection(getattr(module, n)) for n in ("gate_proj", "up_proj", "down_proj")):
+        return "gated MLP projections must be nn.Linear without bias (or a peft adapter around one)"
     act = getattr(module, "act_fn", None)
     if not isinstance(act, nn.SiLU) and type(act).__name__ not in ("SiLUActivation", "SiLU"):
         return f"gated MLP activation must be SiLU, got {type(act).__name__}"
     return lambda: FusedGatedMLP(module.gate_proj, module.up_proj, module.down_proj)
 
 
-def _attention_rule(module):
-    if not all(hasattr(module, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
+def _attention_rule(module, model):
+    names = ("q_proj", "k_proj", "v_proj", "o_proj")
+    if not all(hasattr(module, n) for n in names):
         return None
     if isinstance(module, FusedRotaryAttention):
         return None
-    if not all(_linear_without_bias(getattr(module, n)) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
-        return "attention projections must be nn.Linear without bias"
-    extra = sorted(set(dict(module.named_children())) - {"q_proj", "k_proj", "v_proj", "o_proj", "rotary_emb"})
+    projections = [_projection(getattr(module, n)) for n in names]
+    if not all(projections):
+        return "attention projections must be nn.Linear without bias (or a peft adapter around one)"
+    extra = sorted(set(dict(module.named_children())) - {*names, "rotary_emb"})
     if extra:  # e.g. Qwen3's and OLMo2's q_norm / k_norm, which the fused kernel would skip
         return f"attention with submodules beyond q/k/v/o_proj is not supported (has {', '.join(extra)})"
     head_dim, layer_idx = getattr(module, "head_dim", None), getattr(module, "layer_idx", None)
@@ -349,68 +471,147 @@ def _attention_rule(module):
     for attr in ("sliding_window", "attn_logit_softcapping"):
         if getattr(module, attr, None) or (config is not None and getattr(config, attr, None)):
             return f"attention with {attr} is not supported"
-    if module.q_proj.out_features % head_dim or module.k_proj.out_features % head_dim:
+    q_width, k_width = projections[0].out_features, projections[1].out_features
+    if q_width % head_dim or k_width % head_dim:
         return "q_proj/k_proj widths must be multiples of head_dim"
-    if (module.q_proj.out_features // head_dim) % (module.k_proj.out_features // head_dim):
+    if (q_width // head_dim) % (k_width // head_dim):
         return "the number of query heads must be a multiple of the number of key/value heads"
+    problem = _rotary_tables_problem(model, head_dim)
+    if problem:
+        return problem
     return lambda: _fuse_attention(module)
 
 
-RULES = (("RMSNorm", _rms_norm_rule), ("MLP", _gated_mlp_rule), ("attention", _attention_rule))
+def _rotary_tables_problem(model: nn.Module, head_dim: int) -> str | None:
+    """Why the model's rotary tables cannot feed the fused kernel (None if they can): every
+    ``*RotaryEmbedding`` module of the model must give [.., head_dim] tables with equal halves (the
+    half-split layout). Checked once, on three positions, here: the calls' tables are not read."""
+    rotaries = [m for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding")]
+    if not rotaries:
+        return "no *RotaryEmbedding module in the model to check the rotary tables' layout against"
+    for rotary in rotaries:
+        buffer = next(iter(rotary.buffers()), None)
+        device = buffer.device if buffer is not None else torch.device("cpu")
+        if device.type == "meta":
+            return f"{type(rotary).__name__} is on the meta device: replace after the weights are materialised"
+        with torch.no_grad():
+            cos, sin = rotary(torch.zeros(1, 3, head_dim, device=device), torch.arange(3, device=device)[None])
+        if cos.shape[-1] != head_dim:
+            return f"{type(rotary).__name__} makes tables of width {cos.shape[-1]}, not head_dim {head_dim}"
+        half = head_dim // 2
+        if not all(torch.equal(t[..., :half], t[..., half:]) for t in (cos, sin)):
+            return f"{type(rotary).__name__} makes interleaved rotary tables, not the half-split layout"
+    return None
 
 
-def replace_modules(model: nn.Module, *, verbose: bool = False) -> ReplacementReport:
-    """Swaps, in place, the RMSNorm, gated-MLP and attention modules of ``model`` for fused ones.
+def _causal_lm_rule(module, model):
+    if not (isinstance(module.__dict__.get("_modules", {}).get("lm_head"), nn.Module) and hasattr(module, "config")):
+        return None
+    if isinstance(module, FusedLinearCrossEntropy):
+        return None
+    if _forward_code(type(module)) != _llama_causal_lm_code():
+        return f"{type(module).__name__}.forward is not LlamaForCausalLM's (the fused loss serves that forward)"
+    return lambda: _fuse_loss(module)
+
+
+# (switch, kind, rule): the keyword of replace_modules that turns a kind on or off, the name the
+# report uses, and the rule recognising it.
+RULES = (
+    ("rms_norm", "RMSNorm", _rms_norm_rule),
+    ("swiglu", "MLP", _gated_mlp_rule),
+    ("attention", "attention", _attention_rule),
+    ("cross_entropy", "cross_entropy", _causal_lm_rule),
+)
+# The loss is no structure of the model but a speed-up of its training step: a model whose forward is
+# not LlamaForCausalLM's keeps its own loss and the report says why, instead of refusing the model.
+_OPTIONAL_KINDS = ("cross_entropy",)
+_FUSED_TYPES = (FusedRMSNorm, FusedGatedMLP, FusedRotaryAttention, FusedLinearCrossEntropy)
+
+
+def replace_modules(
+    model: nn.Module,
+    *,
+    rms_norm: bool = True,
+    swiglu: bool = True,
+    attention: bool = True,
+    cross_entropy: bool = True,
+    verbose: bool = False,
+) -> ReplacementReport:
+    """Swaps, in place, the RMSNorm, gated-MLP and attention modules of ``model`` for fused ones and
+    gives a causal LM the fused linear + cross-entropy loss; a switch set to False leaves that kind alone.
 
     Weights are shared (not copied) and module names are kept, so ``state_dict()`` keys, optimizer
-    state and checkpoints are unchanged. Returns a report of what was replaced; raises ValueError,
-    before changing anything, if a recognised module cannot be served exactly or nothing is found.
+    state, peft adapters and checkpoints are unchanged. Returns a report of what was replaced and
+    what was left and why; raises ValueError, before changing anything, if a recognised module cannot
+    be served exactly or nothing is found.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    switches = dict(rms_norm=rms_norm, swiglu=swiglu, attention=attention, cross_entropy=cross_entropy)
+    for name, value in switches.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {value!r}")
     report = ReplacementReport()
     if isinstance(model, llama_model.Llama):
-        return _switch_llama_backend(model, report)
+        return _switch_llama_backend(model, report, switches)
 
     plan, problems = [], []
     for name, module in model.named_modules():
-        for kind, rule in RULES:
-            verdict = rule(module)
+        for switch, kind, rule in RULES:
+            verdict = rule(module, model)
             if verdict is None:
                 continue
-            if isinstance(verdict, str):
-                problems.append(f"{name or '<root>'} ({type(module).__name__}): {verdict}")
+            if not switches[switch]:
+                report.leave(kind, name, f"{switch}=False")
+            elif isinstance(verdict, str) and kind in _OPTIONAL_KINDS:
+                report.leave(kind, name, verdict)
+            elif isinstance(verdict, str):
+                problems.append(f"{name or '<root>'} ({type(module).__name__}): {verdict} (or pass {switch}=False)")
             else:
                 plan.append((name, kind, verdict))
             break
     if problems:
         raise ValueError("llama_fast.replace_modules cannot handle this model:\n  " + "\n  ".join(problems))
-    if not plan and any(isinstance(m, (FusedRMSNorm, FusedGatedMLP, FusedRotaryAttention)) for m in model.modules()):
+    if not plan and any(isinstance(m, _FUSED_TYPES) for m in model.modules()):
         raise ValueError(f"llama_fast.replace_modules: this {type(model).__name__} has already been replaced")
-    if not plan:
+    if not plan and not report.left:
         raise ValueError(
             f"llama_fast.replace_modules found no RMSNorm, gated MLP or rotary attention module in "
             f"{type(model).__name__}; expected a LLaMA-style model"
         )
     # Children before parents does not matter: a rule never matches inside a replaced module's
-    # submodules (those are plain Linear layers), so replace in order.
+    # submodules (those are projections), and the class swaps keep the module objects in place.
     for name, kind, build in plan:
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, build())
-        report.add(kind, name)
+        fused = build()
+        if name:
+            setattr(model.get_submodule(parent_name), child, fused)
+        report.add(kind, name or "<root>")
     if verbose:
         print(report)
     return report
 
 
-def _switch_llama_backend(model: llama_model.Llama, report: ReplacementReport) -> ReplacementReport:
+def _switch_llama_backend(model: llama_model.Llama, report: ReplacementReport, switches: dict) -> ReplacementReport:
     if model.backend == "fused":
         raise ValueError("this llama_fast.Llama already uses backend='fused'; nothing to replace")
+    # Block.backend runs the add_rms_norm between attention and MLP: an RMSNorm kernel.
+    kinds = {"RMSNorm": ("rms_norm", "RMSNorm"), "Block": ("rms_norm", None), "MLP": ("swiglu", "MLP"),
+             "Attention": ("attention", "attention")}
     for name, module in model.named_modules():
-        if isinstance(module, llama_model._UsesOps):
-            module.backend = "fused"
-            kind = {"RMSNorm": "RMSNorm", "MLP": "MLP", "Attention": "attention"}.get(type(module).__name__)
-            if kind:
-                report.add(kind, name)
-    model.backend = "fused"
+        if isinstance(module, llama_model._UsesOps) and type(module).__name__ in kinds:
+            switch, kind = kinds[type(module).__name__]
+            if switches[switch]:
+                module.backend = "fused"
+                if kind:
+                    report.add(kind, name)
+            elif kind:
+                report.leave(kind, name, f"{switch}=False")
+    if switches["cross_entropy"]:
+        model.fused_loss = True
+        report.add("cross_entropy", "<root>")
+    else:
+        report.leave("cross_entropy", "<root>", "cross_entropy=False")
+    if all(switches[s] for s in ("rms_norm", "swiglu", "attention")):
+        model.backend = "fused"
     return report

@@ -30,9 +30,9 @@ def hf_model(**overrides):
     return model.eval()
 
 
-def loss_and_grads(model, tokens):
+def loss_and_grads(model, tokens, **kwargs):
     model.zero_grad(set_to_none=True)
-    logits = model(tokens, use_cache=False).logits
+    logits = model(tokens, use_cache=False, **kwargs).logits
     # A loss that weighs every logit, so every parameter gradient is exercised.
     weights = torch.linspace(-1, 1, logits.shape[-1], dtype=logits.dtype, device=logits.device)
     (logits * weights).sum().backward()
@@ -44,7 +44,7 @@ def test_hf_llama_logits_and_gradients_match(seq_len):
     original = hf_model()
     fused = copy.deepcopy(original)
     report = replace_modules(fused)
-    assert report.counts == {"RMSNorm": 5, "MLP": 2, "attention": 2}, report.counts
+    assert report.counts == {"RMSNorm": 5, "MLP": 2, "attention": 2, "cross_entropy": 1}, report.counts
     assert list(fused.state_dict()) == list(original.state_dict())
     assert isinstance(fused.model.layers[0].self_attn, FusedRotaryAttention)
     with pytest.raises(ValueError, match="has already been replaced"):
@@ -168,7 +168,7 @@ def test_our_reference_llama_switches_to_fused():
     reference = Llama(config, backend="reference")
     fused = copy.deepcopy(reference)
     report = replace_modules(fused)
-    assert fused.backend == "fused" and report.counts == {"RMSNorm": 5, "MLP": 2, "attention": 2}
+    assert fused.backend == "fused" and report.counts == {"RMSNorm": 5, "MLP": 2, "attention": 2, "cross_entropy": 1}
     tokens = torch.randint(0, 300, (2, 21))
     out = fused(tokens)[0]
     hi = copy.deepcopy(reference).double()(tokens)[0]
@@ -238,3 +238,174 @@ def test_hf_llama_bf16_on_gpu_matches():
     assert_within_2x("logits", logits.float(), logits_hi, logits_lo.float(), floor=floor)
     for name in grads:
         assert_within_2x(f"grad {name}", grads[name].float(), grads_hi[name], grads_lo[name].float(), floor=floor)
+
+
+# ---------------------------------------------------------------------------------------------
+# The dispatch reads no tensor values: positions ride in the tables, masks fall back, compile is whole
+# ---------------------------------------------------------------------------------------------
+def test_offset_positions_are_rotated_by_the_calls_tables():
+    """Positions other than 0..S-1 (shared by the rows) take the fused path and give the original's
+    logits: the kernel rotates token s by row s of the tables the call brings."""
+    original = hf_model()
+    fused = copy.deepcopy(original)
+    replace_modules(fused, cross_entropy=False)
+    tokens = torch.randint(0, 256, (2, 11))
+    positions = torch.arange(5, 16)[None]  # (1, S): a shared offset, as after a prompt
+    logits, grads = loss_and_grads(fused, tokens, position_ids=positions)
+    logits_hi, grads_hi = loss_and_grads(copy.deepcopy(original).double(), tokens, position_ids=positions)
+    logits_lo, grads_lo = loss_and_grads(original, tokens, position_ids=positions)
+    attn = fused.model.layers[0].self_attn
+    assert attn.fused_calls == 1 and attn.fallback_calls == 0
+    floor = default_floor(torch.float32)
+    assert_within_2x("logits", logits, logits_hi.float(), logits_lo, floor=floor)
+    for name in grads:
+        assert_within_2x(f"grad {name}", grads[name], grads_hi[name].float(), grads_lo[name], floor=floor)
+
+
+def test_mask_tensors_and_per_row_tables_fall_back_without_reading_values():
+    """A mask tensor falls back even when it is plain causal (only its values could tell), and so do
+    tables that differ per row; both give the original's logits exactly."""
+    original = hf_model()
+    fused = copy.deepcopy(original)
+    replace_modules(fused, cross_entropy=False)
+    attn, attn_original = fused.model.layers[0].self_attn, original.model.layers[0].self_attn
+    hidden = torch.randn(2, 7, 64)
+    per_row = torch.stack([torch.arange(7), torch.arange(3, 10)])  # (B, S): each row its own positions
+    causal = torch.ones(7, 7, dtype=torch.bool).tril()[None, None].expand(2, 1, 7, 7)
+    shared = original.model.rotary_emb(hidden, torch.arange(7)[None])
+    calls = [
+        (dict(position_embeddings=shared, attention_mask=causal), "an attention mask tensor"),
+        (dict(position_embeddings=original.model.rotary_emb(hidden, per_row)), "rotary tables of shape (2, 7, 16)"),
+    ]
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for call, reason in calls:
+            torch.testing.assert_close(attn(hidden, **call)[0], attn_original(hidden, **call)[0], rtol=0, atol=0)
+            assert any(r.startswith(reason) for r in attn.fallback_reasons), (reason, attn.fallback_reasons)
+    assert attn.fused_calls == 0 and attn.fallback_calls == 2
+
+
+def test_compiled_training_step_is_one_graph_and_matches():
+    """torch.compile(fullgraph=True) of a replaced LlamaForCausalLM: one graph, no break, our kernels
+    and the fused loss inside (no lm_head GEMM), and a training step equal to the unpatched model's."""
+    original = hf_model().train()
+    fused = copy.deepcopy(original)
+    replace_modules(fused)
+    tokens = torch.randint(0, 256, (2, 13))
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(fused)(tokens, labels=tokens)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+    targets = {str(n.target) for g in explained.graphs for n in g.graph.nodes if n.op == "call_function"}
+    assert {"llama_fast.attention.default", "llama_fast.rms_norm_forward.default",
+            "llama_fast.swiglu_forward.default"} <= targets, targets
+    linears = sum(str(n.target) == "<built-in function linear>" for g in explained.graphs for n in g.graph.nodes)
+    assert linears == 2 * 7  # q, k, v, o, gate, up, down per layer; no lm_head: the loss applies it chunk-wise
+
+    compiled = torch.compile(fused, fullgraph=True)
+    loss = compiled(tokens, labels=tokens).loss
+    loss.backward()
+    loss_original = original(tokens, labels=tokens).loss
+    loss_original.backward()
+    torch.testing.assert_close(loss, loss_original, rtol=1e-5, atol=1e-5)
+    for (name, p), q in zip(fused.named_parameters(), original.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"grad {name}: {m}")
+    torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused linear cross-entropy of a causal LM
+# ---------------------------------------------------------------------------------------------
+def labelled(batch=2, seq=17, vocab=256):
+    tokens = torch.randint(0, vocab, (batch, seq))
+    labels = tokens.clone()
+    labels[0, :5] = -100  # a prompt not trained on
+    labels[1, -3:] = -100  # padding
+    return tokens, labels
+
+
+def causal_lm_loss_and_grads(model, tokens, labels, **kwargs):
+    model.zero_grad(set_to_none=True)
+    out = model(tokens, labels=labels, use_cache=False, **kwargs)
+    out.loss.backward()
+    return out, {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("num_items_in_batch", [None, 37, "tensor"])
+def test_fused_loss_matches_and_never_makes_logits(num_items_in_batch):
+    """Training with labels: the loss (shifted labels, ignore_index, num_items_in_batch) and every
+    gradient match the unpatched model (2x rule), and lm_head never runs: no [B, S, vocab] logits."""
+    if num_items_in_batch == "tensor":
+        num_items_in_batch = torch.tensor(29)
+    kwargs = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
+    original = hf_model(tie_word_embeddings=True).train()
+    fused = copy.deepcopy(original)
+    report = replace_modules(fused)
+    assert report.names["cross_entropy"] == ["<root>"]
+    head_calls = []
+    fused.lm_head.register_forward_hook(lambda *args: head_calls.append(1))
+    tokens, labels = labelled()
+    out, grads = causal_lm_loss_and_grads(fused, tokens, labels, **kwargs)
+    hi, grads_hi = causal_lm_loss_and_grads(copy.deepcopy(original).double(), tokens, labels, **kwargs)
+    lo, grads_lo = causal_lm_loss_and_grads(original, tokens, labels, **kwargs)
+    assert out.logits is None and not head_calls and fused.fused_calls == 1
+    floor = default_floor(torch.float32)
+    assert_within_2x("loss", out.loss.detach(), hi.loss.detach().float(), lo.loss.detach(), floor=floor)
+    assert set(grads) == set(grads_lo)
+    for name in grads:
+        assert_within_2x(f"grad {name}", grads[name], grads_hi[name].float(), grads_lo[name], floor=floor)
+
+
+def test_calls_without_the_fused_loss_are_unchanged():
+    """No labels (generation, logits), logits_to_keep, and evaluation with labels run the original
+    forward: the same outputs as the model replaced with cross_entropy=False, bit for bit."""
+    plain = hf_model().train()
+    replace_modules(plain, cross_entropy=False)
+    fused = copy.deepcopy(plain)
+    fused.__class__ = type(hf_model())  # the copy's LM class unswapped, then given the fused loss
+    report = replace_modules(fused, rms_norm=False, swiglu=False, attention=False)
+    assert report.counts == {"cross_entropy": 1}
+    tokens, labels = labelled()
+    with torch.no_grad():
+        for kwargs in ({}, {"logits_to_keep": 1}):
+            torch.testing.assert_close(fused(tokens, **kwargs).logits, plain(tokens, **kwargs).logits, rtol=0, atol=0)
+        fused.eval(), plain.eval()
+        a, b = fused(tokens, labels=labels), plain(tokens, labels=labels)
+    torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=0)
+    torch.testing.assert_close(a.loss, b.loss, rtol=0, atol=0)
+    assert fused.fused_calls == 0 and dict(fused.fallback_reasons) == {
+        "evaluation mode (the logits are returned for metrics)": 1
+    }
+
+
+def test_fused_loss_peak_memory_for_a_32k_vocab_b4_s2048_step():
+    """The loss step of a 32k-vocabulary model at batch 4 x 2048 in bf16, counted on the meta device
+    (MemTracker, as benchmarks/estimate_memory.py counts): the unpatched model's peak holds the
+    [B, S, vocab] logits several times over (bf16, their fp32 copy, the gradients), the fused loss one
+    chunk of them. A one-layer, 64-wide, one-head model, so the head and the loss dominate (the
+    unfused attention on meta, SDPA's math path, holds [B, 1, S, S] scores in both)."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    batch, seq, vocab = 4, 2048, 32000
+
+    def peak_bytes(replace: bool) -> int:
+        with torch.device("meta"):
+            model = hf_model(vocab_size=vocab, num_hidden_layers=1, num_attention_heads=1, num_key_value_heads=1,
+                             max_position_embeddings=seq).to(torch.bfloat16)
+        if replace:  # on meta the rotary tables cannot be checked: the attention stays (it is not the point)
+            replace_modules(model, attention=False)
+        model.train()
+        tokens = torch.randint(0, vocab, (batch, seq), device="meta")
+        tracker = MemTracker()
+        tracker.track_external(model, tokens)
+        with tracker:  # use_cache=True: a cache present, transformers reads no position ids (no values on meta)
+            model(tokens, labels=tokens, use_cache=True).loss.backward()
+        snapshot = tracker.get_tracker_snapshot("peak")
+        return next(v["Total"] for dev, v in snapshot.items() if torch.device(dev).type == "meta")
+
+    logits_bf16 = batch * seq * vocab * 2
+    unpatched, fused = peak_bytes(False), peak_bytes(True)
+    print(f"loss step peak, vocab {vocab} B{batch} S{seq} bf16: unpatched {unpatched / 2**30:.2f} GiB, "
+          f"fused {fused / 2**30:.2f} GiB")
+    assert unpatched > 3 * logits_bf16  # bf16 logits, their fp32 copy, its gradient, ...
+    assert fused < logits_bf16  # a chunk of logits (64 Mi elements), the attention's scores and the model
+    assert unpatched - fused > 2 * logits_bf16
