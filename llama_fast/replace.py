@@ -223,11 +223,18 @@ _FUSED_CLASSES: dict[tuple[type, type], type] = {}
 
 def _swap_class(module: nn.Module, mixin: type) -> nn.Module:
     """Puts ``mixin`` in front of the instance's class (one subclass per class, importable by name, so a
-    pickled model loads again); attributes, submodules and hooks stay the module's own."""
+    pickled model loads again); attributes, submodules and hooks stay the module's own, and forward keeps
+    the original's signature."""
     cls = type(module)
     if (mixin, cls) not in _FUSED_CLASSES:
         name = f"Fused{cls.__name__}"
-        fused = type(name, (mixin, cls), {"__module__": __name__, "__qualname__": name})
+
+        def forward(self, *args, **kwargs):
+            return mixin.forward(self, *args, **kwargs)
+
+        # The original's signature: the Trainer reads it to keep the dataset columns the model takes.
+        forward.__signature__ = inspect.signature(cls.forward)
+        fused = type(name, (mixin, cls), {"__module__": __name__, "__qualname__": name, "forward": forward})
         globals()[name] = fused
         _FUSED_CLASSES[(mixin, cls)] = fused
     module.__class__ = _FUSED_CLASSES[(mixin, cls)]

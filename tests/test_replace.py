@@ -409,3 +409,143 @@ def test_fused_loss_peak_memory_for_a_32k_vocab_b4_s2048_step():
     assert unpatched > 3 * logits_bf16  # bf16 logits, their fp32 copy, its gradient, ...
     assert fused < logits_bf16  # a chunk of logits (64 Mi elements), the attention's scores and the model
     assert unpatched - fused > 2 * logits_bf16
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-kernel switches
+# ---------------------------------------------------------------------------------------------
+def test_switches_leave_their_kind_untouched_and_the_report_says_why():
+    original = hf_model()
+    model = copy.deepcopy(original)
+    report = replace_modules(model, rms_norm=False, attention=False)
+    assert report.counts == {"MLP": 2, "cross_entropy": 1}
+    assert type(model.model.norm) is type(original.model.norm)
+    assert type(model.model.layers[0].self_attn) is type(original.model.layers[0].self_attn)
+    assert ("model.layers.1.self_attn", "attention", "attention=False") in report.left
+    assert ("model.norm", "RMSNorm", "rms_norm=False") in report.left and len(report.left) == 5 + 2
+    assert str(report) == (
+        "llama_fast replaced 2 MLP, 1 cross_entropy; left 5 RMSNorm (rms_norm=False), 2 attention (attention=False)"
+    )
+    # A kind the kernels cannot serve is refused with the switch that leaves it alone, and served without it.
+    gelu = hf_model(hidden_act="gelu")
+    with pytest.raises(ValueError, match=r"activation must be SiLU, got .* \(or pass swiglu=False\)"):
+        replace_modules(gelu)
+    assert replace_modules(gelu, swiglu=False).counts == {"RMSNorm": 5, "attention": 2, "cross_entropy": 1}
+    with pytest.raises(TypeError, match="attention must be True or False, got 'no'"):
+        replace_modules(hf_model(), attention="no")
+    # A causal LM whose forward is not LlamaForCausalLM's keeps its loss; the report says why.
+    class ScaledLogits(type(original)):
+        def forward(self, *args, **kwargs):
+            return super().forward(*args, **kwargs)
+
+    scaled = hf_model()
+    scaled.__class__ = ScaledLogits
+    report = replace_modules(scaled)
+    assert "cross_entropy" not in report.counts
+    assert report.left == [("<root>", "cross_entropy", "ScaledLogits.forward is not LlamaForCausalLM's (the fused "
+                                                       "loss serves that forward)")]
+
+
+def test_switches_on_our_llama():
+    config = LlamaConfig.from_name("tiny", vocab_size=300)
+    model = Llama(config, backend="reference")
+    report = replace_modules(model, attention=False, cross_entropy=False)
+    assert report.counts == {"RMSNorm": 5, "MLP": 2}
+    assert model.layers[0].attn.backend == "reference" and model.layers[0].mlp.backend == "fused"
+    assert model.backend == "reference" and not model.fused_loss
+    assert ("<root>", "cross_entropy", "cross_entropy=False") in report.left
+
+
+# ---------------------------------------------------------------------------------------------
+# After (and before) peft
+# ---------------------------------------------------------------------------------------------
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def lora(model):
+    peft = pytest.importorskip("peft", reason="the PEFT tests wrap the model with peft's LoRA")
+    torch.manual_seed(1)  # the same adapters for every copy; init_lora_weights=False: B != 0, so LoRA counts
+    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=LORA_TARGETS,
+                             modules_to_save=["lm_head"], init_lora_weights=False)
+    return peft.get_peft_model(model, config)
+
+
+@pytest.mark.parametrize("order", ["wrap_then_replace", "replace_then_wrap"])
+def test_lora_gradients_and_merge_match_the_unpatched_model(order):
+    """LoRA on every projection plus modules_to_save=["lm_head"], in both orders: the fused kernels
+    run through the wrapped projections, the trainable parameters' gradients match the unpatched
+    peft model (2x rule), and merge_and_unload() afterwards gives its logits."""
+    original = hf_model().train()
+    if order == "wrap_then_replace":
+        reference = lora(original)
+        fused = copy.deepcopy(reference)
+        report = replace_modules(fused)
+    else:
+        fused = copy.deepcopy(original)
+        report = replace_modules(fused)
+        reference, fused = lora(original), lora(fused)
+    assert report.counts == {"RMSNorm": 5, "MLP": 2, "attention": 2, "cross_entropy": 1}, report.counts
+    tokens, labels = labelled()
+
+    def trainable_grads(model):
+        model.zero_grad(set_to_none=True)
+        out = model(input_ids=tokens, labels=labels, use_cache=False)
+        out.loss.backward()
+        return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    loss, grads = trainable_grads(fused)
+    loss_hi, grads_hi = trainable_grads(copy.deepcopy(reference).double())
+    loss_lo, grads_lo = trainable_grads(reference)
+    inner = fused.base_model.model
+    assert inner.fused_calls == 1 and inner.model.layers[0].self_attn.fused_calls == 1
+    assert any("lora_A" in n for n in grads) and any("modules_to_save" in n for n in grads) and set(grads) == set(grads_lo)
+    floor = default_floor(torch.float32)
+    assert_within_2x("loss", loss, loss_hi.float(), loss_lo, floor=floor)
+    for name in grads:
+        assert_within_2x(f"grad {name}", grads[name], grads_hi[name].float(), grads_lo[name], floor=floor)
+
+    merged, merged_reference = fused.merge_and_unload(), reference.merge_and_unload()
+    assert isinstance(merged.model.layers[0].self_attn.q_proj, nn.Linear)
+    with torch.no_grad():
+        logits, logits_reference = merged(tokens).logits, merged_reference(tokens).logits
+    assert merged.model.layers[0].self_attn.fused_calls == 2
+    torch.testing.assert_close(logits, logits_reference, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# With transformers' Trainer
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("with_lora", [False, True])
+def test_trainer_losses_agree_with_and_without_the_replacement(tmp_path, with_lora):
+    """Three optimizer steps of transformers.Trainer on the CPU (gradient accumulation 2, so the
+    Trainer passes num_items_in_batch) on a tiny random LlamaForCausalLM, with and without
+    replace_modules (the one line a Trainer user adds), with and without LoRA: the losses agree."""
+    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
+    torch.manual_seed(0)
+    tokens, labels = labelled(batch=12, seq=15)
+    rows = [{"input_ids": t, "labels": y} for t, y in zip(tokens, labels)]
+
+    def train(replace: bool):
+        model = hf_model().train()
+        if with_lora:
+            model = lora(model)
+        if replace:
+            replace_modules(model)
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path / f"run_{replace}"), max_steps=3, per_device_train_batch_size=2,
+            gradient_accumulation_steps=2, learning_rate=3e-3, logging_steps=1, report_to=[], use_cpu=True,
+            save_strategy="no", disable_tqdm=True, seed=0,
+        )
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=rows)
+        trainer.train()
+        return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry], model
+
+    torch.manual_seed(0)
+    plain, _ = train(replace=False)
+    torch.manual_seed(0)
+    fused, model = train(replace=True)
+    inner = model.base_model.model if with_lora else model
+    assert inner.fused_calls == 3 * 2 and inner.model.layers[0].self_attn.fused_calls == 3 * 2
+    assert len(plain) == 3
+    torch.testing.assert_close(torch.tensor(fused), torch.tensor(plain), rtol=1e-4, atol=1e-4)
+    assert plain[-1] != plain[0]  # the steps changed the model
