@@ -18,5 +18,5 @@ constraints=(-c .ci/constraints.txt)
 python -m pip install -q "${constraints[@]}" --upgrade pip
 python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
 python -m pip install -q "${constraints[@]}" triton numpy safetensors sentencepiece tqdm transformers \
-  pytest pytest-benchmark matplotlib pyyaml ninja
+  peft accelerate pytest pytest-benchmark matplotlib pyyaml ninja
 python -m pip install -q -e . --no-build-isolation --no-deps

@@ -284,6 +284,7 @@ class FusedLinearCrossEntropy:
     fused_calls: int
     fallback_calls: int
     fallback_reasons: Counter
+    _transformers_loss: object  # transformers' ForCausalLMLoss, which this loss reproduces (None before 4.46)
 
     def forward(self, *args, **kwargs):
         labels = kwargs.get("labels")
@@ -316,7 +317,7 @@ class FusedLinearCrossEntropy:
             return None, "logits_to_keep"
         if kwargs.get("return_dict", getattr(self.config, "return_dict", True)) is False:
             return None, "return_dict=False"
-        default = _default_causal_lm_loss()
+        default = self._transformers_loss
         if getattr(self, "loss_function", default) is not default:
             return None, "a loss_function other than transformers' ForCausalLMLoss"
         weight = _bias_free_linear_weight(self.lm_head)
@@ -384,6 +385,7 @@ def _forward_code(cls: type):
 def _fuse_loss(module: nn.Module) -> nn.Module:
     _swap_class(module, FusedLinearCrossEntropy)
     module.fused_calls = 0
+    module._transformers_loss = _default_causal_lm_loss()  # looked up here: an import breaks a compiled graph
     return module
 
 

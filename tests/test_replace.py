@@ -1,6 +1,7 @@
 """replace_modules: a Hugging Face LlamaForCausalLM (and our reference Llama) on the fused ops
 gives the logits and parameter gradients of the unpatched model (2x rule), and trains the same."""
 import copy
+import inspect
 import warnings
 
 import pytest
@@ -13,6 +14,10 @@ from llama_fast.replace import FusedRotaryAttention, replace_modules
 from llama_fast.testing import assert_within_2x, default_floor
 
 transformers = pytest.importorskip("transformers", reason="the drop-in tests patch transformers' LlamaForCausalLM")
+# What LlamaForCausalLM.forward takes differs across the tested releases (.ci/test-transformers.sh).
+FORWARD_PARAMETERS = inspect.signature(transformers.LlamaForCausalLM.forward).parameters
+TAKES_LOSS_KWARGS = any(p.kind == p.VAR_KEYWORD for p in FORWARD_PARAMETERS.values())  # 4.46+
+LOGITS_TO_KEEP = "logits_to_keep" if "logits_to_keep" in FORWARD_PARAMETERS else "num_logits_to_keep"  # 4.50
 
 
 def hf_model(**overrides):
@@ -32,7 +37,9 @@ def hf_model(**overrides):
 
 def loss_and_grads(model, tokens, **kwargs):
     model.zero_grad(set_to_none=True)
-    logits = model(tokens, use_cache=False, **kwargs).logits
+    # The default use_cache: with use_cache=False, transformers 4.5x builds the causal mask (to look for
+    # packed sequences in the position ids), and a mask tensor falls back.
+    logits = model(tokens, **kwargs).logits
     # A loss that weighs every logit, so every parameter gradient is exercised.
     weights = torch.linspace(-1, 1, logits.shape[-1], dtype=logits.dtype, device=logits.device)
     (logits * weights).sum().backward()
@@ -275,7 +282,8 @@ def test_mask_tensors_and_per_row_tables_fall_back_without_reading_values():
     shared = original.model.rotary_emb(hidden, torch.arange(7)[None])
     calls = [
         (dict(position_embeddings=shared, attention_mask=causal), "an attention mask tensor"),
-        (dict(position_embeddings=original.model.rotary_emb(hidden, per_row)), "rotary tables of shape (2, 7, 16)"),
+        (dict(position_embeddings=original.model.rotary_emb(hidden, per_row), attention_mask=None),
+         "rotary tables of shape (2, 7, 16)"),
     ]
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -293,11 +301,17 @@ def test_compiled_training_step_is_one_graph_and_matches():
     replace_modules(fused)
     tokens = torch.randint(0, 256, (2, 13))
     torch._dynamo.reset()
+    masks = []  # whether transformers passes a mask tensor to the attention while compiling (4.57 does)
+    fused.model.layers[0].self_attn.register_forward_pre_hook(
+        lambda module, args, kwargs: masks.append(kwargs.get("attention_mask") is not None), with_kwargs=True
+    )
     explained = torch._dynamo.explain(fused)(tokens, labels=tokens)
     assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
     targets = {str(n.target) for g in explained.graphs for n in g.graph.nodes if n.op == "call_function"}
-    assert {"llama_fast.attention.default", "llama_fast.rms_norm_forward.default",
-            "llama_fast.swiglu_forward.default"} <= targets, targets
+    expected = {"llama_fast.rms_norm_forward.default", "llama_fast.swiglu_forward.default"}
+    if masks == [False]:  # no mask: the fused attention is in the graph (else its fallback, the original)
+        expected.add("llama_fast.attention.default")
+    assert expected <= targets, (expected, targets)
     linears = sum(str(n.target) == "<built-in function linear>" for g in explained.graphs for n in g.graph.nodes)
     assert linears == 2 * 7  # q, k, v, o, gate, up, down per layer; no lm_head: the loss applies it chunk-wise
 
@@ -325,7 +339,7 @@ def labelled(batch=2, seq=17, vocab=256):
 
 def causal_lm_loss_and_grads(model, tokens, labels, **kwargs):
     model.zero_grad(set_to_none=True)
-    out = model(tokens, labels=labels, use_cache=False, **kwargs)
+    out = model(tokens, labels=labels, **kwargs)
     out.loss.backward()
     return out, {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
@@ -334,6 +348,8 @@ def causal_lm_loss_and_grads(model, tokens, labels, **kwargs):
 def test_fused_loss_matches_and_never_makes_logits(num_items_in_batch):
     """Training with labels: the loss (shifted labels, ignore_index, num_items_in_batch) and every
     gradient match the unpatched model (2x rule), and lm_head never runs: no [B, S, vocab] logits."""
+    if num_items_in_batch is not None and not TAKES_LOSS_KWARGS:
+        pytest.skip(f"transformers {transformers.__version__} has no num_items_in_batch (4.46 added it)")
     if num_items_in_batch == "tensor":
         num_items_in_batch = torch.tensor(29)
     kwargs = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
@@ -366,7 +382,7 @@ def test_calls_without_the_fused_loss_are_unchanged():
     assert report.counts == {"cross_entropy": 1}
     tokens, labels = labelled()
     with torch.no_grad():
-        for kwargs in ({}, {"logits_to_keep": 1}):
+        for kwargs in ({}, {LOGITS_TO_KEEP: 1}):
             torch.testing.assert_close(fused(tokens, **kwargs).logits, plain(tokens, **kwargs).logits, rtol=0, atol=0)
         fused.eval(), plain.eval()
         a, b = fused(tokens, labels=labels), plain(tokens, labels=labels)
@@ -386,6 +402,12 @@ def test_fused_loss_peak_memory_for_a_32k_vocab_b4_s2048_step():
     from torch.distributed._tools.mem_tracker import MemTracker
 
     batch, seq, vocab = 4, 2048, 32000
+    with torch.device("meta"):
+        rotary = hf_model(num_hidden_layers=1).model.rotary_emb
+    try:
+        rotary(torch.zeros(1, 2, 64, device="meta"), torch.arange(2, device="meta")[None])
+    except RuntimeError as error:
+        pytest.skip(f"transformers {transformers.__version__}'s rotary embedding cannot run on meta: {error}")
 
     def peak_bytes(replace: bool) -> int:
         with torch.device("meta"):
@@ -489,7 +511,7 @@ def test_lora_gradients_and_merge_match_the_unpatched_model(order):
 
     def trainable_grads(model):
         model.zero_grad(set_to_none=True)
-        out = model(input_ids=tokens, labels=labels, use_cache=False)
+        out = model(input_ids=tokens, labels=labels)
         out.loss.backward()
         return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
