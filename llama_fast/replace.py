@@ -176,8 +176,10 @@ def _unfusable_call(module, hidden_states, position_embeddings, attention_mask, 
     if module.training and float(getattr(module, "attention_dropout", 0.0) or 0.0) > 0:
         return "attention dropout in training", None
     implementation = getattr(getattr(module, "config", None), "_attn_implementation", None)
-    if implementation != "sdpa" or not getattr(module, "is_causal", True):
+    if implementation != "sdpa":
         return f"attn_implementation {implementation!r} (a missing mask means causal only under 'sdpa')", None
+    if not getattr(module, "is_causal", True):
+        return "a module that is not causal (is_causal False)", None
     if attention_mask is not None:
         return "an attention mask tensor (padding, packing, or any mask: its values are not read)", None
     if position_embeddings is None:

@@ -520,7 +520,8 @@ def test_lora_gradients_and_merge_match_the_unpatched_model(order):
     loss_lo, grads_lo = trainable_grads(reference)
     inner = fused.base_model.model
     assert inner.fused_calls == 1 and inner.model.layers[0].self_attn.fused_calls == 1
-    assert any("lora_A" in n for n in grads) and any("modules_to_save" in n for n in grads) and set(grads) == set(grads_lo)
+    assert any("lora_A" in n for n in grads) and any("modules_to_save" in n for n in grads)
+    assert set(grads) == set(grads_lo)
     floor = default_floor(torch.float32)
     assert_within_2x("loss", loss, loss_hi.float(), loss_lo, floor=floor)
     for name in grads:
