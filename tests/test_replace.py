@@ -203,6 +203,30 @@ def test_refuses_what_it_cannot_serve():
         replace_modules("model")
 
 
+def test_rotary_tables_are_checked_once_at_replace_time():
+    """The calls' tables are never read, so the model's rotary module is checked when replacing: one
+    that makes interleaved tables (another RoPE layout, as Cohere's) or tables narrower than head_dim
+    (partial rotary) has its attention refused."""
+
+    class Interleaved(nn.Module):
+        def __init__(self, inner, width):
+            super().__init__()
+            self.inner, self.width = inner, width
+
+        def forward(self, x, position_ids):
+            cos, sin = self.inner(x, position_ids)
+            half = cos.shape[-1] // 2  # each angle twice in a row: c0 c0 c1 c1 ... instead of c0 c1 ... c0 c1 ...
+            return tuple(t[..., :half].repeat_interleave(2, -1)[..., : self.width] for t in (cos, sin))
+
+    Interleaved.__name__ = "InterleavedRotaryEmbedding"
+    for width, reason in ((16, "makes interleaved rotary tables"), (8, "makes tables of width 8, not head_dim 16")):
+        model = hf_model()
+        model.model.rotary_emb = Interleaved(model.model.rotary_emb, width)
+        with pytest.raises(ValueError, match=rf"layers.0.self_attn .*{reason}.*\(or pass attention=False\)"):
+            replace_modules(model)
+        assert replace_modules(model, attention=False).counts["attention"] == 0
+
+
 def test_fused_training_tracks_reference_for_50_steps():
     config = LlamaConfig.from_name("tiny", vocab_size=128, n_layers=1)
     torch.manual_seed(0)
