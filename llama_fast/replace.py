@@ -277,10 +277,10 @@ class FusedLinearCrossEntropy:
     so the "logits" it returns are the final hidden states; the loss is then transformers'
     ForCausalLMLoss computed from them and the head's weight chunk by chunk: the shift of labels (or
     ``shift_labels``), ``ignore_index``, and ``num_items_in_batch`` (the summed loss over that count:
-    gradient accumulation) honoured. The output's ``logits`` is None. Taken only in training mode with labels and the
-    default loss; evaluation (the Trainer's metrics want logits), generation, ``logits_to_keep`` and a
-    head other than a bias-free nn.Linear (peft's modules_to_save copy of one included) run the
-    original forward.
+    gradient accumulation) honoured. The output's ``logits`` is None. Taken only in training mode with
+    labels and transformers' own loss; evaluation (the Trainer's metrics want logits), generation,
+    ``logits_to_keep`` and a head other than a bias-free nn.Linear (peft's modules_to_save copy of one
+    included) run the original forward.
     """
 
     fused_calls: int
