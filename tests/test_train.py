@@ -358,3 +358,28 @@ def test_single_gpu_bf16_run(tmp_path, data, backend):
     assert records[-1]["peak_mem_gib"] > 0
     if "H100" in torch.cuda.get_device_name():
         assert 0 < records[-1]["mfu"] < 1
+
+
+def test_automatic_resume_skips_a_damaged_checkpoint(tmp_path, data, capsys):
+    """The latest checkpoint is damaged (a truncated shard): automatic resume says which one it skipped
+    and why, resumes from the newest one that loads, and repeats the losses the run had."""
+    run(tmp_path, data, "--checkpoint.interval", "1", "--checkpoint.keep", "3")
+    uninterrupted = losses(tmp_path)
+    shard = tmp_path / "checkpoints" / "step_0000006" / "model.rank0.safetensors"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    capsys.readouterr()
+    resumed = run(tmp_path, data, "--checkpoint.interval", "1", "--checkpoint.keep", "3")
+    out = capsys.readouterr().out
+    assert "skipping damaged checkpoint step_0000006: checkpoint " in out and "model.rank0.safetensors: 1000 bytes" in out
+    assert "resuming from step_0000005, the newest checkpoint that loads" in out and "resumed at step 5" in out
+    assert resumed["step"] == 6 and losses(tmp_path) == uninterrupted
+    ckpt.load_model(tmp_path / "checkpoints" / "step_0000006")  # written again
+
+    for path in ckpt.list_checkpoints(tmp_path / "checkpoints"):
+        (path / "index.json").write_text("{")
+    with pytest.raises(ckpt.CheckpointError, match="step_0000006, step_0000005, step_0000004: no checkpoint of this "
+                                                   "run loads"):
+        run(tmp_path, data, "--steps", "8")
+    with pytest.raises(ckpt.CheckpointError, match="step_0000006: index.json: JSONDecodeError"):
+        run(tmp_path, data, "--resume", str(tmp_path / "checkpoints" / "step_0000006"))
+

@@ -209,20 +209,53 @@ class Trainer:
         resume = self.config.checkpoint.resume
         if resume == "never":
             return
-        if resume == "auto":
-            path = ckpt.latest_checkpoint(ckpt.checkpoint_dir(self.run_dir))
-            if path is None:
+        if resume != "auto":
+            self.resume_from(Path(resume))
+            return
+        candidates = ckpt.list_checkpoints(ckpt.checkpoint_dir(self.run_dir))[::-1]
+        if candidates:
+            self.resume_from_newest_that_loads(candidates)
+
+    def resume_from_newest_that_loads(self, candidates: list[Path]) -> None:
+        """Automatic resume: the newest checkpoint that loads on every rank, saying which it skipped and why.
+
+        Loading reads only (no collective), so the ranks agree after each try; a damaged checkpoint
+        leaves the model and optimizer partly overwritten, which the next one overwrites whole.
+        """
+        skipped = []
+        for path in candidates:
+            error = None
+            try:
+                self.resume_from(path)
+            except ckpt.CheckpointError as e:
+                error = e
+            if not any_rank(error is not None, self.d):
+                if skipped and self.d.is_main:
+                    print(f"resuming from {path.name}, the newest checkpoint that loads", flush=True)
                 return
-        else:
-            path = Path(resume)
+            rank = f"rank {self.d.rank}: " if self.d.world_size > 1 else ""
+            if error is not None:
+                print(f"{rank}skipping damaged checkpoint {path.name}: {error}", flush=True)
+            elif self.d.is_main:
+                print(f"skipping checkpoint {path.name}: another process could not load it (its message says why)",
+                      flush=True)
+            skipped.append(path.name)
+        raise ckpt.CheckpointError(
+            candidates[0].parent, ", ".join(skipped),
+            "no checkpoint of this run loads (the reasons are printed above); move them away or start over with "
+            "--checkpoint.resume never")
+
+    def resume_from(self, path: Path) -> None:
         state = ckpt.load_checkpoint(path, self.model, self.optimizer, self.d)
-        self.step, self.resumed_from = state["step"], path
-        saved_seq = state["data"]["seq_len"]
-        if saved_seq != self.seq_len or state["data"]["global_sequences"] != self.global_sequences:
+        data = ckpt.checked_field(state, "data", dict, path, "state.json")
+        saved_seq, saved_sequences = (ckpt.checked_field(data, k, int, path, "state.json", "data")
+                                      for k in ("seq_len", "global_sequences"))
+        if saved_seq != self.seq_len or saved_sequences != self.global_sequences:
             raise ValueError(
-                f"checkpoint {path} was trained with seq_len {saved_seq} and {state['data']['global_sequences']} "
+                f"checkpoint {path} was trained with seq_len {saved_seq} and {saved_sequences} "
                 f"sequences per step; this run has {self.seq_len} and {self.global_sequences}"
             )
+        self.step, self.resumed_from = state["step"], path
 
     # ---- the run ------------------------------------------------------------------------
     def _on_signal(self, signum, frame) -> None:
