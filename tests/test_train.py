@@ -383,3 +383,16 @@ def test_automatic_resume_skips_a_damaged_checkpoint(tmp_path, data, capsys):
     with pytest.raises(ckpt.CheckpointError, match="step_0000006: index.json: JSONDecodeError"):
         run(tmp_path, data, "--resume", str(tmp_path / "checkpoints" / "step_0000006"))
 
+
+def test_a_record_cut_short_in_the_metrics_log_does_not_stop_the_run(tmp_path, data):
+    """A full disk during an append leaves a partial last line in metrics.jsonl: every later run there died
+    in read_jsonl with a bare JSONDecodeError. It is skipped with a warning naming the file."""
+    run(tmp_path, data, "--steps", "2")
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 6.1, "l')
+    with pytest.warns(UserWarning, match=f"{tmp_path / 'metrics.jsonl'}: skipped 1 line\\(s\\) that are not JSON "
+                                         "records \\(line 4\\)"):
+        assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 2]  # loss, val_loss
+    with pytest.warns(UserWarning, match="metrics.jsonl: skipped 1 line"):
+        summary = run(tmp_path, data, "--steps", "4")
+    assert summary["step"] == 4 and sorted(losses(tmp_path)) == [1, 2, 3, 4]
