@@ -396,3 +396,29 @@ def test_a_record_cut_short_in_the_metrics_log_does_not_stop_the_run(tmp_path, d
     with pytest.warns(UserWarning, match="metrics.jsonl: skipped 1 line"):
         summary = run(tmp_path, data, "--steps", "4")
     assert summary["step"] == 4 and sorted(losses(tmp_path)) == [1, 2, 3, 4]
+
+
+def test_signals_after_the_first_do_not_lose_the_save(tmp_path, data, monkeypatch, capfd):
+    """A double SIGTERM (a scheduler and torchrun both signalling) ended in a KeyboardInterrupt traceback and no
+    save: the second signal raised at once. Here two arrive during step 3 and a third during the save."""
+    original_step, real_save_file = Trainer.train_step, ckpt.save_file
+
+    def signalled_twice_at_step_3(self, step):
+        out = original_step(self, step)
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    def signalled_while_saving(tensors, path, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real_save_file(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "train_step", signalled_twice_at_step_3)
+    monkeypatch.setattr(ckpt, "save_file", signalled_while_saving)
+    stopped = run(tmp_path, data)
+    assert stopped["step"] == 3 and stopped["stopped"]
+    assert ckpt.latest_checkpoint(tmp_path / "checkpoints").name == "step_0000003"
+    ckpt.load_model(tmp_path)
+    err = capfd.readouterr().err
+    assert "SIGTERM again: already stopping; the checkpoint is saved before exiting" in err and "SIGINT again" in err

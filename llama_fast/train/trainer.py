@@ -12,7 +12,9 @@ import contextlib
 import gc
 import math
 import random
+import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -259,8 +261,11 @@ class Trainer:
 
     # ---- the run ------------------------------------------------------------------------
     def _on_signal(self, signum, frame) -> None:
-        if self.stop_requested:  # a second signal: stop now
-            raise KeyboardInterrupt
+        """SIGINT/SIGTERM: finish the step, save, exit. Later signals change nothing: raising here would lose
+        the save under way (a scheduler and torchrun often deliver SIGTERM twice, moments apart)."""
+        if self.stop_requested and self.d.is_main:  # os.write: print() may be mid-write on this thread
+            os.write(sys.stderr.fileno(), f"llama_fast: {signal.Signals(signum).name} again: already stopping; the "
+                                          "checkpoint is saved before exiting (SIGKILL stops without saving)\n".encode())
         self.stop_requested = True
 
     def run(self) -> dict:
