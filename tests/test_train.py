@@ -422,3 +422,31 @@ def test_signals_after_the_first_do_not_lose_the_save(tmp_path, data, monkeypatc
     ckpt.load_model(tmp_path)
     err = capfd.readouterr().err
     assert "SIGTERM again: already stopping; the checkpoint is saved before exiting" in err and "SIGINT again" in err
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--optim.lr", "inf", "optim.lr must be a finite number in \\[0.0, 1.0\\], got inf"),
+    ("--optim.lr", "1e39", "optim.lr must be a finite number in \\[0.0, 1.0\\], got 1e\\+39"),
+    ("--optim.eps", "0", "optim.eps must be a finite number in \\(0.0, 1.0\\], got 0.0"),
+    ("--optim.weight_decay", "nan", "optim.weight_decay must be a finite number in \\[0.0, inf\\], got nan"),
+    ("--optim.grad_clip", "nan", "optim.grad_clip must be a finite number in \\[0.0, inf\\], got nan"),
+    ("--model.norm_eps", "-1", "model.norm_eps must be a finite number in \\(0.0, inf\\], got -1.0"),
+    ("--model.rope_theta", "0", "model.rope_theta must be a finite number in \\(0.0, inf\\], got 0.0"),
+    ("--train.seed", "-1", "train.seed must be a finite number in \\[0, 4294967295\\], got -1"),
+    ("--data.val_fraction", "1", "data.val_fraction must be a finite number in \\[0, 1\\), got 1.0"),
+    ("--log.peak_flops", "inf", "log.peak_flops must be a finite number in \\[0.0, inf\\], got inf"),
+])
+def test_config_values_that_would_fail_later_are_refused_up_front(flag, value, message):
+    """Each passed validation and failed later: 'non-finite training ... lower optim.lr' (lr inf, eps 0, weight
+    decay NaN, norm_eps -1, rope_theta 0), clipping silently off (grad_clip NaN), Adam's raw RuntimeError
+    (lr 1e39), numpy's message (seed -1)."""
+    with pytest.raises(ValueError, match=message):
+        from_args(build_parser().parse_args([flag, value]))
+
+
+def test_llama_config_refuses_a_non_positive_norm_eps_or_rope_theta():
+    from llama_fast import LlamaConfig
+
+    for name, value in (("norm_eps", 0.0), ("norm_eps", math.nan), ("rope_theta", -10000.0), ("rope_theta", math.inf)):
+        with pytest.raises(ValueError, match=f"LlamaConfig.{name} must be a finite number > 0, got {value!r}"):
+            LlamaConfig.from_name("tiny", **{name: value})
