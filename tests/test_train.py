@@ -1,7 +1,9 @@
 """The trainer: schedule, config, resume, multi-process equivalence, robustness, the main job."""
+import contextlib
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -450,3 +452,61 @@ def test_llama_config_refuses_a_non_positive_norm_eps_or_rope_theta():
     for name, value in (("norm_eps", 0.0), ("norm_eps", math.nan), ("rope_theta", -10000.0), ("rope_theta", math.inf)):
         with pytest.raises(ValueError, match=f"LlamaConfig.{name} must be a finite number > 0, got {value!r}"):
             LlamaConfig.from_name("tiny", **{name: value})
+
+
+def _worker_pids(parent: int) -> dict[int, int]:
+    """rank -> pid of torchrun's worker processes (children of ``parent`` with RANK in their environment)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            status = (entry / "status").read_text()
+            env = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        ppid = int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
+        rank = [v[5:] for v in env if v.startswith(b"RANK=")]
+        if ppid == parent and rank:
+            found[int(rank[0])] = int(entry.name)
+    return found
+
+
+def test_a_stalled_rank_is_reported_by_the_waiting_one_before_the_timeout_ends_the_run(tmp_path, data):
+    """SIGSTOP of rank 1 in a 2-process run left rank 0 waiting without a word for torch's 30-minute
+    timeout. The timeout is train.collective_timeout_s; rank 0 says where it waits and for how long, every
+    tenth of it, and the timeout then ends the run."""
+    timeout_s = 12
+    log = tmp_path / "out.txt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "llama_fast.train",
+           *tiny_args(tmp_path / "run", data, "--steps", "100000", "--train.collective_timeout_s", str(timeout_s))]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    workers = {}
+    try:
+        deadline = time.time() + 180
+        while len(losses(tmp_path / "run")) < 3 and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        workers = _worker_pids(proc.pid)
+        assert sorted(workers) == [0, 1], log.read_text()[-3000:]
+        os.kill(workers[1], signal.SIGSTOP)
+        stopped_at = time.time()
+        while "llama_fast rank 0: waiting" not in log.read_text() and time.time() < stopped_at + timeout_s:
+            time.sleep(0.1)
+        reported_after = time.time() - stopped_at
+        assert reported_after < timeout_s * 0.5, log.read_text()[-3000:]
+        line = next(line for line in log.read_text().splitlines() if "llama_fast rank 0: waiting" in line)
+        assert re.search(r"llama_fast rank 0: waiting \d+ s for the other processes in (step \d+'s forward/backward "
+                         r"\(DDP's gradient all-reduce\)|"
+                         r"step \d+'s gradient clipping and loss all-reduce|the stop-signal check after step \d+); "
+                         r"one of them may be stalled \(train.collective_timeout_s = 12 ends the run\)", line), line
+        while _worker_pids(proc.pid).get(0) == workers[0] and time.time() < stopped_at + timeout_s + 60:
+            time.sleep(0.5)  # rank 0's collective times out and it exits
+        assert time.time() - stopped_at < timeout_s + 60, "rank 0 kept waiting past the collective timeout"
+    finally:
+        for pid in workers.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.kill()
+        proc.wait(timeout=60)

@@ -62,6 +62,9 @@ class TrainSection:
     device: str = "auto"  # "cuda" | "cpu"; auto: cuda where available
     parallel: str = "auto"  # "none" | "ddp" | "fsdp"; auto: none for one process, else ddp unless it does not fit
     mixed_precision: str = "auto"  # "bf16" | "fp32"; auto: bf16 on GPUs
+    # Seconds a collective waits for the other processes before it fails the run (rank 0 preparing the
+    # data included); the waiting ones say where they wait every min(60 s, a tenth of this).
+    collective_timeout_s: float = 1800.0
 
 
 @dataclass
@@ -188,6 +191,7 @@ class TrainConfig:
             "optim.grad_clip": (0.0, math.inf, True),  # 0: no clipping
             "log.peak_flops": (0.0, math.inf, True),
             "train.seed": (0, 2**32 - 1, True),  # numpy's seeds
+            "train.collective_timeout_s": (0.0, math.inf, False),
         }
         for name, (low, high, closed) in ranges.items():
             _check_range(name, self._get(name), low, high, closed)

@@ -27,7 +27,17 @@ from ..tokenizer import Tokenizer
 from . import checkpoint as ckpt
 from .config import TrainConfig, default_lr
 from .metrics import Metrics, peak_flops, peak_memory_gib, plot_loss_curve
-from .parallelize import Dist, all_reduce_mean, any_rank, barrier, build_model, choose_parallel, init_distributed, shutdown
+from .parallelize import (
+    Dist,
+    Watchdog,
+    all_reduce_mean,
+    any_rank,
+    barrier,
+    build_model,
+    choose_parallel,
+    init_distributed,
+    shutdown,
+)
 
 
 class NonFiniteError(RuntimeError):
@@ -57,7 +67,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def prepare_data(config: TrainConfig, d: Dist, vocab_size: int) -> Path:
+def prepare_data(config: TrainConfig, d: Dist, vocab_size: int, watchdog: Watchdog) -> Path:
     """The prepared data directory: given, or built once (rank 0) into the cache."""
     sources = config.data.sources
     if len(sources) == 1 and (Path(sources[0]) / "meta.json").is_file():
@@ -73,7 +83,8 @@ def prepare_data(config: TrainConfig, d: Dist, vocab_size: int) -> Path:
         print(f"preparing data into {data_dir} (once; later runs reuse it)", flush=True)
         prepare(parsed, data_dir, tokenizer=tokenizer, vocab_size=vocab_size, val_fraction=config.data.val_fraction,
                 progress=config.log.progress)
-    barrier(d)
+    with watchdog.waiting("the barrier after data preparation (rank 0 prepares the data)"):
+        barrier(d)
     return data_dir
 
 
@@ -115,7 +126,8 @@ class Trainer:
         self.accum_steps = t.batch_tokens // per_pass
         self.global_sequences = t.batch_tokens // self.seq_len
 
-        self.data_dir = prepare_data(config, d, self.model_config.vocab_size)
+        self.watchdog = Watchdog(d, t.collective_timeout_s)
+        self.data_dir = prepare_data(config, d, self.model_config.vocab_size, self.watchdog)
         meta = read_meta(self.data_dir)
         _check_vocab(meta["vocab_size"], self.model_config.vocab_size, self.data_dir)
         self.tokenizer_path = self.data_dir / meta["tokenizer"]
@@ -150,23 +162,27 @@ class Trainer:
         source, offset = self.batches.rows(step, self.global_sequences)
         mb = self.config.train.micro_batch
         loss_sum = torch.zeros((), device=d.device)
-        for micro in range(self.accum_steps):
-            rows = slice((micro * d.world_size + d.rank) * mb, (micro * d.world_size + d.rank + 1) * mb)
-            tokens = torch.from_numpy(self.batches.read(source[rows], offset[rows])).to(d.device, non_blocking=True)
-            inputs, targets = tokens[:, :-1], tokens[:, 1:]  # (mb, seq_len) each
-            last = micro == self.accum_steps - 1
-            no_sync = self.wrapped.no_sync() if hasattr(self.wrapped, "no_sync") and not last else contextlib.nullcontext()
-            with no_sync:  # entered once: a DDP no_sync() context cannot be entered twice
-                with self.autocast:
-                    _, loss = self.wrapped(inputs, targets)
-                (loss / self.accum_steps).backward()
-            loss_sum += loss.detach()
+        waits_in = {"ddp": " (DDP's gradient all-reduce)", "fsdp": " (FSDP's all-gathers and reduce-scatters)"}
+        with self.watchdog.waiting(f"step {step}'s forward/backward{waits_in.get(self.config.train.parallel, '')}"):
+            for micro in range(self.accum_steps):
+                rows = slice((micro * d.world_size + d.rank) * mb, (micro * d.world_size + d.rank + 1) * mb)
+                tokens = torch.from_numpy(self.batches.read(source[rows], offset[rows])).to(d.device, non_blocking=True)
+                inputs, targets = tokens[:, :-1], tokens[:, 1:]  # (mb, seq_len) each
+                last = micro == self.accum_steps - 1
+                no_sync = (self.wrapped.no_sync() if hasattr(self.wrapped, "no_sync") and not last
+                           else contextlib.nullcontext())
+                with no_sync:  # entered once: a DDP no_sync() context cannot be entered twice
+                    with self.autocast:
+                        _, loss = self.wrapped(inputs, targets)
+                    (loss / self.accum_steps).backward()
+                loss_sum += loss.detach()
 
         max_norm = o.grad_clip if o.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
-            grad_norm = grad_norm.full_tensor()
-        loss_value = all_reduce_mean(loss_sum / self.accum_steps, d).item()
+        with self.watchdog.waiting(f"step {step}'s gradient clipping and loss all-reduce"):
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+            if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+                grad_norm = grad_norm.full_tensor()
+            loss_value = all_reduce_mean(loss_sum / self.accum_steps, d).item()
         grad_norm_value = grad_norm.item()
         if not (math.isfinite(loss_value) and math.isfinite(grad_norm_value)):
             raise NonFiniteError(
@@ -204,8 +220,9 @@ class Trainer:
             config=self.config.to_dict(),
             model_config=self.model_config.to_dict(),
         )
-        return ckpt.save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state, self.d,
-                                    self.config.checkpoint.keep, tokenizer_path=self.tokenizer_path)
+        with self.watchdog.waiting(f"the checkpoint save of step {self.step}"):
+            return ckpt.save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state, self.d,
+                                        self.config.checkpoint.keep, tokenizer_path=self.tokenizer_path)
 
     def maybe_resume(self) -> None:
         resume = self.config.checkpoint.resume
@@ -303,10 +320,13 @@ class Trainer:
                                 peak_mem_gib=peak_memory_gib(d.device))
                     tick, tokens_since = time.perf_counter(), 0
                 if (c.log.eval_interval and step % c.log.eval_interval == 0) or step == c.train.max_steps:
-                    val = self.evaluate()
+                    with self.watchdog.waiting(f"the validation at step {step}"):
+                        val = self.evaluate()
                     if val is not None:
                         metrics.log(step, val_loss=val, val_ppl=math.exp(min(val, 50.0)))
-                if any_rank(self.stop_requested, d):
+                with self.watchdog.waiting(f"the stop-signal check after step {step}"):
+                    stop = any_rank(self.stop_requested, d)
+                if stop:
                     metrics.print(f"stop requested: saving a checkpoint at step {step} and exiting")
                     self.stop_requested = True
                     break
@@ -319,6 +339,7 @@ class Trainer:
             for s, handler in previous.items():
                 signal.signal(s, handler)
             metrics.close()
+            self.watchdog.close()
         summary = dict(step=self.step, loss=last_loss, checkpoint=str(path), stopped=self.stop_requested)
         if d.is_main:
             png = plot_loss_curve(metrics.path, ckpt.checkpoint_dir(self.run_dir) / "loss_curve.png")
@@ -340,7 +361,7 @@ class Trainer:
 def train(config: TrainConfig) -> dict:
     """Run (or resume) training; returns a summary (final step, loss, checkpoint, sample)."""
     config.validate()
-    d = init_distributed(config.train.device)
+    d = init_distributed(config.train.device, config.train.collective_timeout_s)
     try:
         summary = Trainer(config, d).run()
         # Free the model (FSDP's state holds collective work in reference cycles) while its process
