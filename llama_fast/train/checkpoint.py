@@ -72,7 +72,7 @@ SHARDED = StateDictOptions(full_state_dict=False)
 STEP_DIR = re.compile(r"^step_(\d+)$")
 # Checksums: SHA-256 over the SHA-256 digests of the file's chunks of this size, hashed on parallel threads.
 CHECKSUM = "sha256_chunks"
-CHECKSUM_CHUNK_BYTES = 64 << 20
+CHECKSUM_CHUNK_BYTES = 16 << 20
 
 
 class CheckpointError(ValueError):
@@ -114,7 +114,7 @@ def checked_field(obj, key: str, kind: type, path: Path, file: str, what: str = 
 
 
 def file_checksum(path: str | os.PathLike) -> str:
-    """SHA-256 over the SHA-256 digests of the file's 64 MiB chunks, which threads read and hash in parallel
+    """SHA-256 over the SHA-256 digests of the file's 16 MiB chunks, which threads read and hash in parallel
     (hashlib and file reads release the GIL), so a checkpoint's checksum costs a fraction of its write."""
     path = Path(path)
     chunks = range(0, max(1, path.stat().st_size), CHECKSUM_CHUNK_BYTES)
