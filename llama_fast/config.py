@@ -33,7 +33,8 @@ class LlamaConfig:
                 raise ValueError(f"LlamaConfig.{name} must be a positive int, got {value!r}")
         for name in ("norm_eps", "rope_theta"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                    math.isfinite(value) and value > 0):
                 raise ValueError(f"LlamaConfig.{name} must be a finite number > 0, got {value!r}")
         if self.dim % self.n_heads:
             raise ValueError(f"LlamaConfig.dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")

@@ -107,10 +107,12 @@ def test_reader_errors_name_the_tensor_and_the_file(sharded):
     save_file({"w": full["w"][2:5].clone()}, path / "model.rank1.safetensors")  # 3 rows where the index says 2
     with ckpt.ShardReader(path) as reader:
         torch.testing.assert_close(reader.read("model", "w", (7, 3), (0, 2)), full["w"][:2], rtol=0, atol=0)
-        with pytest.raises(ValueError, match="model.rank1.safetensors: holds 'w' with shape \\[3, 3\\]; index.json says "
+        with pytest.raises(ValueError, match="model.rank1.safetensors: holds 'w' with shape \\[3, 3\\]; index.json "
+                                             "says "
                                              "rows 2:4 of \\[7, 3\\], shape \\[2, 3\\]"):
             reader.read("model", "w", (7, 3), (1, 3))
-        with pytest.raises(ckpt.CheckpointError, match="model.rank1.safetensors: 'v' is missing, though index.json says "
+        with pytest.raises(ckpt.CheckpointError, match="model.rank1.safetensors: 'v' is missing, though index.json "
+                                                       "says "
                                                        "this file holds it"):
             reader.read("model", "v", (2,))
     save_file({"w": full["w"][2:4].double(), "v": full["v"][1:2].clone()}, path / "model.rank1.safetensors")
@@ -414,8 +416,9 @@ DAMAGE = {  # name -> (how, the file the error must name, what it must say)
     "unverified: optimizer.json without groups": (_no_checksums(_edit_json("optimizer.json",
                                                                            lambda g: g.pop("param_groups"))),
                                                   "optimizer.json", "missing key 'param_groups'"),
-    "unverified: rng state cut": (_no_checksums(_edit_json("rng_rank0.json", lambda r: r.update(torch=r["torch"][:10]))),
-                                  "rng_rank0.json", "RuntimeError"),
+    "unverified: rng state cut": (
+        _no_checksums(_edit_json("rng_rank0.json", lambda r: r.update(torch=r["torch"][:10]))), "rng_rank0.json",
+        "RuntimeError"),
     "unverified: state.json without model_config": (
         _no_checksums(_edit_json("state.json", lambda s: s.pop("model_config"))), "state.json",
         "missing key 'model_config'"),

@@ -372,7 +372,8 @@ def test_automatic_resume_skips_a_damaged_checkpoint(tmp_path, data, capsys):
     capsys.readouterr()
     resumed = run(tmp_path, data, "--checkpoint.interval", "1", "--checkpoint.keep", "3")
     out = capsys.readouterr().out
-    assert "skipping damaged checkpoint step_0000006: checkpoint " in out and "model.rank0.safetensors: 1000 bytes" in out
+    assert "skipping damaged checkpoint step_0000006: checkpoint " in out
+    assert "model.rank0.safetensors: 1000 bytes" in out
     assert "resuming from step_0000005, the newest checkpoint that loads" in out and "resumed at step 5" in out
     assert resumed["step"] == 6 and losses(tmp_path) == uninterrupted
     ckpt.load_model(tmp_path / "checkpoints" / "step_0000006")  # written again
@@ -478,7 +479,8 @@ def test_a_stalled_rank_is_reported_by_the_waiting_one_before_the_timeout_ends_t
     tenth of it, and the timeout then ends the run."""
     timeout_s = 12
     log = tmp_path / "out.txt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "llama_fast.train",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "llama_fast.train",
            *tiny_args(tmp_path / "run", data, "--steps", "100000", "--train.collective_timeout_s", str(timeout_s))]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     with open(log, "w") as out:

@@ -44,11 +44,11 @@ import os
 import random
 import re
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
-from concurrent.futures import ThreadPoolExecutor
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import (
@@ -115,7 +115,7 @@ def checked_field(obj, key: str, kind: type, path: Path, file: str, what: str = 
 
 def file_checksum(path: str | os.PathLike) -> str:
     """SHA-256 over the SHA-256 digests of the file's 16 MiB chunks, which threads read and hash in parallel
-    (hashlib and file reads release the GIL), so a checkpoint's checksum costs a fraction of its write."""
+    (hashlib and file reads release the GIL), so its speed grows with the cores (README: the measured cost)."""
     path = Path(path)
     chunks = range(0, max(1, path.stat().st_size), CHECKSUM_CHUNK_BYTES)
 
@@ -133,8 +133,8 @@ def _checksums(directory: Path, files) -> dict:
 
 
 def _inside(path: Path, file, where: str) -> Path:
-    """``path / file`` for a plain file name that stays inside the checkpoint directory (item paths in
-    index.json: '../step_x/...' or an absolute path would read weights from elsewhere)."""
+    """``path / file`` for a plain file name that stays inside the checkpoint directory (a name in index.json
+    like '../step_N/...', an absolute path or a symlink out would read weights from elsewhere)."""
     if not isinstance(file, str) or file in ("", ".", "..") or "/" in file or "\\" in file or os.path.isabs(file):
         raise CheckpointError(path, where, f"file {file!r} is not a plain file name inside the checkpoint directory; "
                                            "refusing a path that leaves it")
@@ -543,7 +543,8 @@ class ShardReader:
     def _open(self, file: str, name: str):
         if file not in self._files:
             if not _inside(self.path, file, INDEX).is_file():
-                raise CheckpointError(self.path, file, f"no such file, though {INDEX} lists it (holding part of {name!r})")
+                raise CheckpointError(self.path, file,
+                                      f"no such file, though {INDEX} lists it (holding part of {name!r})")
             self.verify(file)
             with _reading(self.path, file):
                 self._files[file] = self._stack.enter_context(safe_open(self.path / file, framework="pt", device="cpu"))
@@ -558,7 +559,8 @@ class ShardReader:
         if saved != wanted:
             raise CheckpointError(
                 self.path, INDEX if self.format == FORMAT else f"{kind}.safetensors",
-                f"{kind} tensors missing from the shards: {sorted(wanted - saved)}; unexpected: {sorted(saved - wanted)}"
+                f"{kind} tensors missing from the shards: {sorted(wanted - saved)}; "
+                f"unexpected: {sorted(saved - wanted)}"
             )
 
     def shape(self, kind: str, name: str) -> list[int]:
@@ -567,7 +569,8 @@ class ShardReader:
     def _entry(self, kind: str, name: str) -> dict:
         entry = self.entries(kind).get(name)
         if entry is None:
-            raise CheckpointError(self.path, INDEX, f"{kind} tensor {name!r} is missing from the shards ({INDEX} lacks it)")
+            raise CheckpointError(self.path, INDEX,
+                                  f"{kind} tensor {name!r} is missing from the shards ({INDEX} lacks it)")
         return entry
 
     def read(self, kind: str, name: str, shape, rows: tuple[int, int] | None = None) -> torch.Tensor:

@@ -55,9 +55,9 @@ def read_jsonl(path: str | Path) -> list[dict]:
         else:
             skipped.append(number)
     if skipped:
-        warnings.warn(f"{path}: skipped {len(skipped)} line(s) that are not JSON records (line {skipped[0]}"
-                      f"{' and others' if len(skipped) > 1 else ''}), e.g. a record cut short by a crash or a full disk",
-                      stacklevel=2)
+        others = " and others" if len(skipped) > 1 else ""
+        warnings.warn(f"{path}: skipped {len(skipped)} line(s) that are not JSON records (line {skipped[0]}{others}), "
+                      "e.g. a record cut short by a crash or a full disk", stacklevel=2)
     return records
 
 

@@ -281,8 +281,9 @@ class Trainer:
         """SIGINT/SIGTERM: finish the step, save, exit. Later signals change nothing: raising here would lose
         the save under way (a scheduler and torchrun often deliver SIGTERM twice, moments apart)."""
         if self.stop_requested and self.d.is_main:  # os.write: print() may be mid-write on this thread
-            os.write(sys.stderr.fileno(), f"llama_fast: {signal.Signals(signum).name} again: already stopping; the "
-                                          "checkpoint is saved before exiting (SIGKILL stops without saving)\n".encode())
+            note = (f"llama_fast: {signal.Signals(signum).name} again: already stopping; the checkpoint is saved "
+                    "before exiting (SIGKILL stops without saving)\n")
+            os.write(sys.stderr.fileno(), note.encode())
         self.stop_requested = True
 
     def run(self) -> dict:
