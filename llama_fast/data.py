@@ -25,6 +25,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,11 +105,22 @@ def expand_paths(inputs: list[str]) -> list[Path]:
 
 
 def read_text(path: Path) -> str | None:
-    """The file's text, or None for a binary (non-UTF-8) or empty file."""
+    """The file's text, or None for a binary or empty file.
+
+    The rule: UTF-8 where the file decodes as UTF-8; otherwise a file without a NUL byte is legacy
+    8-bit text, read as Windows-1252 (or Latin-1, which maps every byte, where Windows-1252 leaves a
+    byte undefined); a file that is not UTF-8 and holds a NUL byte is binary.
+    """
+    data = path.read_bytes()
     try:
-        text = path.read_text(encoding="utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError:
-        return None
+        if b"\0" in data:
+            return None
+        try:
+            text = data.decode("cp1252")
+        except UnicodeDecodeError:
+            text = data.decode("latin-1")
     return text if text.strip() else None
 
 
@@ -154,7 +166,8 @@ def prepare(
         raise ValueError(f"data sources need distinct names, got {names}")
     files = {s.name: expand_paths(s.inputs) for s in sources}
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    _remove_stale_temporaries(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
@@ -190,6 +203,27 @@ def prepare(
     return out_dir
 
 
+def _remove_stale_temporaries(out_dir: Path) -> None:
+    """Temporaries of earlier prepares of ``out_dir`` that were killed (kill -9 skips the cleanup): those of
+    this host whose process is gone. Another host's (a shared filesystem) or a live process's are left."""
+    prefix = f".{out_dir.name}.tmp-"
+    host = socket.gethostname()
+    for tmp in out_dir.parent.glob(glob.escape(prefix) + "*"):
+        owner, _, pid = tmp.name[len(prefix):].rpartition("-")
+        if owner in ("", host) and pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 def _tokenize_source(source, files, tok, dtype, out, val_fraction, seed, progress, tqdm) -> dict:
     # Hold out whole documents, chosen by a seeded permutation (independent of file order on disk).
     rng = np.random.default_rng([seed, int.from_bytes(source.name.encode()[:8], "little")])
@@ -198,7 +232,7 @@ def _tokenize_source(source, files, tok, dtype, out, val_fraction, seed, progres
         n_val = max(1, min(n_val, len(files) - 1))
     val_set = set(rng.permutation(len(files))[:n_val].tolist())
     counts = {"train": 0, "val": 0}
-    documents = skipped = 0
+    documents, skipped = 0, []
     bar = tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True, disable=not progress,
                desc=f"tokenizing {source.name}")
     index = {f: i for i, f in enumerate(files)}
@@ -206,7 +240,7 @@ def _tokenize_source(source, files, tok, dtype, out, val_fraction, seed, progres
         for chunk in _chunks(files, ENCODE_CHUNK_BYTES):
             texts = [(f, read_text(f)) for f in chunk]
             kept = [(f, t) for f, t in texts if t is not None]
-            skipped += len(texts) - len(kept)
+            skipped += [f for f, t in texts if t is None]
             encoded = tok.encode_batch([t for _, t in kept], bos=True, eos=True)
             for (f, _), ids in zip(kept, encoded):
                 split = "val" if index[f] in val_set else "train"
@@ -215,18 +249,26 @@ def _tokenize_source(source, files, tok, dtype, out, val_fraction, seed, progres
                 documents += 1
             bar.update(sum(f.stat().st_size for f in chunk))
     bar.close()
+    if skipped:
+        names = ", ".join(str(f) for f in skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+        print(f"data source {source.name!r}: skipped {len(skipped)} binary or empty file(s): {names}", flush=True)
+    tail_split = n_val == 0
+    if counts["train"] == 0 and counts["val"] > 0:
+        # The held-out documents were the only text (the other files binary or empty): they train, and
+        # their tail becomes the validation split, as for a single document.
+        os.replace(out / f"{source.name}.val.bin", out / f"{source.name}.train.bin")
+        counts, tail_split = {"train": counts["val"], "val": 0}, True
     if counts["train"] == 0:
-        raise ValueError(
-            f"data source {source.name!r}: no text found in {len(files)} file(s) ({skipped} binary or empty)"
-        )
-    if n_val == 0 and val_fraction > 0:
+        raise ValueError(f"data source {source.name!r}: no text found in {len(files)} file(s) ({len(skipped)} binary "
+                         "or empty)")
+    if tail_split and val_fraction > 0:
         # A single document: its tail becomes the validation split.
         train = np.fromfile(out / f"{source.name}.train.bin", dtype=dtype)
         cut = len(train) - int(len(train) * val_fraction)
         train[:cut].tofile(out / f"{source.name}.train.bin")
         train[cut:].tofile(out / f"{source.name}.val.bin")
         counts = {"train": cut, "val": len(train) - cut}
-    return dict(documents=documents, skipped_files=skipped, train_tokens=counts["train"], val_tokens=counts["val"])
+    return dict(documents=documents, skipped_files=len(skipped), train_tokens=counts["train"], val_tokens=counts["val"])
 
 
 def cache_key(sources: list[Source] | None, tokenizer: str | None, vocab_size: int, val_fraction: float, seed: int) -> str:

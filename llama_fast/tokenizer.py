@@ -135,7 +135,7 @@ class Tokenizer:
                 raise ValueError("Tokenizer.train inputs: expected at least one text file, got none")
             options["input"] = ",".join(str(p) for p in paths)
         else:
-            options["sentence_iterator"] = _nonempty_lines(inputs)
+            options["sentence_iterator"] = _nonempty_lines(inputs, max_sentence_length)
         try:
             spm.SentencePieceTrainer.Train(**options)
         except RuntimeError as exc:
@@ -143,16 +143,33 @@ class Tokenizer:
         return cls(output_path)
 
 
-def _nonempty_lines(texts: Iterable[str]) -> Iterator[str]:
-    """SentencePiece trains on lines; split multi-line texts and drop empty lines."""
+def _nonempty_lines(texts: Iterable[str], max_bytes: int) -> Iterator[str]:
+    """SentencePiece trains on lines; split multi-line texts, drop empty lines, and cut lines longer than
+    ``max_bytes`` (its max_sentence_length, in UTF-8 bytes) into pieces: it drops longer lines, and a text
+    of one long line (minified code, a 25 MB JSON) left it nothing ('[!sentences_.empty()]')."""
     seen = False
     for text in texts:
         for line in text.splitlines():
             if line.strip():
                 seen = True
-                yield line
+                yield from _cut(line, max_bytes)
     if not seen:
         raise ValueError("Tokenizer.train inputs: the text iterator held no non-empty line")
+
+
+def _cut(line: str, max_bytes: int) -> Iterator[str]:
+    """``line`` in pieces of at most ``max_bytes`` UTF-8 bytes, cut between characters."""
+    if 4 * len(line) <= max_bytes:  # short enough whatever its characters
+        yield line
+        return
+    data = line.encode("utf-8", errors="replace")
+    start = 0
+    while start < len(data):
+        stop = min(start + max_bytes, len(data))
+        while stop < len(data) and data[stop] & 0xC0 == 0x80:  # not inside a multi-byte character
+            stop -= 1
+        yield data[start:stop].decode("utf-8")
+        start = stop
 
 
 def _cmd_train(args) -> int:

@@ -6,6 +6,7 @@ tests/test_train.py::test_fsdp_resumes_a_checkpoint_and_matches_one_process.
 """
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -63,6 +64,7 @@ def sharded(tmp_path):
     for rank in range(4):
         write_rank(tmp_path, rank, {"w": (w, w_rows[rank]), "v": (v, v_rows[rank]), **({"s": (s, None)} if rank == 0 else {})})
     index = ckpt._merge_index(tmp_path, 4)
+    del index["files"]  # no checksums (as before they existed), so the tests below can alter the files
     index["model"]["w"]["slices"].reverse()  # the reader must not rely on the order of the slices
     (tmp_path / ckpt.INDEX).write_text(json.dumps(index))
     (tmp_path / "state.json").write_text(json.dumps({"format": ckpt.FORMAT}))
@@ -105,10 +107,13 @@ def test_reader_errors_name_the_tensor_and_the_file(sharded):
     save_file({"w": full["w"][2:5].clone()}, path / "model.rank1.safetensors")  # 3 rows where the index says 2
     with ckpt.ShardReader(path) as reader:
         torch.testing.assert_close(reader.read("model", "w", (7, 3), (0, 2)), full["w"][:2], rtol=0, atol=0)
-        with pytest.raises(ValueError, match="model.rank1.safetensors holds 'w' with shape \\[3, 3\\]; index.json says "
+        with pytest.raises(ValueError, match="model.rank1.safetensors: holds 'w' with shape \\[3, 3\\]; index.json "
+                                             "says "
                                              "rows 2:4 of \\[7, 3\\], shape \\[2, 3\\]"):
             reader.read("model", "w", (7, 3), (1, 3))
-        with pytest.raises(ValueError, match="'v' is missing from model.rank1.safetensors, which index.json says holds it"):
+        with pytest.raises(ckpt.CheckpointError, match="model.rank1.safetensors: 'v' is missing, though index.json "
+                                                       "says "
+                                                       "this file holds it"):
             reader.read("model", "v", (2,))
     save_file({"w": full["w"][2:4].double(), "v": full["v"][1:2].clone()}, path / "model.rank1.safetensors")
     with ckpt.ShardReader(path) as reader, pytest.raises(ValueError, match="'w' is stored as torch.float64; index.json says torch.float32"):
@@ -116,8 +121,8 @@ def test_reader_errors_name_the_tensor_and_the_file(sharded):
     (path / "model.rank2.safetensors").unlink()
     with ckpt.ShardReader(path) as reader:
         torch.testing.assert_close(reader.read("model", "w", (7, 3), (0, 2)), full["w"][:2], rtol=0, atol=0)
-        with pytest.raises(FileNotFoundError, match="index.json lists model.rank2.safetensors \\(holding part of 'w'\\) "
-                                                    "but there is no such file"):
+        with pytest.raises(ckpt.CheckpointError, match="model.rank2.safetensors: no such file, though index.json lists "
+                                                       "it \\(holding part of 'w'\\)"):
             reader.read("model", "w", (7, 3), (3, 6))
 
 
@@ -184,7 +189,8 @@ def test_one_process_round_trip_and_format_1(tmp_path):
 
     (whole / "optimizer.safetensors").unlink()  # a model to generate from needs no optimizer state
     ckpt.load_model(whole)
-    with pytest.raises(FileNotFoundError, match="format 'llama_fast.checkpoint/1'\\): optimizer.safetensors is missing"):
+    with pytest.raises(ckpt.CheckpointError, match="optimizer.safetensors: missing \\(a checkpoint of format "
+                                                   "'llama_fast.checkpoint/1' has one\\)"):
         ckpt.load_checkpoint(whole, *trained_tiny(1), d)
     tensors = load_file(saved / "model.rank0.safetensors")
     del tensors["norm.weight"]
@@ -195,7 +201,8 @@ def test_one_process_round_trip_and_format_1(tmp_path):
     with pytest.raises(ValueError, match="model tensors missing from the shards: \\['norm.weight'\\]; unexpected: \\[\\]"):
         ckpt.load_model(saved)
     (saved / "index.json").unlink()
-    with pytest.raises(FileNotFoundError, match="format 'llama_fast.checkpoint/2'\\): index.json is missing"):
+    with pytest.raises(ckpt.CheckpointError, match="index.json: missing \\(a checkpoint of format "
+                                                   "'llama_fast.checkpoint/2' has one\\)"):
         ckpt.load_model(saved)
 
 
@@ -278,3 +285,183 @@ def test_merge_names_a_rank_whose_part_rank_0_cannot_see(tmp_path):
     with pytest.raises(FileNotFoundError, match="rank 1 wrote no index.rank1.json .* every process must see the same "
                                                 "run directory"):
         ckpt._merge_index(tmp_path, 2)
+
+
+def saved_tiny(tmp_path, step: int = 5, keep: int = 1) -> Path:
+    model, optimizer = trained_tiny(0)
+    d = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    state = {"step": step, "model_config": model.config.to_dict(), "data": {"seq_len": 16, "global_sequences": 2}}
+    return ckpt.save_checkpoint(tmp_path, step, model, optimizer, state, d, keep=keep)
+
+
+def test_retiring_a_checkpoint_never_leaves_a_partial_step_directory(tmp_path, monkeypatch):
+    """A kill while retention deletes an old checkpoint (simulated: the deletion removes state.json, then the
+    process 'dies') left step_N without state.json; now it is renamed out of the step_* names first, and the
+    hidden leftover is removed at the next start."""
+    for step in (1, 2):
+        saved_tiny(tmp_path, step, keep=2)
+    real_rmtree = shutil.rmtree
+
+    def killed_halfway(path, ignore_errors=False, **kwargs):
+        if ignore_errors:
+            return real_rmtree(path, ignore_errors=True, **kwargs)
+        (Path(path) / "state.json").unlink()
+        raise KeyboardInterrupt  # stands for the kill -9
+
+    monkeypatch.setattr(shutil, "rmtree", killed_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        saved_tiny(tmp_path, 3, keep=2)
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+    ckpt_dir = ckpt.checkpoint_dir(tmp_path)
+    for path in ckpt.list_checkpoints(ckpt_dir):
+        assert (path / "state.json").is_file(), f"{path.name} is half-deleted"
+    assert [p.name for p in ckpt.list_checkpoints(ckpt_dir)] == ["step_0000002", "step_0000003"]
+    ckpt.remove_stale_temporaries(ckpt_dir)
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["step_0000002", "step_0000003"]
+
+
+def test_corrupted_tensor_data_is_detected_on_load(tmp_path):
+    """Random bytes in the tensor data of model.rank0.safetensors loaded silently (garbage text from
+    generate, a 'non-finite training' blamed on the learning rate on resume); the checksums in index.json
+    catch it, naming the file."""
+    saved = saved_tiny(tmp_path)
+    index = json.loads((saved / "index.json").read_text())
+    assert set(index["files"]) == {"model.rank0.safetensors", "optimizer.rank0.safetensors", "optimizer.json",
+                                   "state.json", "rng_rank0.json"}
+    data = bytearray((saved / "model.rank0.safetensors").read_bytes())
+    data[len(data) // 2:len(data) // 2 + 16] = bytes(range(16))  # inside the tensor data, same size
+    (saved / "model.rank0.safetensors").write_bytes(bytes(data))
+    message = "step_0000005: model.rank0.safetensors: its contents do not match the checksum in index.json"
+    with pytest.raises(ckpt.CheckpointError, match=message):
+        ckpt.load_model(saved)
+    d = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    with pytest.raises(ckpt.CheckpointError, match=message):
+        ckpt.load_checkpoint(saved, *trained_tiny(1), d)
+
+
+def test_file_checksum_covers_every_chunk(tmp_path, monkeypatch):
+    """The chunked checksum changes with a byte in any chunk and does not depend on the thread count."""
+    monkeypatch.setattr(ckpt, "CHECKSUM_CHUNK_BYTES", 1000)
+    data = bytearray(torch.randint(0, 256, (3500,), dtype=torch.uint8).numpy().tobytes())
+    (tmp_path / "f").write_bytes(bytes(data))
+    base = ckpt.file_checksum(tmp_path / "f")
+    for where in (0, 999, 1000, 3499):
+        data[where] ^= 1
+        (tmp_path / "f").write_bytes(bytes(data))
+        assert ckpt.file_checksum(tmp_path / "f") != base, where
+        data[where] ^= 1
+    (tmp_path / "f").write_bytes(bytes(data))
+    monkeypatch.setattr(ckpt.os, "cpu_count", lambda: 1)
+    assert ckpt.file_checksum(tmp_path / "f") == base
+    (tmp_path / "empty").write_bytes(b"")
+    assert ckpt.file_checksum(tmp_path / "empty") != base
+
+
+def _edit_json(name, edit):
+    def apply(saved):
+        value = json.loads((saved / name).read_text())
+        edit(value)
+        (saved / name).write_text(json.dumps(value))
+    return apply
+
+
+def _write(name, data: bytes):
+    return lambda saved: (saved / name).write_bytes(data)
+
+
+def _truncate(name):
+    return lambda saved: (saved / name).write_bytes((saved / name).read_bytes()[:100])
+
+
+def _no_checksums(damage):
+    """The same damage in a checkpoint without checksums (as before they existed): the readers' own checks."""
+    def apply(saved):
+        _edit_json("index.json", lambda index: index.pop("files"))(saved)
+        damage(saved)
+    return apply
+
+
+DAMAGE = {  # name -> (how, the file the error must name, what it must say)
+    "state.json not JSON": (_write("state.json", b"{\"format\": "), "state.json", "JSONDecodeError"),
+    "state.json a list": (_write("state.json", b"[]"), "state.json", "expected a JSON object holding 'format'"),
+    "state.json edited": (lambda saved: (saved / "state.json").write_text(
+        (saved / "state.json").read_text().replace('"step": 5', '"step": 4')), "state.json",
+                          "its contents do not match the checksum in index.json"),
+    "index.json truncated": (_truncate("index.json"), "index.json", "JSONDecodeError"),
+    "index.json without model": (_edit_json("index.json", lambda i: i.pop("model")), "index.json",
+                                 "missing key 'model'"),
+    "dtype not torch's": (_edit_json("index.json", lambda i: i["model"]["norm.weight"].update(dtype="evil")),
+                          "index.json", "dtype 'evil' names no torch dtype"),
+    "slices a dict": (_edit_json("index.json", lambda i: i["model"]["norm.weight"].update(slices={"data": 1})),
+                      "index.json", "'slices' should be list, got dict"),
+    "shape of strings": (_edit_json("index.json", lambda i: i["model"]["norm.weight"].update(shape=["64"])),
+                         "index.json", "shape should be a list of sizes"),
+    "checksums missing a file": (_edit_json("index.json", lambda i: i["files"].pop("rng_rank0.json")),
+                                 "rng_rank0.json", "index.json records no checksum for it"),
+    "safetensors truncated": (_truncate("model.rank0.safetensors"), "model.rank0.safetensors",
+                              "bytes where index.json records"),
+    "safetensors missing": (lambda saved: (saved / "optimizer.rank0.safetensors").unlink(),
+                            "optimizer.rank0.safetensors", "no such file"),
+    "optimizer.json cut": (_truncate("optimizer.json"), "optimizer.json", "bytes where index.json records"),
+    "unverified: safetensors truncated": (_no_checksums(_truncate("model.rank0.safetensors")),
+                                          "model.rank0.safetensors", "SafetensorError"),
+    "unverified: safetensors header garbage": (_no_checksums(_write("model.rank0.safetensors", b"\x08" + b"\0" * 7
+                                                                    + b"{not json")),
+                                               "model.rank0.safetensors", "SafetensorError"),
+    "unverified: rng not JSON": (_no_checksums(_write("rng_rank0.json", b"\x80\x04evil")), "rng_rank0.json",
+                                 "UnicodeDecodeError"),
+    "unverified: optimizer groups too few": (
+        _no_checksums(_edit_json("optimizer.json", lambda g: g.update(param_groups=[]))),
+        "optimizer.json", "expected 1 parameter groups"),
+    "unverified: optimizer.json without groups": (_no_checksums(_edit_json("optimizer.json",
+                                                                           lambda g: g.pop("param_groups"))),
+                                                  "optimizer.json", "missing key 'param_groups'"),
+    "unverified: rng state cut": (
+        _no_checksums(_edit_json("rng_rank0.json", lambda r: r.update(torch=r["torch"][:10]))), "rng_rank0.json",
+        "RuntimeError"),
+    "unverified: state.json without model_config": (
+        _no_checksums(_edit_json("state.json", lambda s: s.pop("model_config"))), "state.json",
+        "missing key 'model_config'"),
+    "unverified: state.json step a string": (_no_checksums(_edit_json("state.json", lambda s: s.update(step="5"))),
+                                             "state.json", "'step' should be int, got str"),
+    "unverified: model_config of another type": (
+        _no_checksums(_edit_json("state.json", lambda s: s["model_config"].update(dim="64"))), "state.json",
+        "dim must be a positive int"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_damaged_checkpoint_is_refused_naming_the_checkpoint_and_the_file(tmp_path, damage):
+    """Damaged checkpoints were refused with bare library errors (SafetensorError: incomplete metadata,
+    KeyError: 'data', TypeError: list indices ..., module 'torch' has no attribute 'evil') that named neither
+    the checkpoint nor the file; every one now raises CheckpointError naming both and what is wrong."""
+    saved = saved_tiny(tmp_path)
+    how, file, what = DAMAGE[damage]
+    how(saved)
+    d = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    with pytest.raises(ckpt.CheckpointError) as error:
+        ckpt.load_checkpoint(saved, *trained_tiny(1), d)
+    assert error.value.path == saved and error.value.file == file, str(error.value)
+    assert str(error.value).startswith(f"checkpoint {saved}: {file}: ") and what in str(error.value), str(error.value)
+
+
+@pytest.mark.parametrize("outside", ["../step_0000002/model.rank0.safetensors", "ABSOLUTE", "link.safetensors"])
+def test_index_paths_must_stay_inside_the_checkpoint(tmp_path, outside):
+    """A file entry '../step_N/...' or an absolute path in index.json was followed silently (weights from
+    another checkpoint, or from anywhere on disk); so was a symlink inside the checkpoint pointing out."""
+    other = saved_tiny(tmp_path / "other", step=2)
+    saved = saved_tiny(tmp_path)
+    if outside == "ABSOLUTE":
+        outside = str(other / "model.rank0.safetensors")
+    elif outside == "link.safetensors":
+        (saved / outside).symlink_to(other / "model.rank0.safetensors")
+    else:
+        shutil.copytree(other, saved.parent / "step_0000002")
+
+    def point_outside(index):
+        index["model"]["norm.weight"]["slices"][0]["file"] = outside
+        index["files"][outside] = index["files"]["model.rank0.safetensors"]
+
+    _edit_json("index.json", point_outside)(saved)
+    with pytest.raises(ckpt.CheckpointError, match=f"index.json: file '{outside}' .*(leaves|outside the checkpoint)"):
+        ckpt.load_model(saved)

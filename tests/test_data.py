@@ -1,5 +1,6 @@
 """Data preparation (text -> memory-mapped tokens + validation split) and the mixture sampler."""
 import json
+import os
 import sysconfig
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from llama_fast.data import (
     parse_source,
     prepare,
     read_meta,
+    read_text,
     token_dtype,
 )
 from llama_fast.tokenizer import Tokenizer
@@ -124,3 +126,63 @@ def test_default_corpus_is_the_standard_library():
     assert {"os.py", "json/__init__.py"} <= names
     assert all(p.suffix == ".py" for p in files)
     assert not [p for p in files if "site-packages" in p.parts]
+
+
+def test_non_utf8_text_is_read_by_the_stated_rule_and_binary_files_are_named(tmp_path, prepared, capsys):
+    """A Latin-1 file counted as 'binary' and was dropped silently. Text that is not UTF-8 is now read as
+    Windows-1252 (Latin-1 where that leaves a byte undefined); a file with a NUL byte that is not UTF-8 is
+    binary, and the skipped files are named on the console."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "utf8.txt").write_text("naïve café, déjà vu\n" * 20, encoding="utf-8")
+    (src / "latin1.txt").write_bytes("garçon à la crème brûlée\n".encode("latin-1") * 20)
+    (src / "cp1252.txt").write_bytes("\u201cquoted\u201d \u2013 dash\n".encode("cp1252") * 20)
+    (src / "undefined.txt").write_bytes(b"byte \x81 undefined in cp1252\n" * 20)
+    (src / "image.bin").write_bytes(bytes(range(256)) * 4)
+    assert read_text(src / "latin1.txt") == "garçon à la crème brûlée\n" * 20
+    assert read_text(src / "cp1252.txt") == "\u201cquoted\u201d \u2013 dash\n" * 20
+    assert read_text(src / "undefined.txt") == "byte \x81 undefined in cp1252\n" * 20
+    assert read_text(src / "image.bin") is None
+    capsys.readouterr()
+    out = prepare([parse_source(f"mixed={src}")], tmp_path / "out", tokenizer=prepared[0] / "tokenizer.model",
+                  val_fraction=0, progress=False)
+    (meta,) = read_meta(out)["sources"]
+    assert (meta["documents"], meta["skipped_files"]) == (4, 1)
+    assert f"data source 'mixed': skipped 1 binary or empty file(s): {src / 'image.bin'}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_validation_split_never_empties_the_training_text(tmp_path, prepared, seed):
+    """A source 'ok.txt,binary.bin' failed with 'no text found in 2 file(s)' whenever the validation split
+    held out ok.txt, the only text. The held-out text then trains, and its tail is the validation split."""
+    write_corpus(tmp_path / "c", 1, lines=100)
+    (tmp_path / "c" / "binary.bin").write_bytes(bytes(range(256)) * 4)
+    source = parse_source(f"s={tmp_path / 'c' / 'doc000.txt'},{tmp_path / 'c' / 'binary.bin'}")
+    out = prepare([source], tmp_path / "out", tokenizer=prepared[0] / "tokenizer.model", val_fraction=0.1, seed=seed,
+                  progress=False)
+    (meta,) = read_meta(out)["sources"]
+    total = meta["train_tokens"] + meta["val_tokens"]
+    assert meta["train_tokens"] > 0 and meta["val_tokens"] == int(total * 0.1)
+    assert (out / "s.train.bin").stat().st_size == 2 * meta["train_tokens"]
+
+
+def test_prepare_removes_the_temporaries_of_killed_prepares(tmp_path, prepared):
+    """kill -9 during prepare left a .<out>.tmp-<pid> directory that nothing removed. A later prepare of the
+    same directory removes those of this host whose process is gone, and leaves a live process's or another
+    host's alone."""
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    host = socket.gethostname()
+    stale = [f".out.tmp-{host}-{dead}", f".out.tmp-{dead}"]  # (the second: named before the host was)
+    kept = [f".out.tmp-{host}-{os.getppid()}", f".out.tmp-elsewhere-{dead}", ".other.tmp-1"]
+    for name in stale + kept:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "tokenizer.model").write_bytes(b"partial")
+    write_corpus(tmp_path / "c", 3)
+    prepare([parse_source(str(tmp_path / "c"))], tmp_path / "out", tokenizer=prepared[0] / "tokenizer.model",
+            progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == sorted(kept)

@@ -250,3 +250,11 @@ def test_gpu_past_2_pow_31_elements():
         y_chunk = reference.rms_norm(x.detach()[chunk].float(), w32, EPS)
         dw_ref += torch.autograd.grad(y_chunk, w32, dy[chunk].float())[0]
     torch.testing.assert_close(dw.float(), dw_ref, rtol=2e-2, atol=2e-2 * dw_ref.abs().max().item())
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["rms_norm", "add_rms_norm"])
+@pytest.mark.parametrize("shape", [(4, 0), (2, 3, 0), (0, 7)], ids=str)
+def test_empty_rows_and_zero_width_rows_match_the_reference(shape, residual):
+    """A zero-width last dimension ran forward but the backward failed ('rstd must be float32 with 0
+    elements ...'); the reference gives empty gradients (and dweight zeros when there are no rows)."""
+    run_rms_norm(shape, torch.float32, residual=residual)

@@ -167,3 +167,11 @@ def test_gpu_past_2_pow_31_elements():
     (dft,) = torch.autograd.grad(yt, ft, dy[tail])
     torch.testing.assert_close(y[tail], yt, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(dfused[tail], dft, rtol=2e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("layout", ["packed", "chunks", "separate"])
+@pytest.mark.parametrize("shape", [(3, 0), (2, 3, 0), (0, 5)], ids=str)
+def test_empty_rows_and_zero_width_rows_match_the_reference(shape, layout):
+    """F = 0 ran forward but the backward failed ('cannot reshape tensor of 0 elements'); the reference
+    gives empty gradients."""
+    run_swiglu(shape, torch.float32, layout=layout)

@@ -93,3 +93,18 @@ def test_cli_train_encode_decode(corpus, tmp_path, capsys):
     assert ids[0] == "1" and ids[-1] == "2"
     cli.main(["tokenizer", "decode", "--model", str(out), *ids])
     assert capsys.readouterr().out == "kalo 42\n"
+
+
+def test_a_line_longer_than_sentencepiece_takes_is_cut(tmp_path):
+    """A text of one very long line (issue 13: 25 MB) failed training with SentencePiece's internal
+    '[!sentences_.empty()]': it drops lines over max_sentence_length bytes. Such lines are cut, between
+    characters, into pieces it takes."""
+    rng = random.Random(0)
+    words = ["".join(rng.choices("abcdefghijklmnopqrstuvwxyzé日本", k=rng.randint(2, 8))) for _ in range(300)]
+    line = " ".join(rng.choice(words) for _ in range(20_000))  # about 130 KB, one line
+    tok = Tokenizer.train(iter([line]), 300, tmp_path / "long.model", max_sentence_length=4096)
+    assert tok.vocab_size == 300 and tok.decode(tok.encode(line[:200], bos=False)) == line[:200]
+    from llama_fast.tokenizer import _cut
+
+    pieces = list(_cut(line, 4096))
+    assert "".join(pieces) == line and all(len(p.encode()) <= 4096 for p in pieces) and len(pieces) > 30

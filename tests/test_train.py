@@ -1,7 +1,9 @@
 """The trainer: schedule, config, resume, multi-process equivalence, robustness, the main job."""
+import contextlib
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -358,3 +360,155 @@ def test_single_gpu_bf16_run(tmp_path, data, backend):
     assert records[-1]["peak_mem_gib"] > 0
     if "H100" in torch.cuda.get_device_name():
         assert 0 < records[-1]["mfu"] < 1
+
+
+def test_automatic_resume_skips_a_damaged_checkpoint(tmp_path, data, capsys):
+    """The latest checkpoint is damaged (a truncated shard): automatic resume says which one it skipped
+    and why, resumes from the newest one that loads, and repeats the losses the run had."""
+    run(tmp_path, data, "--checkpoint.interval", "1", "--checkpoint.keep", "3")
+    uninterrupted = losses(tmp_path)
+    shard = tmp_path / "checkpoints" / "step_0000006" / "model.rank0.safetensors"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    capsys.readouterr()
+    resumed = run(tmp_path, data, "--checkpoint.interval", "1", "--checkpoint.keep", "3")
+    out = capsys.readouterr().out
+    assert "skipping damaged checkpoint step_0000006: checkpoint " in out
+    assert "model.rank0.safetensors: 1000 bytes" in out
+    assert "resuming from step_0000005, the newest checkpoint that loads" in out and "resumed at step 5" in out
+    assert resumed["step"] == 6 and losses(tmp_path) == uninterrupted
+    ckpt.load_model(tmp_path / "checkpoints" / "step_0000006")  # written again
+
+    for path in ckpt.list_checkpoints(tmp_path / "checkpoints"):
+        (path / "index.json").write_text("{")
+    with pytest.raises(ckpt.CheckpointError, match="step_0000006, step_0000005, step_0000004: no checkpoint of this "
+                                                   "run loads"):
+        run(tmp_path, data, "--steps", "8")
+    with pytest.raises(ckpt.CheckpointError, match="step_0000006: index.json: JSONDecodeError"):
+        run(tmp_path, data, "--resume", str(tmp_path / "checkpoints" / "step_0000006"))
+
+
+def test_a_record_cut_short_in_the_metrics_log_does_not_stop_the_run(tmp_path, data):
+    """A full disk during an append leaves a partial last line in metrics.jsonl: every later run there died
+    in read_jsonl with a bare JSONDecodeError. It is skipped with a warning naming the file."""
+    run(tmp_path, data, "--steps", "2")
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 6.1, "l')
+    with pytest.warns(UserWarning, match=f"{tmp_path / 'metrics.jsonl'}: skipped 1 line\\(s\\) that are not JSON "
+                                         "records \\(line 4\\)"):
+        assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 2]  # loss, val_loss
+    with pytest.warns(UserWarning, match="metrics.jsonl: skipped 1 line"):
+        summary = run(tmp_path, data, "--steps", "4")
+    assert summary["step"] == 4 and sorted(losses(tmp_path)) == [1, 2, 3, 4]
+
+
+def test_signals_after_the_first_do_not_lose_the_save(tmp_path, data, monkeypatch, capfd):
+    """A double SIGTERM (a scheduler and torchrun both signalling) ended in a KeyboardInterrupt traceback and no
+    save: the second signal raised at once. Here two arrive during step 3 and a third during the save."""
+    original_step, real_save_file = Trainer.train_step, ckpt.save_file
+
+    def signalled_twice_at_step_3(self, step):
+        out = original_step(self, step)
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    def signalled_while_saving(tensors, path, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real_save_file(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "train_step", signalled_twice_at_step_3)
+    monkeypatch.setattr(ckpt, "save_file", signalled_while_saving)
+    stopped = run(tmp_path, data)
+    assert stopped["step"] == 3 and stopped["stopped"]
+    assert ckpt.latest_checkpoint(tmp_path / "checkpoints").name == "step_0000003"
+    ckpt.load_model(tmp_path)
+    err = capfd.readouterr().err
+    assert "SIGTERM again: already stopping; the checkpoint is saved before exiting" in err and "SIGINT again" in err
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--optim.lr", "inf", "optim.lr must be a finite number in \\[0.0, 1.0\\], got inf"),
+    ("--optim.lr", "1e39", "optim.lr must be a finite number in \\[0.0, 1.0\\], got 1e\\+39"),
+    ("--optim.eps", "0", "optim.eps must be a finite number in \\(0.0, 1.0\\], got 0.0"),
+    ("--optim.weight_decay", "nan", "optim.weight_decay must be a finite number in \\[0.0, inf\\], got nan"),
+    ("--optim.grad_clip", "nan", "optim.grad_clip must be a finite number in \\[0.0, inf\\], got nan"),
+    ("--model.norm_eps", "-1", "model.norm_eps must be a finite number in \\(0.0, inf\\], got -1.0"),
+    ("--model.rope_theta", "0", "model.rope_theta must be a finite number in \\(0.0, inf\\], got 0.0"),
+    ("--train.seed", "-1", "train.seed must be a finite number in \\[0, 4294967295\\], got -1"),
+    ("--data.val_fraction", "1", "data.val_fraction must be a finite number in \\[0, 1\\), got 1.0"),
+    ("--log.peak_flops", "inf", "log.peak_flops must be a finite number in \\[0.0, inf\\], got inf"),
+])
+def test_config_values_that_would_fail_later_are_refused_up_front(flag, value, message):
+    """Each passed validation and failed later: 'non-finite training ... lower optim.lr' (lr inf, eps 0, weight
+    decay NaN, norm_eps -1, rope_theta 0), clipping silently off (grad_clip NaN), Adam's raw RuntimeError
+    (lr 1e39), numpy's message (seed -1)."""
+    with pytest.raises(ValueError, match=message):
+        from_args(build_parser().parse_args([flag, value]))
+
+
+def test_llama_config_refuses_a_non_positive_norm_eps_or_rope_theta():
+    from llama_fast import LlamaConfig
+
+    for name, value in (("norm_eps", 0.0), ("norm_eps", math.nan), ("rope_theta", -10000.0), ("rope_theta", math.inf)):
+        with pytest.raises(ValueError, match=f"LlamaConfig.{name} must be a finite number > 0, got {value!r}"):
+            LlamaConfig.from_name("tiny", **{name: value})
+
+
+def _worker_pids(parent: int) -> dict[int, int]:
+    """rank -> pid of torchrun's worker processes (children of ``parent`` with RANK in their environment)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            status = (entry / "status").read_text()
+            env = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        ppid = int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
+        rank = [v[5:] for v in env if v.startswith(b"RANK=")]
+        if ppid == parent and rank:
+            found[int(rank[0])] = int(entry.name)
+    return found
+
+
+def test_a_stalled_rank_is_reported_by_the_waiting_one_before_the_timeout_ends_the_run(tmp_path, data):
+    """SIGSTOP of rank 1 in a 2-process run left rank 0 waiting without a word for torch's 30-minute
+    timeout. The timeout is train.collective_timeout_s; rank 0 says where it waits and for how long, every
+    tenth of it, and the timeout then ends the run."""
+    timeout_s = 12
+    log = tmp_path / "out.txt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "llama_fast.train",
+           *tiny_args(tmp_path / "run", data, "--steps", "100000", "--train.collective_timeout_s", str(timeout_s))]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    workers = {}
+    try:
+        deadline = time.time() + 180
+        while len(losses(tmp_path / "run")) < 3 and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        workers = _worker_pids(proc.pid)
+        assert sorted(workers) == [0, 1], log.read_text()[-3000:]
+        os.kill(workers[1], signal.SIGSTOP)
+        stopped_at = time.time()
+        while "llama_fast rank 0: waiting" not in log.read_text() and time.time() < stopped_at + timeout_s:
+            time.sleep(0.1)
+        reported_after = time.time() - stopped_at
+        assert reported_after < timeout_s * 0.5, log.read_text()[-3000:]
+        line = next(line for line in log.read_text().splitlines() if "llama_fast rank 0: waiting" in line)
+        assert re.search(r"llama_fast rank 0: waiting \d+ s for the other processes in (step \d+'s forward/backward "
+                         r"\(DDP's gradient all-reduce\)|"
+                         r"step \d+'s gradient clipping and loss all-reduce|the stop-signal check after step \d+); "
+                         r"one of them may be stalled \(train.collective_timeout_s = 12 ends the run\)", line), line
+        while _worker_pids(proc.pid).get(0) == workers[0] and time.time() < stopped_at + timeout_s + 60:
+            time.sleep(0.5)  # rank 0's collective times out and it exits
+        assert time.time() - stopped_at < timeout_s + 60, "rank 0 kept waiting past the collective timeout"
+    finally:
+        for pid in workers.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.kill()
+        proc.wait(timeout=60)

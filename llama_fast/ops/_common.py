@@ -11,6 +11,7 @@ imports where Triton is missing, and TRITON_INTERPRET set after `import llama_fa
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -35,7 +36,8 @@ def compiled_backward(op: str, device: torch.device) -> bool:
 
 def as_rows(t: torch.Tensor) -> torch.Tensor:
     """A [rows, N] view of t with a contiguous last dim; copies only when no such view exists."""
-    rows = t.reshape(-1, t.shape[-1]) if t.dim() != 2 else t  # (rows, N)
+    # The row count spelled out: reshape(-1, 0) is ambiguous for a zero-width last dim.
+    rows = t.reshape(math.prod(t.shape[:-1]), t.shape[-1]) if t.dim() != 2 else t  # (rows, N)
     return rows if rows.stride(-1) == 1 or rows.shape[-1] <= 1 else rows.contiguous()
 
 

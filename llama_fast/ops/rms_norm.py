@@ -106,6 +106,8 @@ def _(dy, x, weight, rstd, dresidual):
 
 
 def _backward(dy, x, weight, rstd, dresidual, op_name):
+    if x.shape[-1] == 0:  # rows of no elements (the forward allows them): empty dx, dw of size 0, as the reference
+        return x.new_zeros(x.shape), torch.zeros_like(weight)
     if compiled_backward(op_name, x.device):
         return torch.ops.llama_fast.rms_norm_backward(dy, x, weight, rstd, dresidual)
     return rms_norm_backward_fallback(dy, x, weight, rstd, dresidual)

@@ -67,6 +67,8 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, dy):
     gate, up = ctx.saved_tensors
+    if gate.shape[-1] == 0:  # F = 0 (the forward allows it): empty gradients, as the reference
+        return gate.new_zeros(gate.shape), up.new_zeros(up.shape)
     if compiled_backward("swiglu", gate.device):
         return torch.ops.llama_fast.swiglu_backward(dy, gate, up)
     return swiglu_backward_fallback(dy, gate, up)
@@ -110,6 +112,8 @@ def _packed_setup(ctx, inputs, output):
 
 def _packed_input_grad(dy: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
     """d(gate_up) [..., 2F]: the compiled op where the extension has a kernel, else the fallback."""
+    if gate_up.shape[-1] == 0:  # F = 0: an empty gradient, as the reference
+        return gate_up.new_zeros(gate_up.shape)
     if compiled_backward("swiglu", gate_up.device):
         return torch.ops.llama_fast.swiglu_packed_backward(dy, gate_up)
     return swiglu_packed_backward_fallback(dy, gate_up)

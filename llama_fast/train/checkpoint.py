@@ -24,23 +24,32 @@ Checkpoints of format ``llama_fast.checkpoint/1`` (one ``model.safetensors`` and
 ``optimizer.safetensors`` of whole tensors, written before sharding) still load: they read
 as a checkpoint of one shard.
 
-It is written under a temporary name and renamed (``os.replace``) once complete, so a
-directory named ``step_*`` is always whole; the last ``keep`` are kept. Tensors are in
-safetensors and everything else in JSON, so loading never executes code.
+It is written under a temporary name and renamed (``os.replace``) once complete, and an old
+one is renamed out of the ``step_*`` names before it is deleted, so a directory named
+``step_*`` is always whole; the last ``keep`` are kept. Tensors are in safetensors and
+everything else in JSON, so loading never executes code.
+
+``index.json`` also holds the size and a checksum of every other file (``files``), each
+computed by the process that wrote the file; loading verifies the files it reads against them,
+and every file an index names must lie inside the checkpoint directory. A checkpoint that is
+damaged (a file missing, truncated or altered, broken JSON, missing keys, wrong types) raises
+``CheckpointError`` naming the checkpoint, the file and what is wrong.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import random
 import re
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -61,6 +70,79 @@ INDEX = "index.json"
 # get_/set_optimizer_state_dict keyed by the model's parameter names; DTensors stay sharded.
 SHARDED = StateDictOptions(full_state_dict=False)
 STEP_DIR = re.compile(r"^step_(\d+)$")
+# Checksums: SHA-256 over the SHA-256 digests of the file's chunks of this size, hashed on parallel threads.
+CHECKSUM = "sha256_chunks"
+CHECKSUM_CHUNK_BYTES = 16 << 20
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as it is on disk (a file missing, truncated or altered, broken
+    JSON, missing keys, wrong types, a path leaving the directory); names the checkpoint and the file."""
+
+    def __init__(self, path: str | os.PathLike, file: str, problem: str):
+        self.path, self.file, self.problem = Path(path), file, problem
+        super().__init__(f"checkpoint {path}: {file}: {problem}")
+
+
+@contextlib.contextmanager
+def _reading(path: Path, file: str):
+    """Errors raised while reading ``file`` of checkpoint ``path`` (what a damaged file makes the JSON,
+    safetensors and torch calls raise) become a CheckpointError naming both."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except KeyError as e:
+        raise CheckpointError(path, file, f"missing key {e}") from e
+    except (IndexError, TypeError, ValueError, AttributeError, OverflowError, RuntimeError, OSError,
+            SafetensorError) as e:
+        raise CheckpointError(path, file, f"{type(e).__name__}: {e}") from e
+
+
+def checked_field(obj, key: str, kind: type, path: Path, file: str, what: str = ""):
+    """obj[key], checked to be a JSON object holding it with a value of type ``kind`` (``what``: where in the file)."""
+    where = f"{what}: " if what else ""
+    if not isinstance(obj, dict):
+        raise CheckpointError(path, file, f"{where}expected a JSON object holding {key!r}, got {type(obj).__name__}")
+    if key not in obj:
+        raise CheckpointError(path, file, f"{where}missing key {key!r}")
+    value = obj[key]
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise CheckpointError(path, file, f"{where}{key!r} should be {kind.__name__}, got {type(value).__name__} "
+                                          f"{str(value)[:80]!r}")
+    return value
+
+
+def file_checksum(path: str | os.PathLike) -> str:
+    """SHA-256 over the SHA-256 digests of the file's 16 MiB chunks, which threads read and hash in parallel
+    (hashlib and file reads release the GIL), so its speed grows with the cores (README: the measured cost)."""
+    path = Path(path)
+    chunks = range(0, max(1, path.stat().st_size), CHECKSUM_CHUNK_BYTES)
+
+    def chunk_digest(offset: int) -> bytes:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return hashlib.sha256(f.read(CHECKSUM_CHUNK_BYTES)).digest()
+
+    with ThreadPoolExecutor(max_workers=min(len(chunks), os.cpu_count() or 1, 8)) as pool:
+        return hashlib.sha256(b"".join(pool.map(chunk_digest, chunks))).hexdigest()
+
+
+def _checksums(directory: Path, files) -> dict:
+    return {f: {"size": (directory / f).stat().st_size, CHECKSUM: file_checksum(directory / f)} for f in files}
+
+
+def _inside(path: Path, file, where: str) -> Path:
+    """``path / file`` for a plain file name that stays inside the checkpoint directory (a name in index.json
+    like '../step_N/...', an absolute path or a symlink out would read weights from elsewhere)."""
+    if not isinstance(file, str) or file in ("", ".", "..") or "/" in file or "\\" in file or os.path.isabs(file):
+        raise CheckpointError(path, where, f"file {file!r} is not a plain file name inside the checkpoint directory; "
+                                           "refusing a path that leaves it")
+    full = path / file
+    if full.resolve().parent != path.resolve():
+        raise CheckpointError(path, where, f"file {file!r} resolves to {full.resolve()}, outside the checkpoint "
+                                           "directory; refusing it")
+    return full
 
 
 def checkpoint_dir(run_dir: str | os.PathLike) -> Path:
@@ -82,11 +164,20 @@ def latest_checkpoint(ckpt_dir: str | os.PathLike) -> Path | None:
 
 
 def remove_stale_temporaries(ckpt_dir: str | os.PathLike) -> None:
-    """Temporaries of a save that was killed halfway."""
+    """Temporaries of a save, and checkpoints being retired, that a kill left halfway."""
     ckpt_dir = Path(ckpt_dir)
     if ckpt_dir.is_dir():
-        for p in ckpt_dir.glob(".step_*.tmp"):
+        for p in (*ckpt_dir.glob(".step_*.tmp"), *ckpt_dir.glob(".step_*.retired")):
             shutil.rmtree(p, ignore_errors=True)
+
+
+def _retire(path: Path) -> None:
+    """Delete a checkpoint: renamed out of the ``step_*`` names first, so a kill during the deletion
+    leaves a hidden ``.step_*.retired`` (removed at the next start), never a partial ``step_*``."""
+    retired = path.with_name(f".{path.name}.retired")
+    shutil.rmtree(retired, ignore_errors=True)
+    os.replace(path, retired)
+    shutil.rmtree(retired)
 
 
 def _rng_state() -> dict:
@@ -212,7 +303,7 @@ def _check_slices(where: str, name: str, entry: dict) -> None:
 
 def _merge_index(tmp: Path, world_size: int) -> dict:
     """index.json from the entries each rank wrote (index.rank<R>.json, removed here)."""
-    index = {"format": FORMAT, "world_size": world_size, **{kind: {} for kind in KINDS}}
+    index = {"format": FORMAT, "world_size": world_size, **{kind: {} for kind in KINDS}, "files": {}}
     for rank in range(world_size):
         part_file = tmp / f"index.rank{rank}.json"
         if not part_file.is_file():
@@ -220,7 +311,9 @@ def _merge_index(tmp: Path, world_size: int) -> dict:
                 f"checkpoint {tmp}: rank {rank} wrote no {part_file.name} here; every process must see the same "
                 "run directory (on several nodes, a filesystem they share)"
             )
-        for kind, entries in json.loads(part_file.read_text()).items():
+        part = json.loads(part_file.read_text())
+        index["files"].update(part.pop("files", {}))
+        for kind, entries in part.items():
             for name, entry in entries.items():
                 merged = index[kind].setdefault(name, {"shape": entry["shape"], "dtype": entry["dtype"], "slices": []})
                 if (merged["shape"], merged["dtype"]) != (entry["shape"], entry["dtype"]):
@@ -266,27 +359,32 @@ def save_checkpoint(
             tmp.mkdir(parents=True)
 
     def write_own_part() -> None:
-        (tmp / f"rng_rank{d.rank}.json").write_text(json.dumps(_rng_state()))
+        rng_file = f"rng_rank{d.rank}.json"
+        (tmp / rng_file).write_text(json.dumps(_rng_state()))
         entries = {"model": _write_shards(tmp, "model", model_sd, d.rank),
                    "optimizer": _write_shards(tmp, "optimizer", tensors, d.rank)}
-        (tmp / f"index.rank{d.rank}.json").write_text(json.dumps(entries))
+        written = {rng_file} | {s["file"] for kind in KINDS for e in entries[kind].values() if (s := e.get("slice"))}
         if d.is_main:
             (tmp / "optimizer.json").write_text(json.dumps(groups))
             (tmp / "state.json").write_text(json.dumps({"format": FORMAT, "world_size": d.world_size, **state}, indent=2))
+            written |= {"optimizer.json", "state.json"}
             if tokenizer_path is not None:
                 shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
+                written.add("tokenizer.model")
+        entries["files"] = _checksums(tmp, sorted(written))  # each rank hashes what it wrote
+        (tmp / f"index.rank{d.rank}.json").write_text(json.dumps(entries))
 
     def finish() -> None:
         if d.is_main:
             (tmp / INDEX).write_text(json.dumps(_merge_index(tmp, d.world_size), indent=1))
             if final.exists():
-                shutil.rmtree(final)
+                _retire(final)
             os.replace(tmp, final)
             # The last ``keep`` by step, and never the one just written (a run resumed from an earlier
             # checkpoint into the same directory writes steps below the ones already there).
             for old in list_checkpoints(ckpt_dir)[:-keep]:
                 if old != final:
-                    shutil.rmtree(old)
+                    _retire(old)
 
     try:
         for phase in (start, write_own_part, finish):
@@ -324,32 +422,89 @@ def _flatten_optimizer(optim_sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 # ---- reading ------------------------------------------------------------------------------
+def _read_json(path: Path, file: str, checksums: dict | None = None):
+    """The parsed JSON ``file`` of checkpoint ``path``, verified first when ``checksums`` (index.json's) are given."""
+    if not _inside(path, file, file).is_file():
+        raise CheckpointError(path, file, "missing")
+    _verify(path, file, checksums)
+    with _reading(path, file):
+        return json.loads((path / file).read_text())
+
+
+def _verify(path: Path, file: str, checksums: dict | None) -> None:
+    """``file`` has the size and checksum index.json records (None: a checkpoint written before checksums)."""
+    if checksums is None:
+        return
+    if file not in checksums:
+        raise CheckpointError(path, file, f"{INDEX} records no checksum for it")
+    size, expected = (path / file).stat().st_size, checksums[file]
+    if size != expected["size"]:
+        raise CheckpointError(path, file, f"{size} bytes where {INDEX} records {expected['size']} (truncated or "
+                                          "extended since it was written)")
+    if file_checksum(path / file) != expected[CHECKSUM]:
+        raise CheckpointError(path, file, f"its contents do not match the checksum in {INDEX} (corrupted since it "
+                                          "was written)")
+
+
 def read_state(path: str | os.PathLike) -> dict:
+    """state.json, checked to be a JSON object of a known format (not verified: see ShardReader)."""
     path = Path(path)
-    state_file = path / "state.json"
-    if not state_file.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r}: expected a llama_fast checkpoint directory with state.json")
-    state = json.loads(state_file.read_text())
-    if state.get("format") not in (FORMAT, FORMAT_WHOLE):
-        raise ValueError(f"checkpoint {path}: expected format {FORMAT!r} or {FORMAT_WHOLE!r}, got {state.get('format')!r}")
+    if not (path / "state.json").is_file():
+        raise CheckpointError(path, "state.json", "missing; expected a llama_fast checkpoint directory holding it")
+    state = _read_json(path, "state.json")
+    fmt = checked_field(state, "format", str, path, "state.json")
+    if fmt not in (FORMAT, FORMAT_WHOLE):
+        raise CheckpointError(path, "state.json", f"expected format {FORMAT!r} or {FORMAT_WHOLE!r}, got {fmt!r}")
     return state
+
+
+def _check_index(path: Path, index) -> None:
+    """index.json's structure: every entry typed, every file a name inside the checkpoint, slices tiling rows."""
+    for kind in KINDS:
+        for name, entry in checked_field(index, kind, dict, path, INDEX).items():
+            what = f"{kind} tensor {name!r}"
+            shape = checked_field(entry, "shape", list, path, INDEX, what)
+            if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
+                raise CheckpointError(path, INDEX, f"{what}: shape should be a list of sizes, got {shape!r:.80}")
+            dtype = checked_field(entry, "dtype", str, path, INDEX, what)
+            if not isinstance(getattr(torch, dtype, None), torch.dtype):
+                raise CheckpointError(path, INDEX, f"{what}: dtype {dtype!r:.40} names no torch dtype")
+            for s in checked_field(entry, "slices", list, path, INDEX, what):
+                _inside(path, checked_field(s, "file", str, path, INDEX, what), INDEX)
+                for key in ("start", "stop") if shape else ():
+                    checked_field(s, key, int, path, INDEX, what)
+            with _reading(path, INDEX):
+                _check_slices(f"{what}", name, entry)
+    files = index.get("files")
+    if files is not None:
+        for file in checked_field(index, "files", dict, path, INDEX):
+            _inside(path, file, INDEX)
+            checked_field(files[file], "size", int, path, INDEX, f"files[{file!r}]")
+            checked_field(files[file], CHECKSUM, str, path, INDEX, f"files[{file!r}]")
 
 
 class ShardReader:
     """Rows of the tensors of a checkpoint, read memory-mapped from whichever files hold them.
 
-    Use as a context manager (it keeps the files it opened open until exit). Every read
-    checks the index (global shape, slices tiling the rows) against what the files hold.
+    Use as a context manager (it keeps the files it opened open until exit). The index is
+    checked when opened; each file is verified against its checksum the first time it is read;
+    every read checks the index (global shape, slices tiling the rows) against what the files hold.
     """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self.format = read_state(self.path)["format"]
+        self.state = read_state(self.path)
+        self.format = self.state["format"]
         self.index = {}  # format 1: built per kind from the file's header on first use (see entries)
+        self.checksums = None  # index.json's "files"; None before checksums existed (and in format 1)
+        self._verified: set[str] = set()
         if self.format == FORMAT:
             if not (self.path / INDEX).is_file():
-                raise FileNotFoundError(f"checkpoint {self.path} (format {FORMAT!r}): {INDEX} is missing")
-            self.index = json.loads((self.path / INDEX).read_text())
+                raise CheckpointError(self.path, INDEX, f"missing (a checkpoint of format {FORMAT!r} has one)")
+            self.index = _read_json(self.path, INDEX)
+            _check_index(self.path, self.index)
+            self.checksums = self.index.get("files")
+            self.verify("state.json")
         self._files: dict[str, object] = {}
         self._stack = contextlib.ExitStack()
 
@@ -359,16 +514,25 @@ class ShardReader:
     def __exit__(self, *exc) -> None:
         self._stack.close()
 
+    def verify(self, file: str) -> None:
+        if file not in self._verified:
+            _verify(self.path, file, self.checksums)
+            self._verified.add(file)
+
+    def json(self, file: str):
+        """A JSON file of the checkpoint, verified."""
+        return _read_json(self.path, file, self.checksums)
+
     def entries(self, kind: str) -> dict:
         """name -> {"shape", "dtype", "slices"} of the ``kind`` ("model" or "optimizer") tensors."""
         if kind not in self.index:  # format 1: every tensor whole in <kind>.safetensors
             if self.format != FORMAT_WHOLE:
-                raise ValueError(f"checkpoint {self.path}: {INDEX} has no {kind!r} section")
+                raise CheckpointError(self.path, INDEX, f"no {kind!r} section")
             file = f"{kind}.safetensors"
             if not (self.path / file).is_file():
-                raise FileNotFoundError(f"checkpoint {self.path} (format {FORMAT_WHOLE!r}): {file} is missing")
+                raise CheckpointError(self.path, file, f"missing (a checkpoint of format {FORMAT_WHOLE!r} has one)")
             entries = self.index[kind] = {}
-            with safe_open(self.path / file, framework="pt", device="cpu") as f:
+            with _reading(self.path, file), safe_open(self.path / file, framework="pt", device="cpu") as f:
                 for name in f.keys():
                     shape = f.get_slice(name).get_shape()
                     probe = f.get_slice(name)[0:0] if shape else f.get_tensor(name)  # no data read for the dtype
@@ -378,22 +542,24 @@ class ShardReader:
 
     def _open(self, file: str, name: str):
         if file not in self._files:
-            if not (self.path / file).is_file():
-                raise FileNotFoundError(
-                    f"checkpoint {self.path}: {INDEX} lists {file} (holding part of {name!r}) but there is no such file"
-                )
-            self._files[file] = self._stack.enter_context(safe_open(self.path / file, framework="pt", device="cpu"))
+            if not _inside(self.path, file, INDEX).is_file():
+                raise CheckpointError(self.path, file,
+                                      f"no such file, though {INDEX} lists it (holding part of {name!r})")
+            self.verify(file)
+            with _reading(self.path, file):
+                self._files[file] = self._stack.enter_context(safe_open(self.path / file, framework="pt", device="cpu"))
         handle = self._files[file]
         if name not in handle.keys():
-            raise ValueError(f"checkpoint {self.path}: {name!r} is missing from {file}, which {INDEX} says holds it")
+            raise CheckpointError(self.path, file, f"{name!r} is missing, though {INDEX} says this file holds it")
         return handle
 
     def check_names(self, kind: str, names) -> None:
         """The checkpoint holds exactly these tensors of ``kind`` (a clear error for missing or extra ones)."""
         saved, wanted = set(self.entries(kind)), set(names)
         if saved != wanted:
-            raise ValueError(
-                f"checkpoint {self.path}: {kind} tensors missing from the shards: {sorted(wanted - saved)}; "
+            raise CheckpointError(
+                self.path, INDEX if self.format == FORMAT else f"{kind}.safetensors",
+                f"{kind} tensors missing from the shards: {sorted(wanted - saved)}; "
                 f"unexpected: {sorted(saved - wanted)}"
             )
 
@@ -403,20 +569,22 @@ class ShardReader:
     def _entry(self, kind: str, name: str) -> dict:
         entry = self.entries(kind).get(name)
         if entry is None:
-            raise ValueError(f"checkpoint {self.path}: {kind} tensor {name!r} is missing from the shards ({INDEX} lacks it)")
+            raise CheckpointError(self.path, INDEX,
+                                  f"{kind} tensor {name!r} is missing from the shards ({INDEX} lacks it)")
         return entry
 
     def read(self, kind: str, name: str, shape, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """Rows [start, stop) (all by default) of tensor ``name``, whose global shape must be ``shape``."""
         entry = self._entry(kind, name)
-        where = f"checkpoint {self.path}"
         if list(shape) != entry["shape"]:
-            raise ValueError(f"{where}: {name!r} has shape {entry['shape']} in the checkpoint, expected {list(shape)}")
-        _check_slices(where, name, entry)
+            raise CheckpointError(self.path, INDEX,
+                                  f"{name!r} has shape {entry['shape']} in the checkpoint, expected {list(shape)}")
         dtype = getattr(torch, entry["dtype"])
         if not entry["shape"]:
             (s,) = entry["slices"]
-            parts = [self._open(s["file"], name).get_tensor(name)]
+            handle = self._open(s["file"], name)
+            with _reading(self.path, s["file"]):
+                parts = [(s["file"], handle.get_tensor(name))]
         else:
             start, stop = rows if rows is not None else (0, entry["shape"][0])
             parts = []
@@ -424,20 +592,22 @@ class ShardReader:
                 lo, hi = max(start, s["start"]), min(stop, s["stop"])
                 if lo >= hi:
                     continue
-                piece = self._open(s["file"], name).get_slice(name)
-                expected = [s["stop"] - s["start"], *entry["shape"][1:]]
-                if piece.get_shape() != expected:
-                    raise ValueError(
-                        f"{where}: {s['file']} holds {name!r} with shape {piece.get_shape()}; {INDEX} says rows "
-                        f"{s['start']}:{s['stop']} of {entry['shape']}, shape {expected}"
-                    )
-                parts.append(piece[lo - s["start"]:hi - s["start"]])
+                handle = self._open(s["file"], name)
+                with _reading(self.path, s["file"]):
+                    piece = handle.get_slice(name)
+                    expected = [s["stop"] - s["start"], *entry["shape"][1:]]
+                    if piece.get_shape() != expected:
+                        raise CheckpointError(
+                            self.path, s["file"], f"holds {name!r} with shape {piece.get_shape()}; {INDEX} says rows "
+                            f"{s['start']}:{s['stop']} of {entry['shape']}, shape {expected}"
+                        )
+                    parts.append((s["file"], piece[lo - s["start"]:hi - s["start"]]))
             if not parts:
                 return torch.empty((0, *entry["shape"][1:]), dtype=dtype)
-        for part in parts:
+        for file, part in parts:
             if part.dtype != dtype:
-                raise ValueError(f"{where}: {name!r} is stored as {part.dtype}; {INDEX} says {dtype}")
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+                raise CheckpointError(self.path, file, f"{name!r} is stored as {part.dtype}; {INDEX} says {dtype}")
+        return parts[0][1] if len(parts) == 1 else torch.cat([part for _, part in parts])
 
 
 def _load_model_state(reader: ShardReader, model: Llama) -> dict[str, torch.Tensor]:
@@ -461,7 +631,7 @@ def _load_optimizer_state(reader: ShardReader, model_sd: dict, groups: dict) -> 
     for flat in reader.entries("optimizer"):
         name, _, key = flat.rpartition("/")
         if name not in model_sd:
-            raise ValueError(f"checkpoint {reader.path}: optimizer state {flat!r} names no parameter of the model")
+            raise CheckpointError(reader.path, INDEX, f"optimizer state {flat!r} names no parameter of the model")
         param = model_sd[name]
         if reader.shape("optimizer", flat) == list(param.shape) and param.ndim:
             local, rows, _ = _local_part(param, rank=0)
@@ -491,23 +661,43 @@ def check_model_config(path: Path, saved: dict, current: LlamaConfig) -> None:
 
 
 def load_checkpoint(path: str | os.PathLike, model: Llama, optimizer: torch.optim.Optimizer, d: Dist) -> dict:
-    """Restore model, optimizer (this process's shards of them) and RNG states in place; returns state.json."""
+    """Restore model, optimizer (this process's shards of them) and RNG states in place; returns state.json.
+
+    Reads only, no collective: a CheckpointError (the checkpoint is damaged) leaves the model and
+    optimizer partly overwritten, which loading another checkpoint overwrites whole.
+    """
     path = Path(path)
-    state = read_state(path)
-    check_model_config(path, state["model_config"], model.config)
-    groups = json.loads((path / "optimizer.json").read_text())
-    # Moments and step counts come from the checkpoint; hyperparameters and the implementation
-    # (fused, foreach) from this run's optimizer, so a resumed run follows its own config.
-    for saved, current in zip(groups["param_groups"], optimizer.param_groups):
-        saved.update({k: v for k, v in current.items() if k != "params"})
     with ShardReader(path) as reader:
+        state = reader.state
+        checked_field(state, "step", int, path, "state.json")
+        check_model_config(path, _saved_model_config(path, state).to_dict(), model.config)
+        groups = reader.json("optimizer.json")
+        saved_groups = checked_field(groups, "param_groups", list, path, "optimizer.json")
+        checked_field(groups, "scalars", dict, path, "optimizer.json")
+        if len(saved_groups) != len(optimizer.param_groups) or not all(isinstance(g, dict) for g in saved_groups):
+            raise CheckpointError(path, "optimizer.json", f"expected {len(optimizer.param_groups)} parameter groups "
+                                                          f"(JSON objects), got {str(saved_groups)[:120]}")
+        # Moments and step counts come from the checkpoint; hyperparameters and the implementation
+        # (fused, foreach) from this run's optimizer, so a resumed run follows its own config.
+        for saved, current in zip(saved_groups, optimizer.param_groups):
+            saved.update({k: v for k, v in current.items() if k != "params"})
         model_sd = _load_model_state(reader, model)
         optim_sd = _load_optimizer_state(reader, model_sd, groups)
-    set_optimizer_state_dict(model, optimizer, optim_sd, options=SHARDED)
-    # The same rank's RNG when the world size is unchanged, else rank 0's.
-    rng_file = path / f"rng_rank{d.rank}.json"
-    _set_rng_state(json.loads((rng_file if rng_file.is_file() else path / "rng_rank0.json").read_text()))
+        with _reading(path, "optimizer.json"):
+            set_optimizer_state_dict(model, optimizer, optim_sd, options=SHARDED)
+        # The same rank's RNG when the world size is unchanged, else rank 0's.
+        rng_file = f"rng_rank{d.rank}.json" if (path / f"rng_rank{d.rank}.json").is_file() else "rng_rank0.json"
+        rng = reader.json(rng_file)
+        with _reading(path, rng_file):
+            _set_rng_state(rng)
     return state
+
+
+def _saved_model_config(path: Path, state: dict) -> LlamaConfig:
+    """The LlamaConfig in state.json (one that does not parse is damage, not another model)."""
+    saved = checked_field(state, "model_config", dict, path, "state.json")
+    with _reading(path, "state.json"):
+        return LlamaConfig.from_dict(saved)
 
 
 def load_model(
@@ -517,12 +707,11 @@ def load_model(
     path = Path(path)
     if not (path / "state.json").is_file() and (latest := latest_checkpoint(checkpoint_dir(path))) is not None:
         path = latest
-    state = read_state(path)
-    config = LlamaConfig.from_dict(state["model_config"])
-    with torch.device("meta"):
-        model = Llama(config, backend=backend)
-    model.to_empty(device=device)  # (ties the embeddings again and computes the rotary tables)
     with ShardReader(path) as reader:
+        config = _saved_model_config(path, reader.state)
+        with torch.device("meta"):
+            model = Llama(config, backend=backend)
+        model.to_empty(device=device)  # (ties the embeddings again and computes the rotary tables)
         _load_model_state(reader, model)
     if dtype is not None:
         model.to(dtype)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import types
 import typing
@@ -61,6 +62,9 @@ class TrainSection:
     device: str = "auto"  # "cuda" | "cpu"; auto: cuda where available
     parallel: str = "auto"  # "none" | "ddp" | "fsdp"; auto: none for one process, else ddp unless it does not fit
     mixed_precision: str = "auto"  # "bf16" | "fp32"; auto: bf16 on GPUs
+    # Seconds a collective waits for the other processes before it fails the run (rank 0 preparing the
+    # data included); the waiting ones say where they wait every min(60 s, a tenth of this).
+    collective_timeout_s: float = 1800.0
 
 
 @dataclass
@@ -172,9 +176,30 @@ class TrainConfig:
         for name in ("optim.beta1", "optim.beta2"):
             if not 0 <= self._get(name) < 1:
                 raise ValueError(f"{name} must lie in [0, 1), got {self._get(name)}")
+        self._check_ranges()
         model = self.llama_config()  # validates the overrides
         if self.data.seq_len > model.max_seq_len:
             raise ValueError(f"data.seq_len ({self.data.seq_len}) exceeds the model's max_seq_len ({model.max_seq_len})")
+
+    def _check_ranges(self) -> None:
+        """Values that pass the type check but would fail later (NaN or Inf anywhere, an Adam eps of 0, a
+        learning rate Adam cannot hold, a seed numpy refuses, a RoPE base of 0) are refused here."""
+        ranges = {  # name -> (low, high, whether low itself is allowed)
+            "optim.lr": (0.0, 1.0, True),  # 0: the flavor's default
+            "optim.eps": (0.0, 1.0, False),
+            "optim.weight_decay": (0.0, math.inf, True),
+            "optim.grad_clip": (0.0, math.inf, True),  # 0: no clipping
+            "log.peak_flops": (0.0, math.inf, True),
+            "train.seed": (0, 2**32 - 1, True),  # numpy's seeds
+            "train.collective_timeout_s": (0.0, math.inf, False),
+        }
+        for name, (low, high, closed) in ranges.items():
+            _check_range(name, self._get(name), low, high, closed)
+        for name in ("norm_eps", "rope_theta"):
+            if name in self.model.overrides:
+                _check_range(f"model.{name}", self.model.overrides[name], 0.0, math.inf, False)
+        if not 0 <= self.data.val_fraction < 1:  # (NaN fails too)
+            raise ValueError(f"data.val_fraction must be a finite number in [0, 1), got {self.data.val_fraction!r}")
 
     def _get(self, dotted: str):
         section, name = dotted.split(".")
@@ -191,6 +216,13 @@ def default_lr(flavor: str, model: LlamaConfig) -> float:
 def _check_choice(name, value, choices):
     if value not in choices:
         raise ValueError(f"{name}: expected one of {list(choices)}, got {value!r}")
+
+
+def _check_range(name, value, low, high, low_allowed: bool) -> None:
+    """A finite number in [low, high] ((low, high] when low itself is not allowed)."""
+    if not (math.isfinite(value) and (low <= value if low_allowed else low < value) and value <= high):
+        interval = f"{'[' if low_allowed else '('}{low}, {high}]"
+        raise ValueError(f"{name} must be a finite number in {interval}, got {value!r}")
 
 
 def _check_min(name, value, minimum):

@@ -12,6 +12,7 @@ import math
 import resource
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -36,10 +37,28 @@ def peak_memory_gib(device: torch.device) -> float:
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
+    """The records of a JSONL log. A line that is not a JSON object (the last record cut short by a crash
+    or a full disk) is skipped with a warning naming the file: the log never stops a run."""
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records, skipped = [], []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            skipped.append(number)
+    if skipped:
+        others = " and others" if len(skipped) > 1 else ""
+        warnings.warn(f"{path}: skipped {len(skipped)} line(s) that are not JSON records (line {skipped[0]}{others}), "
+                      "e.g. a record cut short by a crash or a full disk", stacklevel=2)
+    return records
 
 
 class Metrics:

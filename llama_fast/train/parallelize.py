@@ -8,8 +8,13 @@ full model).
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+import threading
+import time
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -44,8 +49,11 @@ class Dist:
         return self.rank == 0
 
 
-def init_distributed(device: str = "auto") -> Dist:
-    """Join torchrun's process group when WORLD_SIZE > 1; pick this process's device."""
+def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> Dist:
+    """Join torchrun's process group when WORLD_SIZE > 1; pick this process's device.
+
+    ``timeout_s``: how long a collective waits for the other processes before it fails the run.
+    """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
@@ -60,7 +68,8 @@ def init_distributed(device: str = "auto") -> Dist:
         dev = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
         kwargs = {"device_id": dev} if dev.type == "cuda" else {}
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", **kwargs)
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s),
+                                **kwargs)
     return Dist(rank, world_size, local_rank, dev)
 
 
@@ -115,6 +124,53 @@ def build_model(
         ids = [d.device.index] if d.device.type == "cuda" else None
         return model, nn.parallel.DistributedDataParallel(model, device_ids=ids)
     return model, model
+
+
+class Watchdog:
+    """Says, from a process waiting on the others, where it waits and for how long.
+
+    A stalled process (stopped, swapping, stuck in I/O) leaves the others blocked in a collective
+    until the process group's timeout ends the run, which looked like a silent hang. The loop names
+    each region that waits on the other processes with ``waiting(what)``; while one lasts, a daemon
+    thread prints a line every ``min(60 s, timeout / 10)``, so the first comes well before the
+    timeout fires. With one process it does nothing.
+    """
+
+    def __init__(self, d: Dist, timeout_s: float):
+        self.rank, self.timeout_s = d.rank, timeout_s
+        self.every_s = min(60.0, timeout_s / 10)
+        self._region: tuple[str, float] | None = None  # (what, since), replaced whole so the thread reads it safely
+        self._stop = threading.Event()
+        self._thread = None
+        if d.world_size > 1:
+            self._thread = threading.Thread(target=self._watch, name="llama_fast-watchdog", daemon=True)
+            self._thread.start()
+
+    @contextlib.contextmanager
+    def waiting(self, what: str):
+        self._region = (what, time.monotonic())
+        try:
+            yield
+        finally:
+            self._region = None
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def _watch(self) -> None:
+        reported = None  # the region last reported, and how many lines it had
+        while not self._stop.wait(min(1.0, self.every_s / 4)):
+            region = self._region
+            if region is None:
+                continue
+            what, since = region
+            waited = time.monotonic() - since
+            lines = reported[1] if reported and reported[0] is region else 0
+            if waited >= (lines + 1) * self.every_s:
+                print(f"llama_fast rank {self.rank}: waiting {waited:.0f} s for the other processes in {what}; one "
+                      f"of them may be stalled (train.collective_timeout_s = {self.timeout_s:g} ends the run)",
+                      file=sys.stderr, flush=True)
+                reported = (region, lines + 1)
 
 
 def is_fsdp(model: nn.Module) -> bool:

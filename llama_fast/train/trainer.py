@@ -12,7 +12,9 @@ import contextlib
 import gc
 import math
 import random
+import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -25,7 +27,17 @@ from ..tokenizer import Tokenizer
 from . import checkpoint as ckpt
 from .config import TrainConfig, default_lr
 from .metrics import Metrics, peak_flops, peak_memory_gib, plot_loss_curve
-from .parallelize import Dist, all_reduce_mean, any_rank, barrier, build_model, choose_parallel, init_distributed, shutdown
+from .parallelize import (
+    Dist,
+    Watchdog,
+    all_reduce_mean,
+    any_rank,
+    barrier,
+    build_model,
+    choose_parallel,
+    init_distributed,
+    shutdown,
+)
 
 
 class NonFiniteError(RuntimeError):
@@ -55,7 +67,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def prepare_data(config: TrainConfig, d: Dist, vocab_size: int) -> Path:
+def prepare_data(config: TrainConfig, d: Dist, vocab_size: int, watchdog: Watchdog) -> Path:
     """The prepared data directory: given, or built once (rank 0) into the cache."""
     sources = config.data.sources
     if len(sources) == 1 and (Path(sources[0]) / "meta.json").is_file():
@@ -71,7 +83,8 @@ def prepare_data(config: TrainConfig, d: Dist, vocab_size: int) -> Path:
         print(f"preparing data into {data_dir} (once; later runs reuse it)", flush=True)
         prepare(parsed, data_dir, tokenizer=tokenizer, vocab_size=vocab_size, val_fraction=config.data.val_fraction,
                 progress=config.log.progress)
-    barrier(d)
+    with watchdog.waiting("the barrier after data preparation (rank 0 prepares the data)"):
+        barrier(d)
     return data_dir
 
 
@@ -113,7 +126,8 @@ class Trainer:
         self.accum_steps = t.batch_tokens // per_pass
         self.global_sequences = t.batch_tokens // self.seq_len
 
-        self.data_dir = prepare_data(config, d, self.model_config.vocab_size)
+        self.watchdog = Watchdog(d, t.collective_timeout_s)
+        self.data_dir = prepare_data(config, d, self.model_config.vocab_size, self.watchdog)
         meta = read_meta(self.data_dir)
         _check_vocab(meta["vocab_size"], self.model_config.vocab_size, self.data_dir)
         self.tokenizer_path = self.data_dir / meta["tokenizer"]
@@ -148,23 +162,27 @@ class Trainer:
         source, offset = self.batches.rows(step, self.global_sequences)
         mb = self.config.train.micro_batch
         loss_sum = torch.zeros((), device=d.device)
-        for micro in range(self.accum_steps):
-            rows = slice((micro * d.world_size + d.rank) * mb, (micro * d.world_size + d.rank + 1) * mb)
-            tokens = torch.from_numpy(self.batches.read(source[rows], offset[rows])).to(d.device, non_blocking=True)
-            inputs, targets = tokens[:, :-1], tokens[:, 1:]  # (mb, seq_len) each
-            last = micro == self.accum_steps - 1
-            no_sync = self.wrapped.no_sync() if hasattr(self.wrapped, "no_sync") and not last else contextlib.nullcontext()
-            with no_sync:  # entered once: a DDP no_sync() context cannot be entered twice
-                with self.autocast:
-                    _, loss = self.wrapped(inputs, targets)
-                (loss / self.accum_steps).backward()
-            loss_sum += loss.detach()
+        waits_in = {"ddp": " (DDP's gradient all-reduce)", "fsdp": " (FSDP's all-gathers and reduce-scatters)"}
+        with self.watchdog.waiting(f"step {step}'s forward/backward{waits_in.get(self.config.train.parallel, '')}"):
+            for micro in range(self.accum_steps):
+                rows = slice((micro * d.world_size + d.rank) * mb, (micro * d.world_size + d.rank + 1) * mb)
+                tokens = torch.from_numpy(self.batches.read(source[rows], offset[rows])).to(d.device, non_blocking=True)
+                inputs, targets = tokens[:, :-1], tokens[:, 1:]  # (mb, seq_len) each
+                last = micro == self.accum_steps - 1
+                no_sync = (self.wrapped.no_sync() if hasattr(self.wrapped, "no_sync") and not last
+                           else contextlib.nullcontext())
+                with no_sync:  # entered once: a DDP no_sync() context cannot be entered twice
+                    with self.autocast:
+                        _, loss = self.wrapped(inputs, targets)
+                    (loss / self.accum_steps).backward()
+                loss_sum += loss.detach()
 
         max_norm = o.grad_clip if o.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
-            grad_norm = grad_norm.full_tensor()
-        loss_value = all_reduce_mean(loss_sum / self.accum_steps, d).item()
+        with self.watchdog.waiting(f"step {step}'s gradient clipping and loss all-reduce"):
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+            if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+                grad_norm = grad_norm.full_tensor()
+            loss_value = all_reduce_mean(loss_sum / self.accum_steps, d).item()
         grad_norm_value = grad_norm.item()
         if not (math.isfinite(loss_value) and math.isfinite(grad_norm_value)):
             raise NonFiniteError(
@@ -202,32 +220,70 @@ class Trainer:
             config=self.config.to_dict(),
             model_config=self.model_config.to_dict(),
         )
-        return ckpt.save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state, self.d,
-                                    self.config.checkpoint.keep, tokenizer_path=self.tokenizer_path)
+        with self.watchdog.waiting(f"the checkpoint save of step {self.step}"):
+            return ckpt.save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state, self.d,
+                                        self.config.checkpoint.keep, tokenizer_path=self.tokenizer_path)
 
     def maybe_resume(self) -> None:
         resume = self.config.checkpoint.resume
         if resume == "never":
             return
-        if resume == "auto":
-            path = ckpt.latest_checkpoint(ckpt.checkpoint_dir(self.run_dir))
-            if path is None:
+        if resume != "auto":
+            self.resume_from(Path(resume))
+            return
+        candidates = ckpt.list_checkpoints(ckpt.checkpoint_dir(self.run_dir))[::-1]
+        if candidates:
+            self.resume_from_newest_that_loads(candidates)
+
+    def resume_from_newest_that_loads(self, candidates: list[Path]) -> None:
+        """Automatic resume: the newest checkpoint that loads on every rank, saying which it skipped and why.
+
+        Loading reads only (no collective), so the ranks agree after each try; a damaged checkpoint
+        leaves the model and optimizer partly overwritten, which the next one overwrites whole.
+        """
+        skipped = []
+        for path in candidates:
+            error = None
+            try:
+                self.resume_from(path)
+            except ckpt.CheckpointError as e:
+                error = e
+            if not any_rank(error is not None, self.d):
+                if skipped and self.d.is_main:
+                    print(f"resuming from {path.name}, the newest checkpoint that loads", flush=True)
                 return
-        else:
-            path = Path(resume)
+            rank = f"rank {self.d.rank}: " if self.d.world_size > 1 else ""
+            if error is not None:
+                print(f"{rank}skipping damaged checkpoint {path.name}: {error}", flush=True)
+            elif self.d.is_main:
+                print(f"skipping checkpoint {path.name}: another process could not load it (its message says why)",
+                      flush=True)
+            skipped.append(path.name)
+        raise ckpt.CheckpointError(
+            candidates[0].parent, ", ".join(skipped),
+            "no checkpoint of this run loads (the reasons are printed above); move them away or start over with "
+            "--checkpoint.resume never")
+
+    def resume_from(self, path: Path) -> None:
         state = ckpt.load_checkpoint(path, self.model, self.optimizer, self.d)
-        self.step, self.resumed_from = state["step"], path
-        saved_seq = state["data"]["seq_len"]
-        if saved_seq != self.seq_len or state["data"]["global_sequences"] != self.global_sequences:
+        data = ckpt.checked_field(state, "data", dict, path, "state.json")
+        saved_seq, saved_sequences = (ckpt.checked_field(data, k, int, path, "state.json", "data")
+                                      for k in ("seq_len", "global_sequences"))
+        if saved_seq != self.seq_len or saved_sequences != self.global_sequences:
             raise ValueError(
-                f"checkpoint {path} was trained with seq_len {saved_seq} and {state['data']['global_sequences']} "
+                f"checkpoint {path} was trained with seq_len {saved_seq} and {saved_sequences} "
                 f"sequences per step; this run has {self.seq_len} and {self.global_sequences}"
             )
+        self.step, self.resumed_from = state["step"], path
 
     # ---- the run ------------------------------------------------------------------------
     def _on_signal(self, signum, frame) -> None:
-        if self.stop_requested:  # a second signal: stop now
-            raise KeyboardInterrupt
+        """SIGINT/SIGTERM: finish the step, save, exit. Later signals change nothing: raising here would lose
+        the save under way (a scheduler and torchrun often deliver SIGTERM twice, moments apart)."""
+        if self.stop_requested and self.d.is_main:  # os.write: print() may be mid-write on this thread
+            note = (f"llama_fast: {signal.Signals(signum).name} again: already stopping; the checkpoint is saved "
+                    "before exiting (SIGKILL stops without saving)\n")
+            os.write(sys.stderr.fileno(), note.encode())
         self.stop_requested = True
 
     def run(self) -> dict:
@@ -265,10 +321,13 @@ class Trainer:
                                 peak_mem_gib=peak_memory_gib(d.device))
                     tick, tokens_since = time.perf_counter(), 0
                 if (c.log.eval_interval and step % c.log.eval_interval == 0) or step == c.train.max_steps:
-                    val = self.evaluate()
+                    with self.watchdog.waiting(f"the validation at step {step}"):
+                        val = self.evaluate()
                     if val is not None:
                         metrics.log(step, val_loss=val, val_ppl=math.exp(min(val, 50.0)))
-                if any_rank(self.stop_requested, d):
+                with self.watchdog.waiting(f"the stop-signal check after step {step}"):
+                    stop = any_rank(self.stop_requested, d)
+                if stop:
                     metrics.print(f"stop requested: saving a checkpoint at step {step} and exiting")
                     self.stop_requested = True
                     break
@@ -281,6 +340,7 @@ class Trainer:
             for s, handler in previous.items():
                 signal.signal(s, handler)
             metrics.close()
+            self.watchdog.close()
         summary = dict(step=self.step, loss=last_loss, checkpoint=str(path), stopped=self.stop_requested)
         if d.is_main:
             png = plot_loss_curve(metrics.path, ckpt.checkpoint_dir(self.run_dir) / "loss_curve.png")
@@ -302,7 +362,7 @@ class Trainer:
 def train(config: TrainConfig) -> dict:
     """Run (or resume) training; returns a summary (final step, loss, checkpoint, sample)."""
     config.validate()
-    d = init_distributed(config.train.device)
+    d = init_distributed(config.train.device, config.train.collective_timeout_s)
     try:
         summary = Trainer(config, d).run()
         # Free the model (FSDP's state holds collective work in reference cycles) while its process
