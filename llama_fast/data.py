@@ -19,7 +19,6 @@ trainer runs on a fresh machine with no download. Command line: ``llama-fast pre
 """
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
@@ -31,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, expand_paths, read_text
 
 FORMAT = "llama_fast.tokens/1"
 DEFAULT_SOURCE_NAME = "stdlib"
@@ -82,34 +81,6 @@ def default_corpus_files() -> list[Path]:
 
 def default_source() -> Source:
     return Source(DEFAULT_SOURCE_NAME, [str(p) for p in default_corpus_files()])
-
-
-def expand_paths(inputs: list[str]) -> list[Path]:
-    """Files, directories (every file below, recursively) and globs -> a sorted list of files."""
-    files: set[Path] = set()
-    for spec in inputs:
-        path = Path(spec).expanduser()
-        if path.is_file():
-            found = [path]
-        elif path.is_dir():
-            found = [p for p in path.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.relative_to(path).parts)]
-        elif any(ch in spec for ch in "*?["):
-            found = [Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True) if Path(p).is_file()]
-        else:
-            raise FileNotFoundError(f"data input {spec!r}: no such file or directory")
-        if not found:
-            raise FileNotFoundError(f"data input {spec!r}: matched no files")
-        files.update(found)
-    return sorted(files)
-
-
-def read_text(path: Path) -> str | None:
-    """The file's text, or None for a binary (non-UTF-8) or empty file."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        return None
-    return text if text.strip() else None
 
 
 def _chunks(files: list[Path], max_bytes: int):

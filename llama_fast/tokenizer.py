@@ -2,11 +2,14 @@
 
 ``Tokenizer(path)`` loads any SentencePiece ``tokenizer.model`` (Meta's included: vocab
 32000, unk=0, bos=1, eos=2, no pad); ``Tokenizer.train(...)`` trains a new one with the
-paper's options. Command line: ``llama-fast tokenizer train|encode|decode``.
+paper's options. ``expand_paths`` and ``read_text`` turn files, directories and globs into
+texts, for training here and for ``llama_fast.data``, which tokenizes with this module.
+Command line: ``llama-fast tokenizer train|encode|decode``.
 """
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import sys
 from collections.abc import Iterable, Iterator
@@ -143,6 +146,34 @@ class Tokenizer:
         return cls(output_path)
 
 
+def expand_paths(inputs: list[str]) -> list[Path]:
+    """Files, directories (every file below, recursively) and globs -> a sorted list of files."""
+    files: set[Path] = set()
+    for spec in inputs:
+        path = Path(spec).expanduser()
+        if path.is_file():
+            found = [path]
+        elif path.is_dir():
+            found = [p for p in path.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.relative_to(path).parts)]
+        elif any(ch in spec for ch in "*?["):
+            found = [Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True) if Path(p).is_file()]
+        else:
+            raise FileNotFoundError(f"data input {spec!r}: no such file or directory")
+        if not found:
+            raise FileNotFoundError(f"data input {spec!r}: matched no files")
+        files.update(found)
+    return sorted(files)
+
+
+def read_text(path: Path) -> str | None:
+    """The file's text, or None for a binary (non-UTF-8) or empty file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        return None
+    return text if text.strip() else None
+
+
 def _nonempty_lines(texts: Iterable[str]) -> Iterator[str]:
     """SentencePiece trains on lines; split multi-line texts and drop empty lines."""
     seen = False
@@ -156,8 +187,6 @@ def _nonempty_lines(texts: Iterable[str]) -> Iterator[str]:
 
 
 def _cmd_train(args) -> int:
-    from .data import expand_paths, read_text  # data imports this module: import lazily
-
     files = expand_paths(args.input)
     texts = (t for t in map(read_text, files) if t is not None)  # binary files skipped
     tok = Tokenizer.train(texts, args.vocab_size, args.output, input_sentence_size=args.input_sentence_size)

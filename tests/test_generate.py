@@ -5,7 +5,7 @@ from synthetic_text import write_corpus
 
 from llama_fast import Llama, LlamaConfig, cli
 from llama_fast.data import parse_source, prepare
-from llama_fast.generate import next_token, sample
+from llama_fast.model import next_token, sample
 from llama_fast.train import build_parser
 from llama_fast.train.config import from_args
 from llama_fast.train.trainer import train

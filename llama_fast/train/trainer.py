@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..data import TokenBatches, cache_key, parse_source, prepare, read_meta
-from ..generate import sample
+from ..model import sample
 from ..tokenizer import Tokenizer
 from . import checkpoint as ckpt
 from .config import TrainConfig, default_lr
