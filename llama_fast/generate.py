@@ -17,31 +17,20 @@ from .model import Llama, sample
 
 def load_for_sampling(path: str | Path, backend: str, device, dtype: torch.dtype | None) -> Llama:
     """A llama_fast checkpoint or run directory, else imported LLaMA weights."""
+    from .convert import is_run, load_pretrained
+
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"--checkpoint: no such file or directory {str(path)!r}")
-    if (path / "state.json").is_file() or (path / "checkpoints").is_dir():
+    if is_run(path):
         from .train.checkpoint import load_model
 
         return load_model(path, backend=backend, device=device, dtype=dtype)
-    from .convert import load_pretrained  # Hugging Face or Meta weights
-
     return load_pretrained(str(path), backend=backend, dtype=dtype, device=device).eval()
 
 
-def find_tokenizer(path: Path) -> Path:
-    from .train.checkpoint import checkpoint_dir, latest_checkpoint
-
-    candidates = [path / "tokenizer.model"]
-    if (latest := latest_checkpoint(checkpoint_dir(path))) is not None:
-        candidates.insert(0, latest / "tokenizer.model")
-    for c in candidates:
-        if c.is_file():
-            return c
-    raise FileNotFoundError(f"no tokenizer.model in {str(path)!r}; pass --tokenizer PATH")
-
-
 def _cmd_generate(args) -> int:
+    from .convert import find_tokenizer
     from .tokenizer import Tokenizer
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -49,7 +38,10 @@ def _cmd_generate(args) -> int:
     dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     path = Path(args.checkpoint)
     model = load_for_sampling(path, backend, device, dtype)
-    tok = Tokenizer(args.tokenizer or find_tokenizer(path))
+    tokenizer = args.tokenizer or find_tokenizer(path)
+    if tokenizer is None:
+        raise FileNotFoundError(f"no tokenizer.model in {str(path)!r}; pass --tokenizer PATH")
+    tok = Tokenizer(tokenizer)
     if tok.vocab_size > model.config.vocab_size:
         raise ValueError(
             f"tokenizer vocabulary ({tok.vocab_size}) does not fit the model's vocab_size ({model.config.vocab_size})"
