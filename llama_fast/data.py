@@ -200,13 +200,27 @@ def _tokenize_source(source, files, tok, dtype, out, val_fraction, seed, progres
     return dict(documents=documents, skipped_files=skipped, train_tokens=counts["train"], val_tokens=counts["val"])
 
 
+def default_cache_dir() -> Path:
+    """Where the trainer keeps prepared data, shared by every run: $LLAMA_FAST_CACHE, else
+    $XDG_CACHE_HOME/llama_fast/data (~/.cache/llama_fast/data)."""
+    if os.environ.get("LLAMA_FAST_CACHE"):
+        return Path(os.environ["LLAMA_FAST_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llama_fast" / "data"
+
+
 def cache_key(sources: list[Source] | None, tokenizer: str | None, vocab_size: int, val_fraction: float, seed: int) -> str:
-    """A name for the prepared form of these inputs, for reuse across runs."""
+    """A name for the prepared form of these inputs, for reuse across runs: it changes when a file is added,
+    removed or rewritten (path, size, modification time), or the tokenizer or the split does."""
     sources = sources or [default_source()]
+
+    def stamp(path: Path) -> tuple:
+        st = path.stat()
+        return str(path.resolve()), st.st_size, st.st_mtime_ns
+
     desc = dict(
         format=FORMAT,
-        sources=[(s.name, [str(Path(p).expanduser().resolve()) for p in s.inputs], s.weight) for s in sources],
-        tokenizer=None if tokenizer is None else (str(Path(tokenizer).resolve()), Path(tokenizer).stat().st_mtime_ns),
+        sources=[(s.name, [stamp(f) for f in expand_paths(s.inputs)], s.weight) for s in sources],
+        tokenizer=None if tokenizer is None else stamp(Path(tokenizer)),
         vocab_size=vocab_size,
         val_fraction=val_fraction,
         seed=seed,
