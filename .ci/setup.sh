@@ -26,7 +26,8 @@ build_id=$( { find csrc setup.py pyproject.toml CMakeLists.txt -type f -print0 |
   command -v nvcc || true
   env | grep -E '^(LLAMA_FAST_SKIP_BUILD|LLAMA_FAST_SKIP_CUDA_BUILD|TORCH_CUDA_ARCH_LIST)=' | sort || true
 } | sha256sum | cut -d' ' -f1)
-if [ "$(cat "$VENV/.llama_fast_build_id" 2>/dev/null)" = "$build_id" ] && python -c "import llama_fast" 2>/dev/null; then
+if [ "$(cat "$VENV/.llama_fast_build_id" 2>/dev/null)" = "$build_id" ] \
+    && python -c "import llama_fast" 2>/dev/null; then
   echo "setup: csrc/ and the build unchanged since the last build; not rebuilding the extension" >&2
 else
   python -m pip install -q -e . --no-build-isolation --no-deps

@@ -1,10 +1,11 @@
 """``llama-fast generate --checkpoint PATH --prompt TEXT``: text from a trained or imported model.
 
 The command's layer: it loads (checkpoints, imported weights, the tokenizer) and samples
-with ``llama_fast.model.sample``, which the trainer uses too. PATH is a llama_fast checkpoint (or a run directory: its latest checkpoint), or imported
-LLaMA weights (a Hugging Face or Meta directory, read by ``llama_fast.convert``). The
-prompt is run through the model once to fill the cache; then one token at a time is drawn
-with temperature and nucleus (top-p) sampling from a seeded generator.
+with ``llama_fast.model.sample``, which the trainer uses too. PATH is a llama_fast
+checkpoint (or a run directory: its latest checkpoint), or imported LLaMA weights (a
+Hugging Face or Meta directory, read by ``llama_fast.convert``). The prompt is run through
+the model once to fill the cache; then one token at a time is drawn with temperature and
+nucleus (top-p) sampling from a seeded generator.
 """
 from __future__ import annotations
 

@@ -171,7 +171,8 @@ def test_the_vocabulary_comes_from_the_tokenizer_unless_set(tmp_path, data):
     args = [a for a in tiny_args(tmp_path, data, "--steps", "1") if a not in ("--model.vocab_size", str(VOCAB))]
     summary = train(from_args(build_parser().parse_args(args)))
     state = ckpt.read_state(summary["checkpoint"])
-    assert state["model_config"]["vocab_size"] == VOCAB and state["config"]["model"]["overrides"] == {"vocab_size": VOCAB}
+    assert state["model_config"]["vocab_size"] == VOCAB
+    assert state["config"]["model"]["overrides"] == {"vocab_size": VOCAB}
     with pytest.raises(ValueError, match="vocabulary of 512 ids, which does not fit the model's vocab_size 300"):
         run(tmp_path / "set", data, "--model.vocab_size", "300")  # set: kept, and checked
 

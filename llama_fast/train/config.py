@@ -165,7 +165,8 @@ class TrainConfig:
         for name in ("train.max_steps", "train.batch_tokens", "train.micro_batch", "checkpoint.keep",
                      "log.interval", "log.eval_batches"):
             _check_min(name, self._get(name), 1)
-        for name in ("data.seq_len", "train.cpu_threads", "checkpoint.interval", "log.eval_interval", "log.sample_tokens",
+        for name in ("data.seq_len", "train.cpu_threads", "checkpoint.interval", "log.eval_interval",
+                     "log.sample_tokens",
                      "optim.weight_decay", "optim.grad_clip", "optim.lr", "log.peak_flops"):
             _check_min(name, self._get(name), 0)
         _check_min("optim.warmup_steps", self.optim.warmup_steps, -1)

@@ -49,8 +49,8 @@ def read_jsonl(path: str | Path) -> list[dict]:
 class Metrics:
     """Rank 0 writes; on other ranks every method is a no-op."""
 
-    def __init__(self, run_dir: str | Path, enabled: bool, start_step: int, max_steps: int, progress: bool, tensorboard: bool,
-                 wandb_project: str | None = None, run_config: dict | None = None):
+    def __init__(self, run_dir: str | Path, enabled: bool, start_step: int, max_steps: int, progress: bool,
+                 tensorboard: bool, wandb_project: str | None = None, run_config: dict | None = None):
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         self.bar = self.writer = self.wandb = None
@@ -65,7 +65,8 @@ class Metrics:
             try:
                 import wandb
             except ImportError:
-                raise ValueError("log.wandb needs the wandb package (pip install wandb), which is not installed") from None
+                raise ValueError("log.wandb needs the wandb package (pip install wandb), which is not installed") \
+                    from None
             self.wandb = wandb.init(project=wandb_project, dir=str(run_dir), name=Path(run_dir).name, config=run_config)
             self.loggers.append(f"wandb: project {wandb_project}, run {self.wandb.id}")
         self.file = open(self.path, "a")

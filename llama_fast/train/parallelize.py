@@ -1,10 +1,10 @@
 """Parallelism, applied to a model from outside it (the model never imports torch.distributed).
 
 ``init_distributed`` joins the process group torchrun describes (NCCL on GPUs, gloo on
-CPU); ``cpu_threads`` sizes each process's share of the CPU. ``build_model`` builds the model on the meta device and materializes it on the
-target device: whole for one process or DDP, shard by shard for FSDP2 (``fully_shard`` on
-each block, then the root; ``to_empty`` then ``init_weights``, so no process ever holds the
-full model).
+CPU); ``cpu_threads`` sizes each process's share of the CPU. ``build_model`` builds the
+model on the meta device and materializes it on the target device: whole for one process
+or DDP, shard by shard for FSDP2 (``fully_shard`` on each block, then the root;
+``to_empty`` then ``init_weights``, so no process ever holds the full model).
 """
 from __future__ import annotations
 
