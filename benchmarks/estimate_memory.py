@@ -1,6 +1,7 @@
 """Estimated peak GPU memory of one training step, computed on the CPU with meta tensors.
 
-    python benchmarks/estimate_memory.py                      # "1B" flavor, batch 4 x 2048, both backends
+    python benchmarks/estimate_memory.py                      # "1B" flavor, batch 4 x 2048, our fused kernels
+    python benchmarks/estimate_memory.py --backend fused --backend reference   # both, one labelled line each
     python benchmarks/estimate_memory.py --backend fused --flavor small --batch 2 --seq 256
     python benchmarks/estimate_memory.py --backend fused --recompute cheap  # Llama(recompute=...)
 
@@ -57,6 +58,7 @@ from torch.distributed._tools.mem_tracker import MemTracker
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from llama_fast import Llama, LlamaConfig
+from llama_fast.config import flavor_name
 from llama_fast import _extension
 from llama_fast.model import RECOMPUTE
 
@@ -410,7 +412,7 @@ def report(e: Estimate) -> str:
         lines.append(f"  largest per-op CUDA scratch: {op.op} {_mib(op.bytes)} ({scratch})")
     lines += [
         f"at opt.step() (params + grads + state + leftovers) {_gib(e.step_phase)}",
-        f"ESTIMATED PEAK {_gib(e.peak)}",
+        f"ESTIMATED PEAK {_gib(e.peak)}   ({label(e)})",
         f"  with gradient accumulation (gradients alive through every micro-batch): at most {_gib(e.peak + e.grads)}"
         " (peak + gradients)",
         "not included: caching-allocator rounding and fragmentation, cuBLAS workspaces, the CUDA context;"
@@ -419,25 +421,39 @@ def report(e: Estimate) -> str:
     return "\n".join(lines)
 
 
+def label(e: Estimate) -> str:
+    """What was estimated, in the words of the command line."""
+    return f"backend {e.backend}, recompute {e.recompute}, batch {e.batch} x seq {e.seq}"
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--flavor", default="1B", help="LlamaConfig.from_name flavor (default 1B)")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser.add_argument("--flavor", default="1B", help="LlamaConfig.from_name flavor, any case (default 1B)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=2048)
-    parser.add_argument("--backend", choices=BACKENDS, action="append", help="repeatable; default: all")
+    parser.add_argument("--backend", choices=BACKENDS, action="append",
+                        help="repeatable; default: fused (our kernels; reference is plain PyTorch)")
     parser.add_argument("--recompute", choices=RECOMPUTE, default="none",
                         help="Llama(recompute=...): none, cheap (fused backend only) or blocks (default none)")
     parser.add_argument("--deterministic", action="store_true", help="the attention backward without atomics")
     parser.add_argument("--sms", type=int, default=H100_SMS, help="SM count for the RMSNorm dw partials")
     args = parser.parse_args(argv)
-    config = LlamaConfig.from_name(args.flavor)
-    backends = args.backend or (("fused",) if args.recompute == "cheap" else BACKENDS)
+    try:
+        flavor = flavor_name(args.flavor, "--flavor")
+    except ValueError as exc:
+        parser.error(str(exc))
+    config = LlamaConfig.from_name(flavor)
+    backends = args.backend or ["fused"]
     if args.recompute == "cheap" and "reference" in backends:
         parser.error("--recompute cheap needs the fused backend (its ops are fused ops), got --backend reference")
-    for backend in backends:
-        print(report(estimate(config, backend, args.batch, args.seq, deterministic=args.deterministic,
-                              num_sms=args.sms, recompute=args.recompute)))
+    estimates = [estimate(config, backend, args.batch, args.seq, deterministic=args.deterministic, num_sms=args.sms,
+                          recompute=args.recompute) for backend in backends]
+    for e in estimates:
+        print(report(e))
         print()
+    if len(estimates) > 1:  # the answers last, each with what it answers
+        for e in estimates:
+            print(f"ESTIMATED PEAK {_gib(e.peak)}   ({flavor}, {label(e)})")
     return 0
 
 

@@ -49,9 +49,7 @@ class LlamaConfig:
     @classmethod
     def from_name(cls, name: str, **overrides) -> "LlamaConfig":
         """A named flavor ("7B", "13B", "33B", "65B", "1B", "small", "tiny"), optionally overridden."""
-        if name not in FLAVORS:
-            raise ValueError(f"unknown LLaMA flavor {name!r}; expected one of {sorted(FLAVORS)}")
-        return cls(**{**FLAVORS[name], **overrides})
+        return cls(**{**FLAVORS[flavor_name(name)], **overrides})
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
@@ -89,6 +87,14 @@ FLAVORS: dict[str, dict] = {
     "small": dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=4096, ffn_hidden=704, max_seq_len=256),
     "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, ffn_hidden=176, max_seq_len=128),
 }
+
+def flavor_name(name: str, what: str = "LLaMA flavor") -> str:
+    """The flavor's name as FLAVORS spells it, whatever the case ("1b" -> "1B")."""
+    found = {k.lower(): k for k in FLAVORS}.get(str(name).lower())
+    if found is None:
+        raise ValueError(f"unknown {what} {name!r}; expected one of {sorted(FLAVORS)} (any case)")
+    return found
+
 
 # Peak learning rates from Table 2, used by the trainer's defaults.
 PAPER_LR = {"7B": 3e-4, "13B": 3e-4, "33B": 1.5e-4, "65B": 1.5e-4}

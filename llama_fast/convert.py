@@ -12,7 +12,10 @@ names of ``llama_fast.Llama`` (fused ``attn.wqkv`` = [q; k; v] rows and ``mlp.w_
   ones (wo, w2) along dim 1, the embedding along dim 1 (LLaMA 1 and 2) or dim 0 (LLaMA 3),
   norms are replicated. Meta rotates interleaved pairs (2i, 2i+1) of each head; we rotate
   (i, i + D/2), so the rows of wq and wk are permuted once, here, at load.
-* llama_fast: one safetensors file whose metadata holds the LlamaConfig as JSON.
+* llama_fast: one safetensors file whose metadata holds the LlamaConfig as JSON, or a trained
+  run: a checkpoint directory, or a run directory (its latest checkpoint). A Hugging Face export
+  of a run carries the run's tokenizer (``tokenizer.json`` and the rest), so ``AutoTokenizer``
+  and ``AutoModelForCausalLM`` both load the directory.
 
 Loading never runs pickled code: safetensors, or ``torch.load(weights_only=True)``. Bad
 input (missing files, corrupt files, wrong shapes, missing or unexpected tensors, model
@@ -26,13 +29,13 @@ import dataclasses
 import json
 import os
 import re
-import sys
 from pathlib import Path
 
 import torch
 
 from .config import LlamaConfig
 from .model import Llama
+from .tokenizer import Tokenizer
 
 HF_CONFIG = "config.json"
 HF_WEIGHTS = "model.safetensors"
@@ -255,9 +258,11 @@ def config_from_hf(hf: dict, where: str = HF_CONFIG) -> LlamaConfig:
     )
 
 
-def config_to_hf(config: LlamaConfig, dtype: torch.dtype = torch.float32) -> dict:
-    """A transformers config.json dict for LlamaForCausalLM (read by transformers 4.45 through 5.x)."""
+def config_to_hf(config: LlamaConfig, dtype: torch.dtype = torch.float32, tokenizer: Tokenizer | None = None) -> dict:
+    """A transformers config.json dict for LlamaForCausalLM (read by transformers 4.45 through 5.x); the
+    tokenizer's bos and eos ids when one is given."""
     dtype_name = str(dtype).removeprefix("torch.")
+    special = {} if tokenizer is None else {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -278,6 +283,7 @@ def config_to_hf(config: LlamaConfig, dtype: torch.dtype = torch.float32) -> dic
         "mlp_bias": False,
         "torch_dtype": dtype_name,  # transformers < 5
         "dtype": dtype_name,  # transformers >= 5
+        **special,
     }
 
 
@@ -409,8 +415,13 @@ def save_hf(
     path: str | os.PathLike,
     max_shard_size: int | str = "5GB",
     dtype: torch.dtype | str | None = None,
+    tokenizer: str | os.PathLike | None = None,
 ) -> Path:
     """Writes a Hugging Face directory that ``LlamaForCausalLM.from_pretrained(path)`` loads.
+
+    With ``tokenizer`` (a SentencePiece .model), ``AutoTokenizer.from_pretrained(path)`` loads it
+    too (see ``Tokenizer.save_hf``), and config.json and generation_config.json carry its bos and
+    eos ids.
 
     ``model_or_state``: a ``Llama`` (``config`` may then be None) or our state dict. Tensors
     are written in ``dtype`` (default: as they are), in shards of at most ``max_shard_size``
@@ -421,6 +432,10 @@ def save_hf(
     from safetensors.torch import save_file
 
     config, state = _model_state(model_or_state, config)
+    tok = None if tokenizer is None else Tokenizer(tokenizer)
+    if tok is not None and tok.vocab_size > config.vocab_size:
+        raise ValueError(f"tokenizer {tokenizer}: its vocabulary ({tok.vocab_size}) does not fit the model's "
+                         f"vocab_size ({config.vocab_size})")
     limit = _parse_size(max_shard_size)
     dtype = parse_dtype(dtype) or state["embed.weight"].dtype
     hf_state = state_to_hf(config, state)
@@ -448,7 +463,11 @@ def save_hf(
         weight_map = {name: file for file, names in zip(files, shards) for name in names}
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (path / HF_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-    (path / HF_CONFIG).write_text(json.dumps(config_to_hf(config, dtype), indent=2) + "\n")
+    (path / HF_CONFIG).write_text(json.dumps(config_to_hf(config, dtype, tok), indent=2) + "\n")
+    if tok is not None:
+        tok.save_hf(path, model_max_length=config.max_seq_len)
+        generation = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id}
+        (path / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     return path
 
 
@@ -609,8 +628,16 @@ def save_weights(model_or_state, path: str | os.PathLike, config: LlamaConfig | 
 
 
 def load_weights_state(path: str | os.PathLike) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
-    """(config, state dict) from a file written by ``save_weights``."""
+    """(config, state dict) from a file written by ``save_weights``, a checkpoint directory or a run directory."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        from .train.checkpoint import load_model  # a trained run (this module sits above the trainer)
+
+        if not is_run(path):
+            raise ValueError(f"{path}: expected a .safetensors file written by save_weights, a checkpoint directory "
+                             "(state.json) or a run directory (checkpoints/step_*); found none of them")
+        model = load_model(path)
+        return model.config, model.state_dict()
     tensors, metadata = _read_safetensors(path)
     if CONFIG_METADATA_KEY not in metadata:
         raise ValueError(
@@ -642,6 +669,22 @@ def load_weights(
 # Any of the three.
 
 
+def is_run(path: Path) -> bool:
+    """A llama_fast checkpoint directory, or a run directory holding checkpoints."""
+    return (path / "state.json").is_file() or (path / "checkpoints").is_dir()
+
+
+def find_tokenizer(path: str | os.PathLike) -> Path | None:
+    """The tokenizer.model beside weights: in the directory, or in a run's latest checkpoint."""
+    from .train.checkpoint import checkpoint_dir, latest_checkpoint
+
+    path = Path(path).expanduser()
+    candidates = [path / "tokenizer.model"]
+    if path.is_dir() and (latest := latest_checkpoint(checkpoint_dir(path))) is not None:
+        candidates.insert(0, latest / "tokenizer.model")
+    return next((c for c in candidates if c.is_file()), None)
+
+
 def detect_format(path: str | os.PathLike) -> str:
     """'hf', 'meta' or 'llama-fast' for a checkpoint path; a clear error when it is none of them."""
     path = Path(path).expanduser()
@@ -650,13 +693,16 @@ def detect_format(path: str | os.PathLike) -> str:
     if path.is_file():
         if path.suffix == ".safetensors":
             return "llama-fast"
+    elif is_run(path):
+        return "llama-fast"
     elif (path / HF_CONFIG).is_file():
         return "hf"
     elif (path / META_PARAMS).is_file():
         return "meta"
     raise ValueError(
         f"{path}: not a checkpoint we can read; expected a Hugging Face directory ({HF_CONFIG} + weights), "
-        f"a Meta directory ({META_PARAMS} + {META_SHARDS}), or a .safetensors file written by save_weights"
+        f"a Meta directory ({META_PARAMS} + {META_SHARDS}), a .safetensors file written by save_weights, "
+        "or a llama_fast checkpoint or run directory"
     )
 
 
@@ -702,20 +748,22 @@ def load_pretrained(
 
 
 def _convert(args) -> int:
-    try:
-        config, state = load_state(args.src, args.src_format)
-        config = with_max_seq_len(config, args.max_seq_len)
-    except (FileNotFoundError, ValueError) as exc:  # bad input: the message says it all, no traceback
-        print(f"llama-fast convert: error: {exc}", file=sys.stderr)
-        return 2
+    tokenizer = args.tokenizer or (find_tokenizer(args.src) if args.dst_format == "hf" else None)
+    if tokenizer is not None:
+        Tokenizer(tokenizer)  # a bad --tokenizer fails before the weights are read
+    config, state = load_state(args.src, args.src_format)
+    config = with_max_seq_len(config, args.max_seq_len)
     dtype = parse_dtype(args.dtype)
     if dtype is not None:
         state = {name: t.to(dtype) for name, t in state.items()}
     if args.dst_format == "hf":
-        save_hf(state, config, args.dst, max_shard_size=args.max_shard_size)
+        save_hf(state, config, args.dst, max_shard_size=args.max_shard_size, tokenizer=tokenizer)
     else:
         save_weights(state, args.dst, config)
     print(f"wrote {args.dst} ({args.dst_format}, {config.num_params() / 1e6:.1f}M parameters)")
+    if args.dst_format == "hf":
+        print(f"tokenizer: {tokenizer}" if tokenizer else
+              "no tokenizer.model beside the weights: AutoTokenizer cannot load the directory; give --tokenizer PATH")
     return 0
 
 
@@ -724,10 +772,12 @@ def add_cli(subparsers) -> None:
         "convert",
         help="convert weights between Hugging Face, Meta and llama_fast formats",
         description="Convert LLaMA weights: Hugging Face directory / Meta consolidated checkpoint / "
-        "llama_fast safetensors file -> Hugging Face directory / llama_fast safetensors file.",
+        "llama_fast safetensors file, checkpoint or run directory -> Hugging Face directory (with the tokenizer: "
+        "AutoModelForCausalLM and AutoTokenizer load it) / llama_fast safetensors file.",
     )
     parser.add_argument("--from", dest="src_format", required=True, choices=sorted(LOADERS), help="source format")
-    parser.add_argument("src", help="source checkpoint (directory, or file for llama-fast)")
+    parser.add_argument("src", help="source checkpoint (directory; for llama-fast a file, a checkpoint or a run "
+                        "directory: its latest checkpoint)")
     parser.add_argument("--to", dest="dst_format", required=True, choices=["hf", "llama-fast"], help="target format")
     parser.add_argument("dst", help="target (directory for hf, .safetensors file for llama-fast)")
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="cast weights (default: keep)")
@@ -735,4 +785,6 @@ def add_cli(subparsers) -> None:
     parser.add_argument("--max-seq-len", type=int, default=None,
                         help="context length to record (default: the source's; Meta's params.json has none, "
                         "2048 is assumed: give 4096 for LLaMA 2, 8192 for LLaMA 3)")
+    parser.add_argument("--tokenizer", help="a SentencePiece .model to write with a Hugging Face export "
+                        "(default: the one beside the weights, e.g. the checkpoint's)")
     parser.set_defaults(func=_convert)

@@ -19,7 +19,6 @@ trainer runs on a fresh machine with no download. Command line: ``llama-fast pre
 """
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
@@ -32,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, expand_paths, read_text
 
 FORMAT = "llama_fast.tokens/1"
 DEFAULT_SOURCE_NAME = "stdlib"
@@ -83,45 +82,6 @@ def default_corpus_files() -> list[Path]:
 
 def default_source() -> Source:
     return Source(DEFAULT_SOURCE_NAME, [str(p) for p in default_corpus_files()])
-
-
-def expand_paths(inputs: list[str]) -> list[Path]:
-    """Files, directories (every file below, recursively) and globs -> a sorted list of files."""
-    files: set[Path] = set()
-    for spec in inputs:
-        path = Path(spec).expanduser()
-        if path.is_file():
-            found = [path]
-        elif path.is_dir():
-            found = [p for p in path.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.relative_to(path).parts)]
-        elif any(ch in spec for ch in "*?["):
-            found = [Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True) if Path(p).is_file()]
-        else:
-            raise FileNotFoundError(f"data input {spec!r}: no such file or directory")
-        if not found:
-            raise FileNotFoundError(f"data input {spec!r}: matched no files")
-        files.update(found)
-    return sorted(files)
-
-
-def read_text(path: Path) -> str | None:
-    """The file's text, or None for a binary or empty file.
-
-    The rule: UTF-8 where the file decodes as UTF-8; otherwise a file without a NUL byte is legacy
-    8-bit text, read as Windows-1252 (or Latin-1, which maps every byte, where Windows-1252 leaves a
-    byte undefined); a file that is not UTF-8 and holds a NUL byte is binary.
-    """
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        if b"\0" in data:
-            return None
-        try:
-            text = data.decode("cp1252")
-        except UnicodeDecodeError:
-            text = data.decode("latin-1")
-    return text if text.strip() else None
 
 
 def _chunks(files: list[Path], max_bytes: int):
@@ -271,13 +231,29 @@ def _tokenize_source(source, files, tok, dtype, out, val_fraction, seed, progres
     return dict(documents=documents, skipped_files=len(skipped), train_tokens=counts["train"], val_tokens=counts["val"])
 
 
+def default_cache_dir() -> Path:
+    """Where the trainer keeps prepared data, shared by every run: $LLAMA_FAST_CACHE, else
+    $XDG_CACHE_HOME/llama_fast/data (~/.cache/llama_fast/data)."""
+    if os.environ.get("LLAMA_FAST_CACHE"):
+        return Path(os.environ["LLAMA_FAST_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llama_fast" / "data"
+
+
 def cache_key(sources: list[Source] | None, tokenizer: str | None, vocab_size: int, val_fraction: float, seed: int) -> str:
-    """A name for the prepared form of these inputs, for reuse across runs."""
+    """A name for the prepared form of these inputs, for reuse across runs: it changes when a file is added,
+    removed or rewritten (path, size, modification time), or the tokenizer, the split or the rule reading text
+    files does."""
     sources = sources or [default_source()]
+
+    def stamp(path: Path) -> tuple:
+        st = path.stat()
+        return str(path.resolve()), st.st_size, st.st_mtime_ns
+
     desc = dict(
         format=FORMAT,
-        sources=[(s.name, [str(Path(p).expanduser().resolve()) for p in s.inputs], s.weight) for s in sources],
-        tokenizer=None if tokenizer is None else (str(Path(tokenizer).resolve()), Path(tokenizer).stat().st_mtime_ns),
+        reading="utf-8; else cp1252 (latin-1) without NUL",  # tokenizer.read_text's rule: a new rule, new data
+        sources=[(s.name, [stamp(f) for f in expand_paths(s.inputs)], s.weight) for s in sources],
+        tokenizer=None if tokenizer is None else stamp(Path(tokenizer)),
         vocab_size=vocab_size,
         val_fraction=val_fraction,
         seed=seed,

@@ -337,3 +337,70 @@ class Llama(nn.Module):
         logits = self.lm_head(x)  # (B, S, vocab)
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         return logits, loss
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling with the KV cache (the trainer's end-of-run sample and `llama-fast generate`).
+
+
+def next_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
+    """logits [B, vocab] -> token ids [B, 1]; temperature 0 is greedy."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, vocab)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (the top token always stays).
+        outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator)
+
+
+@torch.no_grad()
+def sample(
+    model: Llama,
+    prompt: list[int],
+    max_new_tokens: int = 128,
+    *,
+    temperature: float = 0.8,
+    top_p: float = 0.95,
+    seed: int = 0,
+    eos_id: int | None = None,
+    vocab_size: int | None = None,
+) -> list[int]:
+    """The new token ids after ``prompt`` (stops early at ``eos_id``).
+
+    ``vocab_size``: draw only ids below it (the tokenizer's vocabulary, when the model's
+    embedding is padded beyond it).
+    """
+    if not prompt:
+        raise ValueError("sample: prompt must hold at least one token id (e.g. bos), got none")
+    if temperature < 0:
+        raise ValueError(f"sample: temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"sample: top_p must lie in (0, 1], got {top_p}")
+    if max_new_tokens < 0:
+        raise ValueError(f"sample: max_new_tokens must be >= 0, got {max_new_tokens}")
+    config = model.config
+    if len(prompt) >= config.max_seq_len:
+        raise ValueError(
+            f"sample: the prompt has {len(prompt)} tokens; the model's max_seq_len {config.max_seq_len} "
+            "leaves no room for a new one"
+        )
+    max_new_tokens = min(max_new_tokens, config.max_seq_len - len(prompt))
+    device = model.embed.weight.device
+    dtype = torch.bfloat16 if device.type == "cuda" else model.embed.weight.dtype
+    cache = KVCache.empty(config, 1, len(prompt) + max_new_tokens, device, dtype)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    tokens = torch.tensor([prompt], device=device)  # (1, P)
+    out: list[int] = []
+    with autocast:
+        for _ in range(max_new_tokens):
+            logits, _ = model(tokens, cache=cache)  # (1, S, vocab)
+            tokens = next_token(logits[:, -1, :vocab_size], temperature, top_p, generator)  # (1, 1)
+            out.append(int(tokens))
+            if eos_id is not None and out[-1] == eos_id:
+                break
+    return out

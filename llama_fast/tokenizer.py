@@ -2,12 +2,18 @@
 
 ``Tokenizer(path)`` loads any SentencePiece ``tokenizer.model`` (Meta's included: vocab
 32000, unk=0, bos=1, eos=2, no pad); ``Tokenizer.train(...)`` trains a new one with the
-paper's options. Command line: ``llama-fast tokenizer train|encode|decode``.
+paper's options. ``expand_paths`` and ``read_text`` turn files, directories and globs into
+texts, for training here and for ``llama_fast.data``, which tokenizes with this module.
+Command line: ``llama-fast tokenizer train|encode|decode``.
 """
 from __future__ import annotations
 
 import argparse
+import glob
+import json
 import os
+import re
+import shutil
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -71,6 +77,50 @@ class Tokenizer:
         if bad:
             raise ValueError(f"decode: ids must lie in [0, {self.vocab_size}), got {bad[:5]}")
         return self.sp.DecodeIds(ids)
+
+    def save_hf(self, directory: str | os.PathLike, model_max_length: int | None = None) -> None:
+        """Write this tokenizer for ``transformers.AutoTokenizer.from_pretrained(directory)``.
+
+        ``tokenizer.json`` (the `tokenizers` library's format) holds the same BPE: the pieces
+        with their ids, the merges (a piece splits into two pieces of the vocabulary; a merge
+        ranks by the id of the piece it makes, which is SentencePiece's order), byte fallback,
+        the dummy prefix '▁' and spaces as '▁', bos prepended. Text such as "<s>" stays text,
+        as SentencePiece reads it (``split_special_tokens``). ``tokenizer.model`` is copied too.
+        """
+        from tokenizers import AddedToken, decoders, models, normalizers, processors
+        from tokenizers import Tokenizer as FastTokenizer
+
+        sp, directory = self.sp, Path(directory)
+        pieces = [sp.IdToPiece(i) for i in range(self.vocab_size)]
+        vocab = {piece: i for i, piece in enumerate(pieces)}
+        merges = sorted(
+            (i, vocab[piece[:k]], vocab[piece[k:]])
+            for i, piece in enumerate(pieces)
+            if not (sp.IsControl(i) or sp.IsUnknown(i) or sp.IsByte(i))
+            for k in range(1, len(piece))
+            if piece[:k] in vocab and piece[k:] in vocab
+        )
+        fast = FastTokenizer(models.BPE(vocab=vocab, merges=[(pieces[a], pieces[b]) for _, a, b in merges],
+                                        unk_token=pieces[self.unk_id], fuse_unk=True, byte_fallback=True))
+        fast.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        fast.decoder = decoders.Sequence(
+            [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+        )
+        bos, eos, unk = pieces[self.bos_id], pieces[self.eos_id], pieces[self.unk_id]
+        fast.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, self.bos_id)]
+        )
+        fast.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (unk, bos, eos)])
+        directory.mkdir(parents=True, exist_ok=True)
+        fast.save(str(directory / "tokenizer.json"))
+        shutil.copyfile(self.path, directory / "tokenizer.model")
+        special = dict(bos_token=bos, eos_token=eos, unk_token=unk)
+        config = dict(tokenizer_class="PreTrainedTokenizerFast", **special, pad_token=None, split_special_tokens=True,
+                      clean_up_tokenization_spaces=False, add_bos_token=True, add_eos_token=False)
+        if model_max_length is not None:
+            config["model_max_length"] = model_max_length
+        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (directory / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
 
     @classmethod
     def train(
@@ -139,8 +189,59 @@ class Tokenizer:
         try:
             spm.SentencePieceTrainer.Train(**options)
         except RuntimeError as exc:
-            raise ValueError(f"SentencePiece training failed for vocab_size={vocab_size}: {exc}") from exc
+            raise ValueError(_training_error(str(exc), vocab_size)) from exc
         return cls(output_path)
+
+
+def expand_paths(inputs: list[str]) -> list[Path]:
+    """Files, directories (every file below, recursively) and globs -> a sorted list of files."""
+    files: set[Path] = set()
+    for spec in inputs:
+        path = Path(spec).expanduser()
+        if path.is_file():
+            found = [path]
+        elif path.is_dir():
+            found = [p for p in path.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.relative_to(path).parts)]
+        elif any(ch in spec for ch in "*?["):
+            found = [Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True) if Path(p).is_file()]
+        else:
+            raise FileNotFoundError(f"data input {spec!r}: no such file or directory")
+        if not found:
+            raise FileNotFoundError(f"data input {spec!r}: matched no files")
+        files.update(found)
+    return sorted(files)
+
+
+def read_text(path: Path) -> str | None:
+    """The file's text, or None for a binary or empty file.
+
+    The rule: UTF-8 where the file decodes as UTF-8; otherwise a file without a NUL byte is legacy
+    8-bit text, read as Windows-1252 (or Latin-1, which maps every byte, where Windows-1252 leaves a
+    byte undefined); a file that is not UTF-8 and holds a NUL byte is binary.
+    """
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        if b"\0" in data:
+            return None
+        try:
+            text = data.decode("cp1252")
+        except UnicodeDecodeError:
+            text = data.decode("latin-1")
+    return text if text.strip() else None
+
+
+def _training_error(message: str, vocab_size: int) -> str:
+    """SentencePiece's complaint about vocab_size, in terms of our options (it names flags we do not have)."""
+    if found := re.search(r"smaller than required_chars\. \d+ vs (\d+)", message):
+        need = int(found.group(1))
+        return (f"vocab_size {vocab_size} is too small for this text: its {need - MIN_VOCAB_SIZE} distinct characters "
+                f"and the {MIN_VOCAB_SIZE} reserved pieces (256 bytes, unk, bos, eos) need a vocab_size >= {need}")
+    if found := re.search(r"Vocabulary size too high \(\d+\)\. Please set it to a value <= (\d+)", message):
+        return (f"vocab_size {vocab_size} is more than this text can fill: it yields at most {found.group(1)} "
+                f"pieces; use a vocab_size <= {found.group(1)} or more text")
+    return f"SentencePiece training failed for vocab_size={vocab_size}: {message}"
 
 
 def _nonempty_lines(texts: Iterable[str], max_bytes: int) -> Iterator[str]:
@@ -173,8 +274,6 @@ def _cut(line: str, max_bytes: int) -> Iterator[str]:
 
 
 def _cmd_train(args) -> int:
-    from .data import expand_paths, read_text  # data imports this module: import lazily
-
     files = expand_paths(args.input)
     texts = (t for t in map(read_text, files) if t is not None)  # binary files skipped
     tok = Tokenizer.train(texts, args.vocab_size, args.output, input_sentence_size=args.input_sentence_size)

@@ -29,6 +29,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _data_cache(tmp_path_factory):
+    """Data the trainer prepares goes to a cache of the test session, not the user's ~/.cache/llama_fast."""
+    os.environ.setdefault("LLAMA_FAST_CACHE", str(tmp_path_factory.mktemp("llama_fast_cache")))
+    yield
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

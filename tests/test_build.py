@@ -43,6 +43,26 @@ def test_cmake_compiles_csrc_for_sm80_and_sm90(tmp_path):
     assert len(cuda_objects) == len(expected), f"compiled {cuda_objects}, expected {expected}"
 
 
+def test_cmake_defaults_to_sm80_and_sm90_unless_the_user_chooses(tmp_path):
+    """The README's plain `cmake -S . -B build` must not take nvcc's default architecture (sm_75 for nvcc 13,
+    which rejects cp.async and bf16 mma); -DCMAKE_CUDA_ARCHITECTURES and $CUDAARCHS still choose."""
+    missing = [tool for tool in ("cmake", "nvcc") if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"{missing} not on PATH: configuring the CUDA build needs CMake and nvcc")
+
+    def configured(name, *flags, env=None):
+        env = {k: v for k, v in os.environ.items() if k != "CUDAARCHS"} | (env or {})
+        done = subprocess.run(["cmake", "-S", str(ROOT), "-B", str(tmp_path / name), *flags], capture_output=True,
+                              text=True, env=env)
+        assert done.returncode == 0, done.stdout + done.stderr
+        cache = (tmp_path / name / "CMakeCache.txt").read_text()
+        return re.search(r"^CMAKE_CUDA_ARCHITECTURES:\w+=(.*)$", cache, re.M).group(1)
+
+    assert configured("default") == "80;90"
+    assert configured("flag", "-DCMAKE_CUDA_ARCHITECTURES=86") == "86"
+    assert configured("env", env={"CUDAARCHS": "89"}) == "89"
+
+
 # Headers a CPU build of torch refers to from its CUDA headers without shipping them. Declaring the
 # few types those headers use lets the host compiler check bindings.cpp's CUDA half (the binding of
 # every CUDA kernel), which otherwise first compiles on a GPU machine.

@@ -364,6 +364,53 @@ def test_max_seq_len_override(tmp_path, capsys):
     assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.parametrize("tie", [False, True])
+def test_export_of_a_trained_run_loads_in_transformers(tmp_path, capsys, tie):
+    """A run directory (and a checkpoint directory) -> a Hugging Face directory that AutoModelForCausalLM and
+    AutoTokenizer both load: the same logits, the same token ids, the special tokens right."""
+    transformers = pytest.importorskip("transformers")
+    from synthetic_text import write_corpus
+
+    from llama_fast.data import parse_source, prepare
+    from llama_fast.tokenizer import Tokenizer
+    from llama_fast.train import build_parser
+    from llama_fast.train.checkpoint import latest_checkpoint, load_model
+    from llama_fast.train.config import from_args
+    from llama_fast.train.trainer import train
+
+    data = prepare([parse_source(str(write_corpus(tmp_path / "text", 8)))], tmp_path / "prep", vocab_size=300,
+                   progress=False)
+    run = tmp_path / "run"
+    train(from_args(build_parser().parse_args([
+        "--run-dir", str(run), "--data", str(data), "--flavor", "tiny", "--model.tie_embeddings", str(tie),
+        "--seq-len", "32", "--train.batch_tokens", "128", "--train.micro_batch", "4", "--steps", "2",
+        "--log.progress", "false", "--log.sample_tokens", "0"])))
+    checkpoint = latest_checkpoint(run / "checkpoints")
+    assert cli_main(["convert", "--from", "llama-fast", str(run), "--to", "hf", str(tmp_path / "hf")]) == 0
+    assert cli_main(["convert", "--from", "llama-fast", str(checkpoint), "--to", "hf", str(tmp_path / "hf2")]) == 0
+    assert f"tokenizer: {checkpoint / 'tokenizer.model'}" in capsys.readouterr().out
+
+    ours_tok = Tokenizer(checkpoint / "tokenizer.model")
+    text = "def kalo(x, y):  # mine = 4711\n\tlo  ru\n" + "é ✓ 日本 <s> </s>"  # unseen characters: byte fallback
+    ours = load_model(run)
+    for out in (tmp_path / "hf", tmp_path / "hf2"):
+        tok = transformers.AutoTokenizer.from_pretrained(out)
+        ids = tok(text).input_ids
+        assert ids == ours_tok.encode(text, bos=True)
+        assert (tok.bos_token, tok.eos_token, tok.unk_token, tok.pad_token) == ("<s>", "</s>", "<unk>", None)
+        assert (tok.bos_token_id, tok.eos_token_id, tok.unk_token_id) == (1, 2, 0)
+        assert tok.decode(ids, skip_special_tokens=True) == text
+        hf_model = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+        assert (hf_model.config.bos_token_id, hf_model.config.eos_token_id) == (1, 2)
+        assert hf_model.generation_config.eos_token_id == 2
+        tokens = torch.tensor([ids])
+        with torch.no_grad():
+            torch.testing.assert_close(hf_model(tokens).logits, ours(tokens)[0], rtol=1e-5, atol=1e-5)
+    # `llama-fast generate` finds the exported tokenizer by itself.
+    assert cli_main(["generate", "--checkpoint", str(tmp_path / "hf"), "--prompt", "ka", "--max-new-tokens", "3",
+                     "--device", "cpu"]) == 0
+
+
 def test_cli_convert_reports_bad_input_without_traceback(tmp_path, capsys):
     code = cli_main(["convert", "--from", "meta", str(tmp_path), "--to", "hf", str(tmp_path / "out")])
     assert code == 2
@@ -377,8 +424,9 @@ def test_cli_convert_reports_bad_input_without_traceback(tmp_path, capsys):
 
 
 def test_unknown_flavor():
-    with pytest.raises(ValueError, match=r"unknown LLaMA flavor '7b'.*'7B'"):
-        LlamaConfig.from_name("7b")
+    with pytest.raises(ValueError, match=r"unknown LLaMA flavor '7x'.*'7B'"):
+        LlamaConfig.from_name("7x")
+    assert LlamaConfig.from_name("7b") == LlamaConfig.from_name("7B")  # any case
 
 
 def test_parse_dtype_rejects_unknown():

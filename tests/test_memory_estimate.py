@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -252,3 +253,22 @@ def test_cli_recompute_cheap_estimates_the_fused_backend_only(capsys):
     with pytest.raises(SystemExit):
         em.main(["--flavor", "tiny", "--batch", "1", "--seq", "16", "--recompute", "cheap", "--backend", "reference"])
     assert "--recompute cheap needs the fused backend" in capsys.readouterr().err
+
+
+def test_cli_prints_what_was_asked_labelled(capsys):
+    """No --backend: the fused estimate only (the reference one, 143 GiB for 1B, used to be printed last, as if it
+    were the answer); several: one labelled line each, at the end. Flavors in any case."""
+    if not _extension.has_kernel("meta"):
+        pytest.skip("the estimate needs the extension's meta kernels")
+    assert em.main(["--flavor", "TINY", "--batch", "1", "--seq", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "backend reference" not in out
+    assert re.search(r"ESTIMATED PEAK +[\d.]+ GiB +\(backend fused, recompute none, batch 1 x seq 16\)", out), out
+    assert em.main(["--flavor", "tiny", "--batch", "1", "--seq", "16", "--backend", "fused", "--backend",
+                    "reference"]) == 0
+    tail = capsys.readouterr().out.strip().splitlines()[-2:]
+    assert [line.split("(")[1] for line in tail] == ["tiny, backend fused, recompute none, batch 1 x seq 16)",
+                                                    "tiny, backend reference, recompute none, batch 1 x seq 16)"]
+    with pytest.raises(SystemExit):
+        em.main(["--flavor", "2b"])
+    assert "unknown --flavor '2b'" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """The SentencePiece tokenizer: the paper's options (BPE, split digits, byte fallback), ids, errors."""
 import random
+import re
 
 import pytest
 from synthetic_text import document
@@ -75,8 +76,22 @@ def test_errors(corpus, tmp_path):
         Tokenizer.train([corpus], 330, tmp_path / "out.txt")
     with pytest.raises(FileNotFoundError, match="missing"):
         Tokenizer.train([tmp_path / "none.txt"], 330, tmp_path / "x.model")
-    with pytest.raises(ValueError, match="SentencePiece training failed"):
+    with pytest.raises(ValueError, match=r"vocab_size 5000 is more than this text can fill: it yields at most \d+ "
+                                         r"pieces; use a vocab_size <= \d+ or more text"):
         Tokenizer.train(iter(["ab ab ab"]), 5000, tmp_path / "big.model")  # far more pieces than the text holds
+
+
+def test_a_vocabulary_smaller_than_the_characters_is_explained_in_our_terms(tmp_path, capsys):
+    """SentencePiece's own message names --character_coverage, a flag `prepare` does not have."""
+    text = "".join(chr(0x4E00 + (i * 7919) % 300) for i in range(3000))  # about 300 distinct characters
+    (tmp_path / "han.txt").write_text(text)
+    code = cli.main(["prepare", "--data", str(tmp_path / "han.txt"), "--out", str(tmp_path / "out"),
+                     "--vocab-size", "300"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "character_coverage" not in err
+    assert re.search(r"vocab_size 300 is too small for this text: its \d+ distinct characters and the 259 reserved "
+                     r"pieces \(256 bytes, unk, bos, eos\) need a vocab_size >= \d+", err), err
 
 
 def test_decode_rejects_out_of_range_ids(tok):

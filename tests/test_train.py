@@ -60,6 +60,29 @@ def test_lr_schedule():
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
 
 
+def test_cpu_threads_follow_the_free_cores_and_the_processes_of_the_node(monkeypatch):
+    """A thread on a core that other work holds stalls every op (2 threads on a loaded 2-core machine trained 4x
+    slower than 1); torchrun's processes share the node's cores; an explicit count wins."""
+    from llama_fast.train import parallelize
+
+    for name in ("OMP_NUM_THREADS", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(parallelize, "available_cores", lambda: 8)
+    load = [0.2]
+    monkeypatch.setattr(parallelize.os, "getloadavg", lambda: (load[0], 0.0, 0.0))
+    assert parallelize.cpu_threads() == (8, "8 cores, load 0.2, 1 process(es) on this node")
+    load[0] = 3.4
+    assert parallelize.cpu_threads()[0] == 5
+    load[0] = 40.0
+    assert parallelize.cpu_threads()[0] == 1
+    load[0] = 0.0
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
+    assert parallelize.cpu_threads()[0] == 2
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert parallelize.cpu_threads() == (3, "OMP_NUM_THREADS")
+    assert parallelize.cpu_threads(5) == (5, "train.cpu_threads")
+
+
 def test_weight_decay_skips_norms_and_embedding():
     from llama_fast import Llama, LlamaConfig
 
@@ -122,6 +145,93 @@ def test_resume_after_sigterm_matches_uninterrupted_run(tmp_path, data, monkeypa
     again = run(tmp_path / "resumed", data, "--checkpoint.interval", "1", "--checkpoint.keep", "2")
     assert again["step"] == 6 and again["checkpoint"].endswith("step_0000006")  # nothing left to train
     assert losses(tmp_path / "resumed") == losses(tmp_path / "full")
+
+
+def test_resume_says_what_it_does(tmp_path, data, capsys):
+    """Raising max_steps recomputes the schedule, and a checkpoint at or past max_steps leaves nothing to train:
+    both are said, with how to start afresh, instead of happening silently."""
+    run(tmp_path, data, "--steps", "20")
+    capsys.readouterr()
+    run(tmp_path, data, "--steps", "30")
+    out = capsys.readouterr().out
+    assert f"resuming {tmp_path / 'checkpoints' / 'step_0000020'} at step 20" in out
+    assert "--checkpoint.resume never (or another --run-dir) starts afresh" in out
+    assert ("the learning-rate schedule is recomputed: max_steps 20 -> 30, warmup_steps 2 -> 3; step 21 runs at "
+            "lr 3.250e-04 where the checkpoint's schedule had 1.000e-04") in out
+    summary = run(tmp_path, data, "--steps", "10")
+    out = capsys.readouterr().out
+    assert summary["step"] == 30
+    assert "nothing to train: the checkpoint is at step 30 and train.max_steps is 10; a larger --train.max_steps " \
+           "continues it, --checkpoint.resume never (or another --run-dir) starts afresh" in out
+    fresh = run(tmp_path, data, "--steps", "2", "--checkpoint.resume", "never")
+    assert fresh["step"] == 2 and "resuming" not in capsys.readouterr().out
+
+
+def test_the_vocabulary_comes_from_the_tokenizer_unless_set(tmp_path, data):
+    """The tiny flavor (vocab 256) on data prepared with a 512-piece tokenizer: no --model.vocab_size needed."""
+    args = [a for a in tiny_args(tmp_path, data, "--steps", "1") if a not in ("--model.vocab_size", str(VOCAB))]
+    summary = train(from_args(build_parser().parse_args(args)))
+    state = ckpt.read_state(summary["checkpoint"])
+    assert state["model_config"]["vocab_size"] == VOCAB
+    assert state["config"]["model"]["overrides"] == {"vocab_size": VOCAB}
+    with pytest.raises(ValueError, match="vocabulary of 512 ids, which does not fit the model's vocab_size 300"):
+        run(tmp_path / "set", data, "--model.vocab_size", "300")  # set: kept, and checked
+
+
+def test_prepared_data_is_shared_by_runs_of_the_same_sources(tmp_path, monkeypatch, capsys):
+    """Raw text is tokenized once into the cache ($LLAMA_FAST_CACHE), whatever the run directory; a changed file
+    prepares it again."""
+    monkeypatch.setenv("LLAMA_FAST_CACHE", str(tmp_path / "cache"))
+    text = write_corpus(tmp_path / "text", 6, seed=3)
+    args = ["--flavor", "tiny", "--model.vocab_size", "300", "--seq-len", "32",
+            "--train.batch_tokens", "128", "--train.micro_batch", "4", "--steps", "1", "--log.progress", "false",
+            "--log.sample_tokens", "0", "--data", str(text)]
+    dirs = []
+    for run_dir in ("one", "two", "three"):
+        if run_dir == "three":
+            (text / "doc000.txt").write_text("kalo ruta mi\n" * 50)
+        train(from_args(build_parser().parse_args(["--run-dir", str(tmp_path / run_dir), *args])))
+        dirs.append(ckpt.read_state(ckpt.latest_checkpoint(tmp_path / run_dir / "checkpoints"))["data"]["dir"])
+        dirs[-1] = (dirs[-1], "preparing data" in capsys.readouterr().out)
+    assert dirs[0] == (dirs[1][0], True) and dirs[1][1] is False  # the second run reuses the first one's tokens
+    assert Path(dirs[0][0]).parent == tmp_path / "cache"
+    assert dirs[2][0] != dirs[0][0] and dirs[2][1] is True
+
+
+def test_wandb_logs_offline_when_asked(tmp_path, data, monkeypatch):
+    """--log.wandb: every step's loss and the validation loss go to a Weights & Biases run, here in offline mode
+    (written under the run directory, nothing sent)."""
+    pytest.importorskip("wandb", reason="wandb is optional (pip install wandb); CI installs it to run this test")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    import wandb
+
+    logged, inits, real_init = [], [], wandb.init
+
+    def init(**kwargs):  # the real run, its log calls recorded
+        inits.append({k: kwargs[k] for k in ("project", "name", "dir")})
+        assert kwargs["config"]["log"]["wandb"] is True  # the run's whole config goes along
+        wandb_run = real_init(**kwargs)
+        real_log = wandb_run.log
+        monkeypatch.setattr(wandb_run, "log", lambda values, step: (logged.append((step, values)),
+                                                                    real_log(values, step=step)))
+        return wandb_run
+
+    monkeypatch.setattr(wandb, "init", init)
+    run(tmp_path, data, "--steps", "3", "--log.wandb", "true", "--log.wandb_project", "llama_fast_test",
+        "--log.eval_interval", "3")
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and next(runs[0].glob("*.wandb")).stat().st_size > 0, list((tmp_path / "wandb").iterdir())
+    steps = [step for step, _ in logged]
+    assert steps == [1, 2, 3, 3] and all("loss" in values for _, values in logged[:3]), logged
+    assert set(logged[-1][1]) == {"val_loss", "val_ppl"}
+    assert inits == [dict(project="llama_fast_test", name=tmp_path.name, dir=str(tmp_path))]
+
+
+def test_wandb_missing_is_a_clear_error(tmp_path, data, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
+    with pytest.raises(ValueError, match=r"log.wandb needs the wandb package \(pip install wandb\)"):
+        run(tmp_path, data, "--steps", "1", "--log.wandb", "true")
 
 
 def train_torchrun(*args, nproc=2) -> subprocess.CompletedProcess:
@@ -326,12 +436,21 @@ def test_main_job_shortened(tmp_path, data):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "small (" in proc.stdout and "sample (prompt 'def kalo'):\ndef kalo" in proc.stdout
     records = read_jsonl(tmp_path / "metrics.jsonl")
-    train_losses = [r["loss"] for r in records if "loss" in r]
-    assert len(train_losses) == 4 and train_losses[-1] < train_losses[0] - 0.5
+    train_losses = [r["loss"] for r in records if "loss" in r]  # every step, from step 1 (the plot's data)
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 17))
+    assert train_losses[-1] < train_losses[0] - 0.5
+    assert [r["step"] for r in records if "tokens_per_s" in r] == [4, 8, 12, 16]  # the console's lines
+    assert [line.split("|")[0].split() for line in proc.stdout.splitlines() if line.startswith("step")] == [
+        ["step", "4"], ["step", "8"], ["step", "8"], ["step", "12"], ["step", "16"], ["step", "16"]]  # + validation
     assert [r["step"] for r in records if "val_loss" in r] == [8, 16]
     last = [r for r in records if "loss" in r][-1]
     assert last["tokens_per_s"] > 0 and last["mfu"] is None and last["peak_mem_gib"] > 0
     assert (tmp_path / "checkpoints" / "loss_curve.png").is_file()
+    # What each "auto" became, and where the logs go, are on the first lines.
+    assert "\nauto: backend reference, mixed_precision fp32, lr 0.001, warmup_steps 1 (max_steps // 10" in proc.stdout
+    assert re.search(r"cpu threads \d+ \(", proc.stdout)
+    assert re.search(r"\nlogging: .*metrics.jsonl; tensorboard: (not installed \(pip install tensorboard\)|.*tensorboard)",
+                     proc.stdout)
 
 
 def test_sigterm_from_outside_saves_and_exits_cleanly(tmp_path, data):

@@ -11,7 +11,8 @@ import argparse
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     from .config import add_arguments
 
-    parser = parser or argparse.ArgumentParser(prog="python -m llama_fast.train", description=__doc__.splitlines()[0])
+    parser = parser or argparse.ArgumentParser(prog="llama-fast train", description=__doc__.splitlines()[0],
+                                               allow_abbrev=False)
     add_arguments(parser)
     parser.set_defaults(func=main_from_args)
     return parser
@@ -31,12 +32,9 @@ def main_from_args(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    return main_from_args(build_parser().parse_args(argv))
-
-
 def add_cli(subparsers) -> None:
     parser = subparsers.add_parser(
-        "train", help="train a LLaMA model (default: the small flavor on the Python standard library)"
+        "train", help="train a LLaMA model (default: the small flavor on the Python standard library)",
+        usage="%(prog)s [--config FILE] [--run-dir DIR] [--data SOURCE ...] [--section.field VALUE ...]",
     )
     build_parser(parser)

@@ -17,7 +17,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import FLAVORS, PAPER_LR, LlamaConfig
+from ..config import PAPER_LR, LlamaConfig, flavor_name
 from ..model import RECOMPUTE
 
 LLAMA_FIELDS = {f.name: typing.get_type_hints(LlamaConfig)[f.name] for f in dataclasses.fields(LlamaConfig) if f.init}
@@ -65,6 +65,7 @@ class TrainSection:
     # Seconds a collective waits for the other processes before it fails the run (rank 0 preparing the
     # data included); the waiting ones say where they wait every min(60 s, a tenth of this).
     collective_timeout_s: float = 1800.0
+    cpu_threads: int = 0  # torch's intra-op threads per process; 0: auto (see trainer.cpu_threads)
 
 
 @dataclass
@@ -77,12 +78,14 @@ class CheckpointSection:
 @dataclass
 class LogSection:
     interval: int = 10  # steps between metric lines
-    eval_interval: int = 100  # steps between validation losses; 0: only at the end
+    eval_interval: int = 25  # steps between validation losses; 0: only at the end
     eval_batches: int = 4  # validation batches (of micro_batch sequences per process)
     sample_tokens: int = 64  # tokens of the sample printed at the end; 0: none
     sample_prompt: str = "def "
     progress: bool = True  # tqdm bar on rank 0
-    tensorboard: bool = True  # where tensorboard is installed
+    tensorboard: bool = True  # where tensorboard is installed (the startup line says whether it is)
+    wandb: bool = False  # Weights & Biases (pip install wandb; WANDB_MODE=offline writes under run_dir/wandb)
+    wandb_project: str = "llama_fast"
     peak_flops: float = 0.0  # for MFU; 0: known GPUs (989e12 for H100 bf16), n/a on CPU
 
 
@@ -154,8 +157,7 @@ class TrainConfig:
         return LlamaConfig.from_name(self.model.flavor, **self.model.overrides)
 
     def validate(self) -> None:
-        if self.model.flavor not in FLAVORS:
-            raise ValueError(f"model.flavor: expected one of {sorted(FLAVORS)}, got {self.model.flavor!r}")
+        self.model.flavor = flavor_name(self.model.flavor, "model.flavor")
         _check_choice("model.backend", self.model.backend, ("auto", "fused", "reference"))
         _check_choice("model.recompute", self.model.recompute, RECOMPUTE)
         if self.model.recompute == "cheap" and self.model.backend == "reference":
@@ -167,7 +169,8 @@ class TrainConfig:
         for name in ("train.max_steps", "train.batch_tokens", "train.micro_batch", "checkpoint.keep",
                      "log.interval", "log.eval_batches"):
             _check_min(name, self._get(name), 1)
-        for name in ("data.seq_len", "checkpoint.interval", "log.eval_interval", "log.sample_tokens",
+        for name in ("data.seq_len", "train.cpu_threads", "checkpoint.interval", "log.eval_interval",
+                     "log.sample_tokens",
                      "optim.weight_decay", "optim.grad_clip", "optim.lr", "log.peak_flops"):
             _check_min(name, self._get(name), 0)
         _check_min("optim.warmup_steps", self.optim.warmup_steps, -1)
@@ -284,13 +287,19 @@ def load_file(path: str | Path) -> dict:
             except ModuleNotFoundError:
                 raise RuntimeError("TOML configs need Python >= 3.11 or `pip install tomli`; or use YAML") from None
         with open(path, "rb") as f:
-            return tomllib.load(f)
+            try:
+                return tomllib.load(f)
+            except tomllib.TOMLDecodeError as exc:
+                raise ValueError(f"--config {path}: not valid TOML: {exc}") from exc
     if path.suffix in (".yaml", ".yml"):
         try:
             import yaml
         except ModuleNotFoundError:
             raise RuntimeError("YAML configs need `pip install pyyaml`; or use TOML") from None
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(f"--config {path}: not valid YAML: {exc}") from exc
         if not isinstance(data, dict):
             raise ValueError(f"--config {path}: expected a mapping at the top level, got {type(data).__name__}")
         return data
@@ -309,6 +318,25 @@ SHORTCUTS = {
 }
 
 
+# What an automatic default becomes, for --help (the run's first line prints what it became).
+AUTO_HELP = {
+    "model.backend": "auto: fused on a GPU, reference on the CPU (the fused forwards need a GPU)",
+    "data.tokenizer": "empty: one trained on the data, of the model's vocab_size",
+    "data.seq_len": "0: the model's max_seq_len",
+    "data.cache_dir": "empty: $LLAMA_FAST_CACHE, else ~/.cache/llama_fast, shared by every run",
+    "optim.lr": "0: auto, the paper's rate for 7B to 65B, else 1e-3 below 100M parameters (small, tiny) "
+                "and 4e-4 above",
+    "optim.warmup_steps": "-1: auto, min(2000, max_steps // 10), so 15 for 150 steps",
+    "train.device": "auto: cuda where available, else cpu",
+    "train.parallel": "auto: none for one process, else ddp when the model fits a GPU, else fsdp",
+    "train.mixed_precision": "auto: bf16 on a GPU, fp32 on the CPU",
+    "train.cpu_threads": "0: auto, $OMP_NUM_THREADS when set, else the cores this process may use "
+                         "divided by the processes on its node",
+    "checkpoint.resume": "auto: the latest checkpoint in run_dir, if any; never; or a checkpoint directory",
+    "log.peak_flops": "0: known GPUs (989e12 for H100 bf16); MFU n/a on the CPU",
+}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="a TOML or YAML file; flags override it")
     parser.add_argument("--run-dir", help="checkpoints, logs and plots go here (default runs/llama)")
@@ -323,8 +351,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             if f.name == "overrides":
                 continue
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            group.add_argument(f"--{section_name}.{f.name}", dest=f"{section_name}.{f.name}", metavar="V",
-                               default=argparse.SUPPRESS, help=f"(default {default!r})")
+            dotted = f"{section_name}.{f.name}"
+            auto = f"; {AUTO_HELP[dotted]}" if dotted in AUTO_HELP else ""
+            group.add_argument(f"--{dotted}", dest=dotted, metavar="V", default=argparse.SUPPRESS,
+                               help=f"(default {default!r}{auto})")
         if section_name == "model":
             for name in LLAMA_FIELDS:
                 group.add_argument(f"--model.{name}", dest=f"model.{name}", metavar="V", default=argparse.SUPPRESS,

@@ -1,4 +1,8 @@
-"""Metrics on rank 0: a progress bar, console lines, a JSONL log, TensorBoard, a loss-curve plot.
+"""Metrics on rank 0: a progress bar, console lines, a JSONL log, TensorBoard, Weights & Biases, a loss plot.
+
+Every step's loss goes to the log (the plot starts at step 1); the console shows every
+``log.interval``-th step. TensorBoard is used where installed (``loggers`` says whether it
+is), Weights & Biases when asked for (``log.wandb``; WANDB_MODE=offline keeps it on disk).
 
 MFU is ``LlamaConfig.flops_per_token(seq_len) * tokens_per_s / (peak_flops * processes)``.
 The peak is the device's dense bf16 rate (989e12 for H100 / H200) or ``log.peak_flops``;
@@ -64,16 +68,26 @@ def read_jsonl(path: str | Path) -> list[dict]:
 class Metrics:
     """Rank 0 writes; on other ranks every method is a no-op."""
 
-    def __init__(self, run_dir: str | Path, enabled: bool, start_step: int, max_steps: int, progress: bool, tensorboard: bool):
+    def __init__(self, run_dir: str | Path, enabled: bool, start_step: int, max_steps: int, progress: bool,
+                 tensorboard: bool, wandb_project: str | None = None, run_config: dict | None = None):
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
-        self.bar = self.writer = None
+        self.bar = self.writer = self.wandb = None
+        self.loggers: list[str] = []  # what each optional logger is doing, for the first lines of the run
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # A resumed run continues the log from its checkpoint: drop what came after it.
         kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= start_step]
         self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        if wandb_project is not None:
+            try:
+                import wandb
+            except ImportError:
+                raise ValueError("log.wandb needs the wandb package (pip install wandb), which is not installed") \
+                    from None
+            self.wandb = wandb.init(project=wandb_project, dir=str(run_dir), name=Path(run_dir).name, config=run_config)
+            self.loggers.append(f"wandb: project {wandb_project}, run {self.wandb.id}")
         self.file = open(self.path, "a")
         if progress:
             from tqdm import tqdm
@@ -84,9 +98,12 @@ class Metrics:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:  # tensorboard is optional
-                SummaryWriter = None
-            if SummaryWriter is not None:
+                self.loggers.append("tensorboard: not installed (pip install tensorboard)")
+            else:
                 self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+                self.loggers.append(f"tensorboard: {Path(run_dir) / 'tensorboard'}")
+        else:
+            self.loggers.append("tensorboard: off (log.tensorboard false)")
 
     def print(self, message: str) -> None:
         if not self.enabled:
@@ -96,18 +113,21 @@ class Metrics:
         else:
             print(message, flush=True)
 
-    def log(self, step: int, **values) -> None:
-        """One JSONL record; a console line for it; TensorBoard scalars."""
+    def log(self, step: int, console: bool = True, **values) -> None:
+        """One JSONL record; TensorBoard and wandb scalars; a console line unless ``console`` is False."""
         if not self.enabled:
             return
         record = {"step": step, "time": time.time(), **values}
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+        scalars = {k: v for k, v in values.items() if isinstance(v, (int, float))}
         if self.writer is not None:
-            for k, v in values.items():
-                if isinstance(v, (int, float)) and v is not None:
-                    self.writer.add_scalar(k, v, step)
-        self.print(f"step {step:>6} | " + " | ".join(_format(k, v) for k, v in values.items()))
+            for k, v in scalars.items():
+                self.writer.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
+        if console:
+            self.print(f"step {step:>6} | " + " | ".join(_format(k, v) for k, v in values.items()))
 
     def advance(self, step: int, loss: float) -> None:
         if self.enabled and self.bar is not None:
@@ -121,6 +141,8 @@ class Metrics:
             self.bar.close()
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
         self.file.close()
 
 
@@ -154,9 +176,9 @@ def plot_loss_curve(jsonl_path: str | Path, out_png: str | Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.plot(*zip(*train), label="train loss")
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation loss")
+    ax.plot(*zip(*train), linewidth=0.8, alpha=0.8, label="train loss (every step)")
+    if val:  # drawn over the train curve, in a colour of its own, each evaluation marked
+        ax.plot(*zip(*val), "o-", color="tab:red", markersize=5, linewidth=1.8, zorder=3, label="validation loss")
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats / token)")
     ax.grid(alpha=0.3)

@@ -1,10 +1,10 @@
 """Parallelism, applied to a model from outside it (the model never imports torch.distributed).
 
 ``init_distributed`` joins the process group torchrun describes (NCCL on GPUs, gloo on
-CPU). ``build_model`` builds the model on the meta device and materializes it on the
-target device: whole for one process or DDP, shard by shard for FSDP2 (``fully_shard`` on
-each block, then the root; ``to_empty`` then ``init_weights``, so no process ever holds the
-full model).
+CPU); ``cpu_threads`` sizes each process's share of the CPU. ``build_model`` builds the
+model on the meta device and materializes it on the target device: whole for one process
+or DDP, shard by shard for FSDP2 (``fully_shard`` on each block, then the root;
+``to_empty`` then ``init_weights``, so no process ever holds the full model).
 """
 from __future__ import annotations
 
@@ -71,6 +71,40 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> Dist:
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s),
                                 **kwargs)
     return Dist(rank, world_size, local_rank, dev)
+
+
+def available_cores() -> int:
+    """The cores this process may run on: its CPU affinity, within the container's CPU quota (cgroup v2)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()
+        if quota != "max":
+            cores = min(cores, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return cores
+
+
+def cpu_threads(requested: int = 0) -> tuple[int, str]:
+    """torch's intra-op thread count for this process, and why.
+
+    ``requested`` > 0 wins, then OMP_NUM_THREADS (torchrun sets 1 for several processes unless
+    it is given). Otherwise: the available cores less those other work keeps busy (the
+    one-minute load average, read before this run computes anything), shared by the
+    processes of this node (LOCAL_WORLD_SIZE). Every op waits for its slowest thread, so a
+    thread on a core another program holds costs far more than it brings: on a 2-core
+    machine under load, 2 threads trained at a fifth of the tokens/s of 1 (README).
+    """
+    if requested > 0:
+        return requested, "train.cpu_threads"
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env), "OMP_NUM_THREADS"
+    cores, load = available_cores(), os.getloadavg()[0]
+    busy = min(cores - 1, round(load))
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    threads = max(1, (cores - busy) // processes)
+    return threads, f"{cores} cores, load {load:.1f}, {processes} process(es) on this node"
 
 
 def choose_parallel(requested: str, config: LlamaConfig, d: Dist) -> str:

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data import TokenBatches, cache_key, parse_source, prepare, read_meta
-from ..generate import sample
+from ..data import TokenBatches, cache_key, default_cache_dir, parse_source, prepare, read_meta
+from ..model import sample
 from ..tokenizer import Tokenizer
 from . import checkpoint as ckpt
 from .config import TrainConfig, default_lr
@@ -35,6 +35,7 @@ from .parallelize import (
     barrier,
     build_model,
     choose_parallel,
+    cpu_threads,
     init_distributed,
     shutdown,
 )
@@ -67,20 +68,34 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def prepare_data(config: TrainConfig, d: Dist, vocab_size: int, watchdog: Watchdog) -> Path:
-    """The prepared data directory: given, or built once (rank 0) into the cache."""
+def prepared_dir(config: TrainConfig) -> Path | None:
+    """The data source when it is one prepared directory (``llama-fast prepare``)."""
     sources = config.data.sources
-    if len(sources) == 1 and (Path(sources[0]) / "meta.json").is_file():
-        return Path(sources[0])
-    parsed = [parse_source(s) for s in sources] or None
+    return Path(sources[0]) if len(sources) == 1 and (Path(sources[0]) / "meta.json").is_file() else None
+
+
+def data_vocab_size(config: TrainConfig) -> int | None:
+    """The vocabulary the data comes with (a prepared directory's or the given tokenizer's); None when the run
+    trains its tokenizer (of the model's vocab_size)."""
+    if (given := prepared_dir(config)) is not None:
+        return read_meta(given)["vocab_size"]
+    return Tokenizer(config.data.tokenizer).vocab_size if config.data.tokenizer else None
+
+
+def prepare_data(config: TrainConfig, d: Dist, vocab_size: int, watchdog: Watchdog) -> Path:
+    """The prepared data directory: given, or built once (rank 0) into the cache every run shares."""
+    if (given := prepared_dir(config)) is not None:
+        return given
+    parsed = [parse_source(s) for s in config.data.sources] or None
     tokenizer = config.data.tokenizer or None
     if tokenizer is not None:
         tok = Tokenizer(tokenizer)  # a clear error for a missing file, before any work
         _check_vocab(tok.vocab_size, vocab_size, tokenizer)
-    cache = Path(config.data.cache_dir or Path(config.run_dir) / "data")
+    cache = Path(config.data.cache_dir) if config.data.cache_dir else default_cache_dir()
     data_dir = cache / f"prepared-{cache_key(parsed, tokenizer, vocab_size, config.data.val_fraction, 0)}"
     if d.is_main and not (data_dir / "meta.json").is_file():
-        print(f"preparing data into {data_dir} (once; later runs reuse it)", flush=True)
+        print(f"preparing data into {data_dir} (once: later runs of the same sources and tokenizer reuse it)",
+              flush=True)
         prepare(parsed, data_dir, tokenizer=tokenizer, vocab_size=vocab_size, val_fraction=config.data.val_fraction,
                 progress=config.log.progress)
     with watchdog.waiting("the barrier after data preparation (rank 0 prepares the data)"):
@@ -96,25 +111,60 @@ def _check_vocab(tokenizer_vocab: int, model_vocab: int, where) -> None:
         )
 
 
+def resume_notes(path: Path, state: dict, config: TrainConfig) -> list[str]:
+    """What resuming ``path`` with ``config`` does, where that may surprise: a schedule recomputed for another
+    max_steps, nothing left to train."""
+    step, t, o = state["step"], config.train, config.optim
+    fresh = "--checkpoint.resume never (or another --run-dir) starts afresh"
+    notes = [f"resuming {path} at step {step} (checkpoint.resume={config.checkpoint.resume}; {fresh})"]
+    saved = state["schedule"]
+    if step >= t.max_steps:
+        notes.append(f"nothing to train: the checkpoint is at step {step} and train.max_steps is {t.max_steps}; "
+                     f"a larger --train.max_steps continues it, {fresh}")
+    else:
+        now = dict(max_steps=t.max_steps, warmup_steps=o.warmup_steps, peak_lr=o.lr, min_lr_ratio=o.min_lr_ratio)
+        changed = [f"{k} {saved[k]:g} -> {v:g}" for k, v in now.items() if saved[k] != v]
+        if changed:
+            before, after = (lr_at(step + 1, s["peak_lr"], s["warmup_steps"], s["max_steps"], s["min_lr_ratio"])
+                             for s in (saved, now))
+            notes.append(f"the learning-rate schedule is recomputed: {', '.join(changed)}; step {step + 1} runs at "
+                         f"lr {after:.3e} where the checkpoint's schedule had {before:.3e}")
+    return notes
+
+
 class Trainer:
-    def __init__(self, config: TrainConfig, d: Dist):
+    def __init__(self, config: TrainConfig, d: Dist, threads: tuple[int, str] | None = None):
         self.config, self.d = config, d
         self.run_dir = Path(config.run_dir)
-        self.model_config = config.llama_config()
         t, o = config.train, config.optim
 
-        # Resolve every "auto" so the saved config says what ran.
+        # Resolve every "auto" so the saved config says what ran, and the log's second line too.
+        self.auto: dict[str, str] = {}  # field -> what it became, and why
+
+        def resolve(section, name: str, value, why: str = "") -> None:
+            setattr(section, name, value)
+            self.auto[name] = (f"{value:g}" if isinstance(value, float) else str(value)) + (f" ({why})" if why else "")
+
+        vocab = data_vocab_size(config)
+        if vocab is not None and "vocab_size" not in config.model.overrides:
+            config.model.overrides["vocab_size"] = vocab
+            self.auto["vocab_size"] = f"{vocab} (the tokenizer's)"
+        self.model_config = config.llama_config()
         if config.model.backend == "auto":
-            config.model.backend = "fused" if d.device.type == "cuda" else "reference"
+            resolve(config.model, "backend", "fused" if d.device.type == "cuda" else "reference")
         if t.mixed_precision == "auto":
-            t.mixed_precision = "bf16" if d.device.type == "cuda" else "fp32"
+            resolve(t, "mixed_precision", "bf16" if d.device.type == "cuda" else "fp32")
         t.device = d.device.type
         t.parallel = choose_parallel(t.parallel, self.model_config, d)
-        config.data.seq_len = self.seq_len = config.data.seq_len or self.model_config.max_seq_len
+        if not config.data.seq_len:
+            resolve(config.data, "seq_len", self.model_config.max_seq_len, "the model's max_seq_len")
+        self.seq_len = config.data.seq_len
         if o.lr == 0:
-            o.lr = default_lr(config.model.flavor, self.model_config)
+            resolve(o, "lr", default_lr(config.model.flavor, self.model_config))
         if o.warmup_steps < 0:
-            o.warmup_steps = min(2000, t.max_steps // 10)
+            resolve(o, "warmup_steps", min(2000, t.max_steps // 10), "max_steps // 10, at most 2000")
+        t.cpu_threads, why = threads or (torch.get_num_threads(), "torch's")
+        self.auto["cpu threads"] = f"{t.cpu_threads} ({why})"
 
         # Batch geometry: batch_tokens = seq_len * micro_batch * processes * accumulation steps.
         per_pass = self.seq_len * t.micro_batch * d.world_size
@@ -148,6 +198,7 @@ class Trainer:
         )
         self.step = 0
         self.resumed_from: Path | None = None
+        self.resume_notes: list[str] = []
         self.stop_requested = False
         self.peak_flops = peak_flops(d.device, config.log.peak_flops)
 
@@ -275,6 +326,7 @@ class Trainer:
                 f"sequences per step; this run has {self.seq_len} and {self.global_sequences}"
             )
         self.step, self.resumed_from = state["step"], path
+        self.resume_notes = resume_notes(path, state, self.config)
 
     # ---- the run ------------------------------------------------------------------------
     def _on_signal(self, signum, frame) -> None:
@@ -293,7 +345,8 @@ class Trainer:
         barrier(d)
         self.maybe_resume()
         start_step = self.step
-        metrics = Metrics(self.run_dir, d.is_main, self.step, c.train.max_steps, c.log.progress, c.log.tensorboard)
+        metrics = Metrics(self.run_dir, d.is_main, self.step, c.train.max_steps, c.log.progress, c.log.tensorboard,
+                          wandb_project=c.log.wandb_project if c.log.wandb else None, run_config=c.to_dict())
         n_params = self.model_config.num_params()
         metrics.print(
             f"llama_fast: {c.model.flavor} ({n_params / 1e6:.1f}M params, backend {c.model.backend}) on "
@@ -302,6 +355,10 @@ class Trainer:
             f"({self.accum_steps} accumulation steps); peak lr {c.optim.lr:g}, warmup {c.optim.warmup_steps}; "
             f"run dir {self.run_dir}" + (f"; resumed at step {self.step}" if self.step else "")
         )
+        metrics.print("auto: " + ", ".join(f"{k} {v}" for k, v in self.auto.items()))
+        metrics.print(f"logging: {self.run_dir / 'metrics.jsonl'}; " + "; ".join(metrics.loggers))
+        for note in self.resume_notes:
+            metrics.print(note)
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         flops_per_token = self.model_config.flops_per_token(self.seq_len)
         last_loss = math.nan
@@ -320,6 +377,8 @@ class Trainer:
                     metrics.log(step, loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_per_s, mfu=mfu,
                                 peak_mem_gib=peak_memory_gib(d.device))
                     tick, tokens_since = time.perf_counter(), 0
+                else:  # every step's loss is kept (the plot starts at step 1); the console gets the intervals
+                    metrics.log(step, console=False, loss=loss, lr=lr, grad_norm=grad_norm)
                 if (c.log.eval_interval and step % c.log.eval_interval == 0) or step == c.train.max_steps:
                     with self.watchdog.waiting(f"the validation at step {step}"):
                         val = self.evaluate()
@@ -362,9 +421,12 @@ class Trainer:
 def train(config: TrainConfig) -> dict:
     """Run (or resume) training; returns a summary (final step, loss, checkpoint, sample)."""
     config.validate()
+    threads = cpu_threads(config.train.cpu_threads)  # first: it reads the load before this run adds to it
+    callers_threads = torch.get_num_threads()
+    torch.set_num_threads(threads[0])
     d = init_distributed(config.train.device, config.train.collective_timeout_s)
     try:
-        summary = Trainer(config, d).run()
+        summary = Trainer(config, d, threads).run()
         # Free the model (FSDP's state holds collective work in reference cycles) while its process
         # group is alive, and leave together: gloo aborts a process that tears its group down under
         # live work ("terminate called without an active exception"). Only on success: after a
@@ -374,3 +436,4 @@ def train(config: TrainConfig) -> dict:
         return summary
     finally:
         shutdown(d)
+        torch.set_num_threads(callers_threads)
