@@ -19,6 +19,7 @@ trainer runs on a fresh machine with no download. Command line: ``llama-fast pre
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
