@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from multiprocess import run_script
+from torchrun_helpers import run_script
 from safetensors.torch import load_file, save_file
 
 from llama_fast import Llama, LlamaConfig
