@@ -7,6 +7,7 @@ with temperature and nucleus (top-p) sampling from a seeded generator.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -28,7 +29,6 @@ def next_token(logits: torch.Tensor, temperature: float, top_p: float, generator
     return torch.multinomial(probs, 1, generator=generator)
 
 
-@torch.no_grad()
 def sample(
     model: Llama,
     prompt: list[int],
@@ -45,6 +45,24 @@ def sample(
     ``vocab_size``: draw only ids below it (the tokenizer's vocabulary, when the model's
     embedding is padded beyond it).
     """
+    return list(stream(model, prompt, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                       eos_id=eos_id, vocab_size=vocab_size))
+
+
+@torch.no_grad()
+def stream(
+    model: Llama,
+    prompt: list[int],
+    max_new_tokens: int = 128,
+    *,
+    temperature: float = 0.8,
+    top_p: float = 0.95,
+    seed: int = 0,
+    eos_id: int | None = None,
+    vocab_size: int | None = None,
+) -> Iterator[int]:
+    """``sample``, one new token id at a time: a caller that stops on text (the harness's stop
+    sequences) closes the generator and no further forward runs."""
     if not prompt:
         raise ValueError("sample: prompt must hold at least one token id (e.g. bos), got none")
     if temperature < 0:
@@ -66,15 +84,13 @@ def sample(
     generator = torch.Generator(device=device).manual_seed(seed)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     tokens = torch.tensor([prompt], device=device)  # (1, P)
-    out: list[int] = []
-    with autocast:
-        for _ in range(max_new_tokens):
+    for _ in range(max_new_tokens):
+        with autocast:
             logits, _ = model(tokens, cache=cache)  # (1, S, vocab)
-            tokens = next_token(logits[:, -1, :vocab_size], temperature, top_p, generator)  # (1, 1)
-            out.append(int(tokens))
-            if eos_id is not None and out[-1] == eos_id:
-                break
-    return out
+        tokens = next_token(logits[:, -1, :vocab_size], temperature, top_p, generator)  # (1, 1)
+        yield int(tokens)
+        if eos_id is not None and int(tokens) == eos_id:
+            return
 
 
 def load_for_sampling(path: str | Path, backend: str, device, dtype: torch.dtype | None) -> Llama:
@@ -103,19 +119,33 @@ def find_tokenizer(path: Path) -> Path:
     raise FileNotFoundError(f"no tokenizer.model in {str(path)!r}; pass --tokenizer PATH")
 
 
-def _cmd_generate(args) -> int:
+def resolve_runtime(device: str = "auto", backend: str = "auto", dtype: str = "auto"):
+    """(device, backend, weights dtype or None) from the command line's choices: "auto" is the GPU with the
+    fused backend where there is one, else the CPU with the reference backend; dtype "auto" (None)
+    keeps the weights as stored."""
+    device = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    backend = backend if backend != "auto" else ("fused" if device == "cuda" else "reference")
+    return device, backend, {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+
+
+def load_with_tokenizer(checkpoint: str | Path, tokenizer: str | Path | None, backend: str, device, dtype):
+    """(model, tokenizer) of a checkpoint, run directory or imported weights; the tokenizer is the one
+    beside the weights unless ``tokenizer`` names another, and must fit the model's vocabulary."""
     from .tokenizer import Tokenizer
 
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    backend = args.backend if args.backend != "auto" else ("fused" if device == "cuda" else "reference")
-    dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    path = Path(args.checkpoint)
+    path = Path(checkpoint)
     model = load_for_sampling(path, backend, device, dtype)
-    tok = Tokenizer(args.tokenizer or find_tokenizer(path))
+    tok = Tokenizer(tokenizer or find_tokenizer(path))
     if tok.vocab_size > model.config.vocab_size:
         raise ValueError(
             f"tokenizer vocabulary ({tok.vocab_size}) does not fit the model's vocab_size ({model.config.vocab_size})"
         )
+    return model, tok
+
+
+def _cmd_generate(args) -> int:
+    device, backend, dtype = resolve_runtime(args.device, args.backend, args.dtype)
+    model, tok = load_with_tokenizer(args.checkpoint, args.tokenizer, backend, device, dtype)
     prompt = tok.encode(args.prompt, bos=True)
     for i in range(args.num_samples):
         new = sample(model, prompt, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
