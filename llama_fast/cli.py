@@ -15,6 +15,7 @@ SUBCOMMAND_MODULES = (
     "llama_fast.data",  # llama-fast prepare
     "llama_fast.train",  # llama-fast train
     "llama_fast.generate",  # llama-fast generate
+    "llama_fast.evaluate",  # llama-fast eval
 )
 
 
