@@ -17,6 +17,7 @@ constraints=(-c .ci/constraints.txt)
 [ "${LLAMA_FAST_UNPINNED:-0}" = 1 ] && constraints=()
 python -m pip install -q "${constraints[@]}" --upgrade pip
 python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
+# lm-eval: llama-fast eval --tasks and tests/test_eval.py (accelerate: the harness's hf model, compared with ours).
 python -m pip install -q "${constraints[@]}" triton numpy safetensors sentencepiece tqdm transformers \
-  pytest pytest-benchmark matplotlib pyyaml ninja
+  pytest pytest-benchmark matplotlib pyyaml ninja lm-eval accelerate
 python -m pip install -q -e . --no-build-isolation --no-deps
