@@ -131,7 +131,7 @@ def _cmd_eval(args) -> int:
         if args.seq_len is not None and args.seq_len < 1:
             raise ValueError(f"--seq-len must be a positive int, got {args.seq_len}")
         device, backend, dtype = resolve_runtime(args.device, args.backend, args.dtype)
-        tasks = _task_names(args.tasks, args.include_path) if args.tasks else None
+        tasks = _tasks(args.tasks, args.include_path) if args.tasks else None
         model, tokenizer = load_with_tokenizer(args.checkpoint, args.tokenizer, backend, device, dtype)
         if args.seq_len is not None and args.seq_len > model.config.max_seq_len:
             raise ValueError(f"--seq-len {args.seq_len} is longer than the model's context (max_seq_len "
@@ -145,7 +145,7 @@ def _cmd_eval(args) -> int:
         print(f"llama-fast eval: error: {exc}", file=sys.stderr)
         return 2
     if tasks:
-        report["tasks"] = _run_tasks(model, tokenizer, tasks, args)
+        report["tasks"] = _run_tasks(model, tokenizer, *tasks, args)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -157,8 +157,8 @@ def _cmd_eval(args) -> int:
     return 0
 
 
-def _task_names(tasks: str, include_path: str | None) -> list[str]:
-    """The task names of ``--tasks`` (comma-separated, globs allowed), each known to the harness."""
+def _tasks(tasks: str, include_path: str | None):
+    """(the task names of ``--tasks``, comma-separated, globs allowed, each known to the harness; its TaskManager)."""
     try:
         from lm_eval.tasks import TaskManager
     except ModuleNotFoundError as exc:
@@ -168,19 +168,18 @@ def _task_names(tasks: str, include_path: str | None) -> list[str]:
     unknown = [n for n in names if not manager.match_tasks([n])]
     if unknown:
         raise ValueError(f"--tasks: unknown task(s) {unknown}; `lm_eval ls tasks` lists the known ones")
-    return manager.match_tasks(names)
+    return manager.match_tasks(names), manager
 
 
-def _run_tasks(model: Llama, tokenizer: Tokenizer, tasks: list[str], args) -> dict:
+def _run_tasks(model: Llama, tokenizer: Tokenizer, tasks: list[str], manager, args) -> dict:
     import lm_eval
-    from lm_eval.tasks import TaskManager
     from lm_eval.utils import make_table
 
     from .lm_eval_model import LlamaFastLM
 
     lm = LlamaFastLM(model=model, tokenizer=tokenizer, batch_size=args.batch_size, max_length=args.seq_len)
     results = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=args.num_fewshot, limit=args.limit,
-                                      task_manager=TaskManager(include_path=args.include_path))
+                                      task_manager=manager)
     if not args.json:
         print(make_table(results))
     return results["results"]

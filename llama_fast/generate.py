@@ -124,7 +124,7 @@ def resolve_runtime(device: str = "auto", backend: str = "auto", dtype: str = "a
     fused backend where there is one, else the CPU with the reference backend; dtype "auto" (None)
     keeps the weights as stored."""
     device = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    backend = backend if backend != "auto" else ("fused" if device == "cuda" else "reference")
+    backend = backend if backend != "auto" else ("fused" if torch.device(device).type == "cuda" else "reference")
     return device, backend, {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
 
 

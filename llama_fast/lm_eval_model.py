@@ -7,7 +7,7 @@ hook of ``llama_fast_lm_eval_hook`` (lm-eval 0.4.13 has no plugin entry points).
 Model arguments (``--model_args k=v,...``): ``checkpoint`` (a llama_fast checkpoint or run
 directory, or a Hugging Face / Meta LLaMA directory, loaded as ``llama-fast generate`` does),
 ``tokenizer`` (default: the tokenizer.model beside the weights), ``backend``, ``device``
-(auto, cpu, cuda: as ``llama-fast eval``), ``dtype`` (default: as stored), ``batch_size``,
+(auto, cpu, cuda, cuda:N: as ``llama-fast eval``), ``dtype`` (auto: as stored), ``batch_size``,
 ``max_length`` (default and upper bound: the model's max_seq_len), ``seed`` (sampling).
 
 Requests, as the paper's model sees text: every context starts with ``<bos>`` (an empty one
@@ -67,7 +67,8 @@ class LlamaFastLM(TemplateLM):
             if checkpoint is None:
                 raise ValueError("llama_fast: give checkpoint=PATH in --model_args")
             device, backend, _ = resolve_runtime(device or "auto", backend)
-            model, tokenizer = load_with_tokenizer(checkpoint, tokenizer, backend, device, parse_dtype(dtype))
+            dtype = parse_dtype(None if dtype == "auto" else dtype)
+            model, tokenizer = load_with_tokenizer(checkpoint, tokenizer, backend, device, dtype)
         elif not isinstance(tokenizer, Tokenizer):
             raise TypeError(f"llama_fast: a model needs its Tokenizer, got tokenizer={tokenizer!r}")
         self.model, self.tok = model.eval(), tokenizer
