@@ -238,6 +238,14 @@ def test_a_prepared_directory_scores_its_validation_documents(model, tok, tmp_pa
     assert from_text.bytes == sum(len(p.read_bytes()) for p in held_out)
 
 
+def test_the_fused_backend_scores_as_the_reference(model, tok, tmp_path):
+    (tmp_path / "text.txt").write_text("ka lo mi ne = 12\nru ta po se\n" * 3)
+    fused = Llama(model.config, backend="fused").eval()
+    fused.load_state_dict(model.state_dict())
+    ours, reference = (evaluate_text(m, tok, tmp_path, seq_len=33, batch_size=2) for m in (fused, model))
+    assert ours.tokens == reference.tokens and ours.loss == pytest.approx(reference.loss, rel=1e-5)
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A short training run: its checkpoint is what `llama-fast eval` reads."""
