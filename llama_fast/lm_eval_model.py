@@ -66,6 +66,10 @@ class LlamaFastLM(TemplateLM):
         if model is None:
             if checkpoint is None:
                 raise ValueError("llama_fast: give checkpoint=PATH in --model_args")
+            if device and device.startswith("cuda") and not torch.cuda.is_available():
+                # lm_eval's command line says cuda:0 unless told otherwise; its hf model falls back too.
+                logger.warning("llama_fast: device=%s but CUDA is not available; running on the CPU", device)
+                device = "cpu"
             device, backend, _ = resolve_runtime(device or "auto", backend)
             dtype = parse_dtype(None if dtype == "auto" else dtype)
             model, tokenizer = load_with_tokenizer(checkpoint, tokenizer, backend, device, dtype)

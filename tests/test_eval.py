@@ -277,10 +277,11 @@ def test_cli_eval_data_and_tasks(run_dir, capsys):
 
 
 def test_lm_eval_command_finds_the_model(hf_dir):
-    """`lm_eval --model llama_fast`: the harness's own command, through the hook pip installs."""
+    """`lm_eval --model llama_fast`: the harness's own command, through the hook pip installs (and its
+    default --device cuda:0 falls back to the CPU here, as its hf model does)."""
     lm_eval_bin = Path(sys.executable).with_name("lm_eval")
     cmd = [str(lm_eval_bin), "--model", "llama_fast", "--model_args", f"checkpoint={hf_dir}", "--tasks",
-           "llama_fast_mc", "--include_path", str(TASKS), "--limit", "3", "--batch_size", "2", "--device", "cpu"]
+           "llama_fast_mc", "--include_path", str(TASKS), "--limit", "3", "--batch_size", "2"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, **OFFLINE})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "llama_fast_mc" in proc.stdout and "acc" in proc.stdout
