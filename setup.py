@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).parent.resolve()
 
@@ -49,11 +50,26 @@ def extensions():
     return [ext], {"build_ext": BuildExtension}
 
 
+class BuildPyWithHook(build_py):
+    """Also writes llama_fast_lm_eval_hook.pth beside the packages: its line installs the import hook that
+    lets `lm_eval --model llama_fast` find our model (see llama_fast_lm_eval_hook.py)."""
+
+    PTH = "llama_fast_lm_eval_hook.pth"
+
+    def run(self):
+        super().run()
+        # An editable install keeps the packages in this tree and makes its wheel of the install directory.
+        target = self.get_finalized_command("install").install_lib if self.editable_mode else self.build_lib
+        Path(target).mkdir(parents=True, exist_ok=True)
+        (Path(target) / self.PTH).write_text("import llama_fast_lm_eval_hook; llama_fast_lm_eval_hook.install()\n")
+
+
 ext_modules, cmdclass = extensions()
 
 setup(
     packages=find_packages(include=["llama_fast", "llama_fast.*"]) + ["llama_fast.kernels"],
     package_dir={"llama_fast.kernels": "kernels"},
+    py_modules=["llama_fast_lm_eval_hook"],
     ext_modules=ext_modules,
-    cmdclass=cmdclass,
+    cmdclass={**cmdclass, "build_py": BuildPyWithHook},
 )

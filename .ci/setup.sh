@@ -17,8 +17,9 @@ constraints=(-c .ci/constraints.txt)
 [ "${LLAMA_FAST_UNPINNED:-0}" = 1 ] && constraints=()
 python -m pip install -q "${constraints[@]}" --upgrade pip
 python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
+# lm-eval: llama-fast eval --tasks and tests/test_eval.py (accelerate: the harness's hf model, compared with ours).
 python -m pip install -q "${constraints[@]}" triton numpy safetensors sentencepiece tqdm transformers \
-  peft accelerate pytest pytest-benchmark matplotlib pyyaml ninja wandb
+  peft accelerate pytest pytest-benchmark matplotlib pyyaml ninja wandb lm-eval
 # The extension is rebuilt only when what it is built from changed: csrc/, the build files, torch, nvcc and the
 # build's environment variables (a build takes minutes on 2 cores; the Python sources are installed editable).
 build_id=$( { find csrc setup.py pyproject.toml CMakeLists.txt -type f -print0 | sort -z | xargs -0 sha256sum

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 export LLAMA_FAST_VENV=.venv-latest LLAMA_FAST_UNPINNED=1
 . .ci/setup.sh
 python -m pip install -q --upgrade triton numpy safetensors sentencepiece tqdm transformers peft accelerate pytest \
-  pytest-benchmark matplotlib pyyaml ninja
+  pytest-benchmark matplotlib pyyaml ninja wandb lm-eval
 python -c "import transformers, triton, numpy; print('newest: transformers', transformers.__version__, \
 'triton', triton.__version__, 'numpy', numpy.__version__)"
 python -m pytest -q -p no:cacheprovider "$@"

@@ -21,6 +21,7 @@ SUBCOMMAND_MODULES = (
     "llama_fast.data",  # llama-fast prepare
     "llama_fast.train",  # llama-fast train
     "llama_fast.generate",  # llama-fast generate
+    "llama_fast.evaluate",  # llama-fast eval
 )
 DEBUG_ENV = "LLAMA_FAST_DEBUG"
 # What a user's input can raise: bad values and config files (TOML and JSON errors are ValueErrors), missing

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .model import Llama, sample
+from .model import Llama, sample, stream  # noqa: F401  (stream: the lm-eval model's generate_until)
 
 
 def load_for_sampling(path: str | Path, backend: str, device, dtype: torch.dtype | None) -> Llama:
@@ -30,16 +30,24 @@ def load_for_sampling(path: str | Path, backend: str, device, dtype: torch.dtype
     return load_pretrained(str(path), backend=backend, dtype=dtype, device=device).eval()
 
 
-def _cmd_generate(args) -> int:
+def resolve_runtime(device: str = "auto", backend: str = "auto", dtype: str = "auto"):
+    """(device, backend, weights dtype or None) from the command line's choices: "auto" is the GPU with the
+    fused backend where there is one, else the CPU with the reference backend; dtype "auto" (None)
+    keeps the weights as stored."""
+    device = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    backend = backend if backend != "auto" else ("fused" if torch.device(device).type == "cuda" else "reference")
+    return device, backend, {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+
+
+def load_with_tokenizer(checkpoint: str | Path, tokenizer: str | Path | None, backend: str, device, dtype):
+    """(model, tokenizer) of a checkpoint, run directory or imported weights; the tokenizer is the one
+    beside the weights unless ``tokenizer`` names another, and must fit the model's vocabulary."""
     from .convert import find_tokenizer
     from .tokenizer import Tokenizer
 
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    backend = args.backend if args.backend != "auto" else ("fused" if device == "cuda" else "reference")
-    dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    path = Path(args.checkpoint)
+    path = Path(checkpoint)
     model = load_for_sampling(path, backend, device, dtype)
-    tokenizer = args.tokenizer or find_tokenizer(path)
+    tokenizer = tokenizer or find_tokenizer(path)
     if tokenizer is None:
         raise FileNotFoundError(f"no tokenizer.model in {str(path)!r}; pass --tokenizer PATH")
     tok = Tokenizer(tokenizer)
@@ -47,6 +55,12 @@ def _cmd_generate(args) -> int:
         raise ValueError(
             f"tokenizer vocabulary ({tok.vocab_size}) does not fit the model's vocab_size ({model.config.vocab_size})"
         )
+    return model, tok
+
+
+def _cmd_generate(args) -> int:
+    device, backend, dtype = resolve_runtime(args.device, args.backend, args.dtype)
+    model, tok = load_with_tokenizer(args.checkpoint, args.tokenizer, backend, device, dtype)
     prompt = tok.encode(args.prompt, bos=True)
     for i in range(args.num_samples):
         new = sample(model, prompt, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,

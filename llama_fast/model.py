@@ -12,6 +12,8 @@ Parameter layout (per block): ``attn.wqkv`` is the fused [q; k; v] projection
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import math
 from dataclasses import dataclass
 
@@ -357,7 +359,6 @@ def next_token(logits: torch.Tensor, temperature: float, top_p: float, generator
     return torch.multinomial(probs, 1, generator=generator)
 
 
-@torch.no_grad()
 def sample(
     model: Llama,
     prompt: list[int],
@@ -374,6 +375,24 @@ def sample(
     ``vocab_size``: draw only ids below it (the tokenizer's vocabulary, when the model's
     embedding is padded beyond it).
     """
+    return list(stream(model, prompt, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                       eos_id=eos_id, vocab_size=vocab_size))
+
+
+@torch.no_grad()
+def stream(
+    model: Llama,
+    prompt: list[int],
+    max_new_tokens: int = 128,
+    *,
+    temperature: float = 0.8,
+    top_p: float = 0.95,
+    seed: int = 0,
+    eos_id: int | None = None,
+    vocab_size: int | None = None,
+) -> Iterator[int]:
+    """``sample``, one new token id at a time: a caller that stops on text (the harness's stop
+    sequences) closes the generator and no further forward runs."""
     if not prompt:
         raise ValueError("sample: prompt must hold at least one token id (e.g. bos), got none")
     if temperature < 0:
@@ -395,12 +414,10 @@ def sample(
     generator = torch.Generator(device=device).manual_seed(seed)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     tokens = torch.tensor([prompt], device=device)  # (1, P)
-    out: list[int] = []
-    with autocast:
-        for _ in range(max_new_tokens):
+    for _ in range(max_new_tokens):
+        with autocast:
             logits, _ = model(tokens, cache=cache)  # (1, S, vocab)
-            tokens = next_token(logits[:, -1, :vocab_size], temperature, top_p, generator)  # (1, 1)
-            out.append(int(tokens))
-            if eos_id is not None and out[-1] == eos_id:
-                break
-    return out
+        tokens = next_token(logits[:, -1, :vocab_size], temperature, top_p, generator)  # (1, 1)
+        yield int(tokens)
+        if eos_id is not None and int(tokens) == eos_id:
+            return

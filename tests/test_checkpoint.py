@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from multiprocess import run_script
+from torchrun_helpers import run_script
 from safetensors.torch import load_file, save_file
 
 from llama_fast import Llama, LlamaConfig

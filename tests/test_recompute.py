@@ -5,7 +5,7 @@ model.recompute; recompute="cheap" against "none" under FSDP2 and DDP (gloo, two
 import pytest
 import torch
 import torch.nn.functional as F
-from multiprocess import run_script
+from torchrun_helpers import run_script
 from op_check import check_op, fallback_backward, poison_empty  # noqa: F401  (fixtures)
 from synthetic_text import write_corpus
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from multiprocess import run_script, torchrun
+from torchrun_helpers import run_script, torchrun
 from synthetic_text import write_corpus
 
 from llama_fast.data import parse_source, prepare
