@@ -32,6 +32,10 @@ for version in "${versions[@]}"; do
     touch "$target/.complete"
   fi
   echo "== tests/test_replace.py on transformers $version"
+  deselect=()
+  # transformers.trainer imports the venv's datasets (lm-eval's), which needs huggingface_hub >= 1; 4.x
+  # needs < 1, so their Trainer cannot import beside lm-eval: the Trainer test runs on 5.x and the pinned one.
+  [[ "$version" == 4.* ]] && deselect=(-k "not test_trainer_losses_agree")
   PYTHONPATH="$target${PYTHONPATH:+:$PYTHONPATH}" "$VENV/bin/python" -m pytest -q -p no:cacheprovider \
-    tests/test_replace.py
+    tests/test_replace.py "${deselect[@]}"
 done
