@@ -27,6 +27,7 @@ import math
 
 import pytest
 import torch
+from common import session_counts
 
 from llama_fast import Llama, LlamaConfig
 
@@ -101,11 +102,12 @@ def test_train_step(benchmark, provider):
     try:
         first = step().item()  # also creates the AdamW state: the steps after it hold more memory
         assert math.isfinite(first) and abs(first - math.log(CONFIG.vocab_size)) < 0.5, f"{provider}: first loss {first}"
-        for _ in range(2):  # warm-up (and compilation)
+        warmup, rounds = session_counts(2, 8)  # 2 and 5 in a gpu_session.sh session
+        for _ in range(warmup):  # warm-up (and compilation)
             step()
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        benchmark.pedantic(timed, rounds=8, iterations=1, warmup_rounds=1)
+        benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=1)
         step_s = benchmark.stats.stats.median
         tokens_per_s = BATCH * SEQ / step_s
         benchmark.extra_info.update(

@@ -18,6 +18,10 @@ API:
                               runs (nothing synchronized inside the loop), and the spin queued
                               before each (ms): an issue time as long as the spin means fn
                               synchronizes (waits for the spin), so it is no launch-path cost
+  session_counts(warmup, reps) -> (int, int)
+                              warm-up and timed runs capped by LLAMA_FAST_BENCH_WARMUP and
+                              LLAMA_FAST_BENCH_REPS where set (benchmarks/gpu_session.sh sets 2 and 5
+                              for a session that must fit one device call); validation is unchanged
   record(benchmark, fn, *, bytes=None, flops=None, formula="", warmup=10, reps=50) -> float
                               times fn with cuda_timings, stores ms, GB/s (bytes / s / 1e9) and/or
                               TFLOP/s with the formula, the peak memory allocated while timing, and
@@ -27,7 +31,7 @@ API:
                               where fn synchronizes, whose issue time is then the wait for the spin),
                               in benchmark.extra_info, and lets
                               pytest-benchmark time synchronized calls for its own table; returns the
-                              median ms
+                              median ms (warmup and reps go through session_counts)
   validate(name, got, ref_high, ref_low, *, strict=True)
                               strict: llama_fast.testing's 2x rule; strict=False (peers that round
                               differently, e.g. Liger's casting modes): within 2e-2 of the
@@ -44,6 +48,7 @@ API:
 from __future__ import annotations
 
 import importlib
+import os
 import statistics
 import time
 from typing import Callable
@@ -73,6 +78,18 @@ def _sleep_cycles_per_ms() -> float:
         torch.cuda.synchronize()
         _SLEEP_CYCLES_PER_MS = 10**6 / max(start.elapsed_time(end), 1e-3)
     return _SLEEP_CYCLES_PER_MS
+
+
+def session_counts(warmup: int, reps: int) -> tuple[int, int]:
+    """(warmup, reps) capped by LLAMA_FAST_BENCH_WARMUP / LLAMA_FAST_BENCH_REPS where set (at least
+    one warm-up run, for the JIT compiles, and one timed run)."""
+    warmup_cap = os.environ.get("LLAMA_FAST_BENCH_WARMUP")
+    reps_cap = os.environ.get("LLAMA_FAST_BENCH_REPS")
+    if warmup_cap:
+        warmup = max(1, min(warmup, int(warmup_cap)))
+    if reps_cap:
+        reps = max(1, min(reps, int(reps_cap)))
+    return warmup, reps
 
 
 def cuda_timings(fn: Callable[[], object], warmup: int = 10, reps: int = 50) -> tuple[float, float, float]:
@@ -124,10 +141,11 @@ def record(
 ) -> float:
     """Times fn, writes ms / GB/s / TFLOP/s, the formula, the peak memory of the timed runs and the
     host's issue time per call (cpu_issue_ms, launch_bound) into benchmark.extra_info; returns ms."""
+    warmup, reps = session_counts(warmup, reps)
     torch.cuda.reset_peak_memory_stats()
     ms, issue_ms, lead_ms = cuda_timings(fn, warmup, reps)
     host_syncs = issue_ms >= lead_ms  # the host waited for the spin: fn synchronizes
-    info = {"median_ms_cuda_events": ms, "formula": formula, "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+    info = {"median_ms_cuda_events": ms, "timed_runs": reps, "formula": formula, "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
             "cpu_issue_ms": issue_ms, "host_syncs": host_syncs, "launch_bound": None if host_syncs else issue_ms >= 0.8 * ms}
     if bytes is not None:
         info["bytes"] = bytes

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -272,28 +273,60 @@ def test_gpu_session_parses():
 
 
 def test_gpu_session_steps():
-    every = commands(session("--dry-run"))
-    bench_files = sorted(p.name for p in (REPO / "benchmarks").glob("bench_*.py"))
-    assert sum("-m pytest -m gpu" in c for c in every) == 1
-    assert [f for f in bench_files if any(f"benchmarks/{f} " in c for c in every)] == bench_files
-    build = next(i for i, c in enumerate(every) if "pip install -e ." in c)
-    assert "TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16" in every[build]
-    # only the carried wheels (.whl/, where present) come before the build
-    assert all("--no-index --no-deps" in c or c.startswith("+ export PYTHONPATH=") for c in every[:build])
-    assert "--write-env /tmp/out/env.json" in every[-2] and "-o /tmp/out/results.md" in every[-1]
+    release = commands(session("--dry-run"))
+    assert sum("--run-gpu-tests" in c for c in release) == 1
+    # the release session: the attention, RMSNorm and train-step benchmarks, their session cases only
+    bench_runs = [c for c in release if "-m pytest benchmarks/" in c]
+    assert [c.split("benchmarks/bench_")[1].split(".py")[0] for c in bench_runs] == ["attention", "rms_norm",
+                                                                                   "train_step"]
+    assert "-k S2048_D128\\ or\\ S8192_D128\\ or\\ peak_memory" in bench_runs[0]
+    assert " -k " not in bench_runs[1] and "-k not\\ llama_fast-reference" in bench_runs[2]
+    assert "+ export LLAMA_FAST_BENCH_REPS=5 LLAMA_FAST_BENCH_WARMUP=2" in release
+    build = next(i for i, c in enumerate(release) if "pip install -e ." in c)
+    # no nvidia-smi on this PATH: Hopper's sm_90a; every core of this machine
+    assert f"TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS={os.cpu_count()}" in release[build]
+    # only the exports and the carried wheels (.whl/, where present) and env.json come before the build
+    assert all("--no-index --no-deps" in c or c.startswith("+ export ") or "--write-env" in c
+               for c in release[:build])
+    assert "--write-env /tmp/out/env.json" in release[-2] and "-o /tmp/out/results.md" in release[-1]
+    # every step runs under a time budget of its own within the call's BUDGET
+    assert all(c.startswith("+ timeout --kill-after=15 ") for c in release if "python3" in c)
+    gpu_tests = next(c for c in release if "--run-gpu-tests" in c)
+    assert gpu_tests.startswith("+ timeout --kill-after=15 200 ")  # STEP_BUDGETS[gpu_tests]
 
-    attention = commands(session("--dry-run", "bench", "attention"))
+    every = commands(session("--dry-run", "--full", "test", "bench"))
+    bench_files = sorted(p.name for p in (REPO / "benchmarks").glob("bench_*.py"))
+    assert [f for f in bench_files if any(f"benchmarks/{f} " in c for c in every)] == bench_files
+    assert not any(" -k " in c or "LLAMA_FAST_BENCH_REPS" in c for c in every)
+
+    attention = commands(session("--dry-run", "bench", "attention", STEP_BUDGET_bench_attention="77"))
     pytest_runs = [c for c in attention if "-m pytest" in c]
     assert len(pytest_runs) == 1 and "benchmarks/bench_attention.py" in pytest_runs[0]
     assert "--benchmark-json=/tmp/out/bench-attention.json" in pytest_runs[0]
+    assert pytest_runs[0].startswith("+ timeout --kill-after=15 77 ")
 
     tests_only = commands(session("--dry-run", "test"))
     assert [c for c in tests_only if "-m pytest" in c and "benchmarks/" in c] == []
-    assert any("-m pytest -m gpu" in c for c in tests_only)
+    assert any("--run-gpu-tests" in c for c in tests_only)
 
     bad = session("--dry-run", "bench", "no_such_bench")
     assert bad.returncode == 2 and "attention" in bad.stderr and commands(bad) == []
     assert session("--dry-run", "attention").returncode == 2  # a benchmark name without "bench"
+    assert session("--dry-run", STEP_BUDGET_build="soon").returncode == 2
+
+
+def test_gpu_session_builds_for_the_gpu_present(tmp_path):
+    """The build's arch comes from nvidia-smi: 9.0 builds sm_90a (wgmma), anything else as reported."""
+    fake = tmp_path / "nvidia-smi"
+    for cap, arch in (("9.0", "9.0a"), ("8.0", "8.0")):
+        fake.write_text(f"#!/bin/bash\necho {cap}\n")
+        fake.chmod(0o755)
+        build = [c for c in commands(session("--dry-run", "test", PATH=f"{tmp_path}:/usr/bin:/bin"))
+                 if "pip install -e ." in c]
+        assert len(build) == 1 and f"TORCH_CUDA_ARCH_LIST={arch} " in build[0]
+    build = [c for c in commands(session("--dry-run", "test", TORCH_CUDA_ARCH_LIST="8.0;9.0", MAX_JOBS="3"))
+             if "pip install -e ." in c]
+    assert "TORCH_CUDA_ARCH_LIST=8.0\\;9.0 MAX_JOBS=3 " in build[0]
 
 
 FAKE_PYTHON = """#!/bin/bash
@@ -338,10 +371,43 @@ def test_gpu_session_stops_steps_at_its_budget(tmp_path):
                      BUDGET="33")
     assert time.monotonic() - start < 25, result.stdout
     assert result.returncode == 1
-    assert "gpu tests (stopped at the BUDGET=33 s deadline" in result.stdout
+    assert "gpu tests (stopped at its 13 s budget, BUDGET=33 s" in result.stdout
     assert "bench rope (not run: no time left" in result.stdout
     ran = calls.read_text()
     assert "benchmarks/bench_rope.py" not in ran and "--write-env" in ran
+
+
+HANGING_BENCH_PYTHON = """#!/bin/bash
+# Stands in for python3: a pytest run writes its --benchmark-json file (the cases that finished) and
+# hangs until a signal ends it; everything else succeeds.
+echo "$*" >> "$CALLS"
+case "$*" in *"-m pytest"*)
+  for arg in "$@"; do case "$arg" in --benchmark-json=*) echo '{}' > "${arg#--benchmark-json=}" ;; esac; done
+  exec sleep 120 ;;
+esac
+"""
+
+
+def test_gpu_session_stops_a_step_at_its_own_budget_and_reports_as_it_goes(tmp_path):
+    """A step's own budget stops it and the next step still runs; results.md is rewritten after each
+    benchmark (a call killed later keeps those tables) and timings.md holds each step's seconds."""
+    fake = tmp_path / "python"
+    fake.write_text(HANGING_BENCH_PYTHON)
+    fake.chmod(0o755)
+    calls = tmp_path / "calls.log"
+    out = tmp_path / "out"
+    result = session("test", "bench", "rope", "swiglu", PYTHON=str(fake), OUT=str(out), CALLS=str(calls), BUDGET="0",
+                     STEP_BUDGET_gpu_tests="1", STEP_BUDGET_bench_rope="1", STEP_BUDGET_bench_swiglu="1")
+    assert result.returncode == 1
+    for name in ("gpu tests", "bench rope", "bench swiglu"):
+        assert f"{name} (stopped at its 1 s budget" in result.stdout
+    ran = calls.read_text().splitlines()
+    rope = next(i for i, c in enumerate(ran) if "benchmarks/bench_rope.py" in c)
+    assert "benchmarks/report.py" in ran[rope + 1] and "benchmarks/bench_swiglu.py" in ran[rope + 2]
+    timings = (out / "timings.md").read_text()
+    for name in ("env", "build", "extension", "gpu tests", "bench rope", "bench swiglu", "report", "total"):
+        assert f"| {name} |" in timings
+    assert "| bench rope | stopped at its 1 s budget | 1 |" in timings
 
 
 SIGTERM_BENCH = """
