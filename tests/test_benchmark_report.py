@@ -13,6 +13,7 @@ import copy
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -358,7 +359,7 @@ case "$*" in *"-m pytest"*) exec sleep 120 ;; esac
 
 
 def test_gpu_session_stops_steps_at_its_budget(tmp_path):
-    """A hanging step is stopped when BUDGET less the 30 s reserve is spent, later steps are not
+    """A hanging step is stopped when BUDGET less the 20 s reserve is spent, later steps are not
     started, and env.json is still written: the device call is not killed with nothing saved."""
     import time
 
@@ -368,10 +369,10 @@ def test_gpu_session_stops_steps_at_its_budget(tmp_path):
     calls = tmp_path / "calls.log"
     start = time.monotonic()
     result = session("test", "bench", "rope", PYTHON=str(fake), OUT=str(tmp_path / "out"), CALLS=str(calls),
-                     BUDGET="33")
-    assert time.monotonic() - start < 25, result.stdout
+                     BUDGET="25")
+    assert time.monotonic() - start < 20, result.stdout
     assert result.returncode == 1
-    assert "gpu tests (stopped at its 13 s budget, BUDGET=33 s" in result.stdout
+    assert re.search(r"gpu tests \(stopped at its [1-5] s budget, BUDGET=25 s", result.stdout), result.stdout
     assert "bench rope (not run: no time left" in result.stdout
     ran = calls.read_text()
     assert "benchmarks/bench_rope.py" not in ran and "--write-env" in ran
