@@ -1,6 +1,8 @@
 """Sweeps the launch configurations of the Triton attention kernels on the GPU in hand and prints,
 per kernel and head dim, every configuration's time and the fastest one as the entry to put in
-kernels/attention.py's tables (_FORWARD_CONFIGS, _BACKWARD_KV_CONFIGS, _BACKWARD_Q_CONFIGS).
+kernels/attention.py's tables (_FORWARD_CONFIGS, _BACKWARD_KV_CONTIGUOUS_CONFIGS,
+_BACKWARD_Q_CONTIGUOUS_CONFIGS: the inputs are contiguous, so the backward's general tables for
+strided launches are not swept here).
 
     python benchmarks/tune_attention.py                       # all kernels, head dims 64 and 128
     python benchmarks/tune_attention.py --kernels fwd --dims 128 --shape 8,32,2048
@@ -29,8 +31,9 @@ from llama_fast.testing import assert_within_2x, default_floor
 # kernel -> (table, fallbacks attribute, which block must be the multiple of the other)
 KERNELS = {
     "fwd": ("_FORWARD_CONFIGS", "_FORWARD_FALLBACKS", "m"),
-    "bwd_kv": ("_BACKWARD_KV_CONFIGS", "_BACKWARD_KV_FALLBACKS", "n"),
-    "bwd_q": ("_BACKWARD_Q_CONFIGS", "_BACKWARD_Q_FALLBACKS", "m"),
+    # the backward's contiguous tables: the timed inputs are contiguous (kernels._contiguous_launch)
+    "bwd_kv": ("_BACKWARD_KV_CONTIGUOUS_CONFIGS", "_BACKWARD_KV_FALLBACKS", "n"),
+    "bwd_q": ("_BACKWARD_Q_CONTIGUOUS_CONFIGS", "_BACKWARD_Q_FALLBACKS", "m"),
 }
 BLOCKS, WARPS, STAGES = (16, 32, 64, 128), (4, 8), (2, 3)  # 40 candidates per kernel and head dim
 CHECK_SHAPE = (1, 4, 1000)  # B, H, S of the correctness check (S not a multiple of any block)

@@ -87,9 +87,9 @@ _FORWARD_CONFIGS = {  # block_m queries per program, block_n keys per step
 #   kv  sm_90: D 64 33 / 33, 41 KB; D 128 45 / 49, 51 KB    sm_80: D 64 41 / 41, 41 KB; D 128 49 / 49, 51 KB
 #   q   sm_90: D 64 64 / 64, 80 KB; D 128 96 / 96, 128 KB   sm_80: D 64 44 / 44, 48 KB; D 128 72 / 80, 104 KB
 #   D 256 (a few small candidates compiled, not the sweep), both archs: kv 45 / 49, 49 KB; q 68 / 80, 98 KB.
-# The price of zero stack: kv at D 128 on sm_90 multiplies with mma.sync, not wgmma (its 32-row
-# key block is under wgmma's 64). (16, 64, 8, 2) gets wgmma with 8 / 0 bytes of stack: the first
-# candidate to time against it on an H100 (benchmarks/tune_attention.py).
+# The price of zero stack for every layout: kv at D 128 on sm_90 multiplies with mma.sync, not wgmma
+# (its 32-row key block is under wgmma's 64). These tables now serve only the general (strided)
+# launches; the contiguous ones take the tables below (_contiguous_launch decides).
 _BACKWARD_KV_CONFIGS = {  # block_m queries per step, block_n keys per program
     9: {64: (32, 64, 8, 3), 128: (32, 32, 8, 3), 256: (16, 16, 8, 3)},
     8: {64: (16, 128, 8, 3), 128: (16, 64, 8, 3), 256: (16, 16, 8, 3)},
@@ -97,6 +97,36 @@ _BACKWARD_KV_CONFIGS = {  # block_m queries per step, block_n keys per program
 _BACKWARD_Q_CONFIGS = {  # block_m queries per program, block_n keys per step
     9: {64: (128, 64, 8, 3), 128: (64, 64, 8, 3), 256: (32, 32, 8, 3)},
     8: {64: (128, 32, 8, 3), 128: (64, 64, 8, 3), 256: (32, 32, 8, 3)},
+}
+# Backward kv and q kernels, contiguous launches (head-dim strides 1, the other strides, S, D and D / 2
+# multiples of 16, aligned data: what real models pass; _contiguous_launch), untimed. The same sweep (q
+# also with block_n 128) compiled as the JIT specializes such a launch: head-dim strides the constant 1
+# and every other integer a multiple of 16 but the head counts (tests/test_triton_compile.py compiles
+# it so), by triton 3.6 (the GPU machine's) for every candidate and 3.9 for the zero-stack ones; then
+# each entry again with the head counts multiples of 16 too: zero stack in both under both versions.
+# Order: zero stack under both versions, then at least 2 stages (at ~240 registers an SM holds one
+# program, and one stage leaves every load's latency exposed), then the larger block_m * block_n,
+# more stages, the larger per-program block; and on sm_90 at D 64 and 128, wgmma (HGMMA in the
+# SASS), which tests/test_triton_compile.py checks. sm_90a, D 128 (registers 3.6 / 3.9, shared memory):
+#   kv (16, 128, 8, 2): 255 / 245 registers, 80 KB, 36 HGMMA. No wider block is spill-free under both:
+#       (16, 128, 8, 3) has 8 B of stack under 3.6; (32, 64, 8, 1 / 2 / 3) 24 / 8 / 88 B under 3.9;
+#       (32, 128, 8, 2) 104 B and (64, 64, 8, 2) 432 B under 3.9. block_m 16 makes each wgmma of S^T
+#       and dP^T 16 wide (N); dK and dV accumulate over 128 rows (two 64-row warpgroups). With S not a
+#       multiple of 16 (a general launch) the same entry had 96 B of stack under 3.6.
+#   q  (128, 64, 8, 3): 213 / 215 registers, 160 KB, 40 HGMMA; (128, 128, 8, 2) has 8 B of stack under 3.9
+#       and 72 B at 1 stage under 3.6.
+# sm_90a, D 64: kv (32, 128, 8, 3) 254 / 253 registers, 57 KB; q (128, 128, 8, 3) 236 / 233, 128 KB.
+# D 256 keeps the general entries (no wgmma: 16- and 32-row blocks). sm_80 (mma.sync on any layout),
+# D 128: kv (16, 128, 8, 3) 255 / 255 registers, 80 KB (twice the general entry's keys per program);
+# q (128, 32, 8, 3) 202 / 196, 96 KB (block_m 128 over (64, 64, 8, 3), same product and stages). D 64
+# on sm_80 was not swept again: the general entries, checked as contiguous launches by the test.
+_BACKWARD_KV_CONTIGUOUS_CONFIGS = {
+    9: {64: (32, 128, 8, 3), 128: (16, 128, 8, 2), 256: (16, 16, 8, 3)},
+    8: {64: (16, 128, 8, 3), 128: (16, 128, 8, 3), 256: (16, 16, 8, 3)},
+}
+_BACKWARD_Q_CONTIGUOUS_CONFIGS = {
+    9: {64: (128, 128, 8, 3), 128: (128, 64, 8, 3), 256: (32, 32, 8, 3)},
+    8: {64: (128, 32, 8, 3), 128: (128, 32, 8, 3), 256: (32, 32, 8, 3)},
 }
 # Tried in order after the tuned entry when a GPU rejects it for shared memory or registers
 # (fp32 inputs double every tile; consumer GPUs have less shared memory). The backward's: zero
@@ -137,6 +167,23 @@ def _configs(table: dict, fallbacks: list, interpreter_config: tuple, device: to
     major = torch.cuda.get_device_capability(device)[0]
     per_dim = table[9 if major >= 9 else 8]
     return [per_dim[min(256, max(64, d_pad))], *fallbacks]
+
+
+def _contiguous_launch(head_dim: int, seq_len: int, cos: torch.Tensor, *tensors: torch.Tensor) -> bool:
+    """Whether a backward launch is one the contiguous table entries were compiled for: every strided
+    input (v, dO; the outputs and workspaces are allocated contiguous) with head-dim stride 1, its
+    other strides multiples of 16 elements and its data 16-byte aligned, and the sizes the kernels take
+    (S, D, D / 2, the rotary tables' row stride) multiples of 16. Triton's JIT then specializes the
+    kernels as the offline compile did (strides of 1 become constants, multiples of 16 and aligned
+    pointers let loads vectorize and go through shared memory as wgmma wants them); any other launch
+    takes the general (strided) entries. (The sizes matter: at S = 1000 the kv kernel's sm_90 D 128
+    entry has 96 bytes of stack under triton 3.6.)"""
+    if head_dim % 32 != 0 or seq_len % 16 != 0 or cos.stride(0) % 16 != 0:
+        return False
+    for t in tensors:
+        if t.stride(-1) != 1 or t.data_ptr() % 16 != 0 or any(s % 16 != 0 for s in t.stride()[:-1]):
+            return False
+    return True
 
 
 def _launch_first_fitting(configs: list, launch) -> None:
@@ -599,8 +646,11 @@ def attention_backward(dout, q, k, v, out, lse, cos, sin, causal: bool = True):
         )
 
     device = q.device
-    kv_configs = _configs(_BACKWARD_KV_CONFIGS, _BACKWARD_KV_FALLBACKS, _INTERPRETER_BACKWARD_KV, device, d_pad)
+    contiguous = _contiguous_launch(D, S, cos, v, dout)
+    kv_table = _BACKWARD_KV_CONTIGUOUS_CONFIGS if contiguous else _BACKWARD_KV_CONFIGS
+    q_table = _BACKWARD_Q_CONTIGUOUS_CONFIGS if contiguous else _BACKWARD_Q_CONFIGS
+    kv_configs = _configs(kv_table, _BACKWARD_KV_FALLBACKS, _INTERPRETER_BACKWARD_KV, device, d_pad)
     _launch_first_fitting(kv_configs, launch_kv)
-    q_configs = _configs(_BACKWARD_Q_CONFIGS, _BACKWARD_Q_FALLBACKS, _INTERPRETER_BACKWARD_Q, device, d_pad)
+    q_configs = _configs(q_table, _BACKWARD_Q_FALLBACKS, _INTERPRETER_BACKWARD_Q, device, d_pad)
     _launch_first_fitting(q_configs, launch_q)
     return dq, dk, dv

@@ -162,8 +162,10 @@ def _gpu_backward_blocks() -> list:
         shapes = {c[:2] for per_dim in table.values() for c in per_dim.values()} | {c[:2] for c in fallbacks}
         return sorted(shapes)
 
-    kv = distinct(kernels._BACKWARD_KV_CONFIGS, kernels._BACKWARD_KV_FALLBACKS)
-    q = distinct(kernels._BACKWARD_Q_CONFIGS, kernels._BACKWARD_Q_FALLBACKS)
+    kv = sorted(set(distinct(kernels._BACKWARD_KV_CONFIGS, kernels._BACKWARD_KV_FALLBACKS))
+                | set(distinct(kernels._BACKWARD_KV_CONTIGUOUS_CONFIGS, [])))
+    q = sorted(set(distinct(kernels._BACKWARD_Q_CONFIGS, kernels._BACKWARD_Q_FALLBACKS))
+               | set(distinct(kernels._BACKWARD_Q_CONTIGUOUS_CONFIGS, [])))
     return [(kv[i % len(kv)], q[i % len(q)]) for i in range(max(len(kv), len(q)))]
 
 
@@ -227,6 +229,46 @@ def test_triton_kernels_compile_for_sm80_and_sm90():
     done = subprocess.run([sys.executable, "-c", _AOT_COMPILE], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr[-5000:]
     assert done.stdout.count("compiled") == 6, done.stdout
+
+
+def test_contiguous_launch_is_what_the_contiguous_tables_were_compiled_for():
+    """The contiguous backward entries (wgmma on Hopper) were compiled with head-dim strides 1 and the
+    other strides and sizes multiples of 16: a launch the JIT would specialize otherwise takes the
+    general ones."""
+    x = torch.randn(2, 32, 4, 64)
+    cos = torch.randn(40, 32)
+    assert kernels._contiguous_launch(64, 32, cos, x, x)
+    for layout in ("qkv", "bhsd"):
+        assert kernels._contiguous_launch(64, 32, cos, *make_inputs(1, 32, 2, 2, 64, torch.float32, layout=layout)[:3])
+    assert not kernels._contiguous_launch(64, 32, cos, x, x.transpose(1, 3).contiguous().transpose(1, 3))  # stride_d
+    assert not kernels._contiguous_launch(64, 30, cos, x)  # S
+    assert not kernels._contiguous_launch(64, 32, torch.randn(40, 40)[:, :32], x)  # the rotary tables' row stride
+    assert not kernels._contiguous_launch(80, 32, cos, torch.randn(2, 32, 4, 80))  # D / 2 = 40
+    assert not kernels._contiguous_launch(64, 32, cos, torch.randn(2, 32, 4, 72)[..., :64])  # row stride 72
+    z = torch.randn(x.numel() + 1)[1:].view(x.shape)
+    assert not kernels._contiguous_launch(64, 32, cos, x, z)  # data not 16-byte aligned
+
+
+def test_backward_takes_the_table_of_its_layout(monkeypatch):
+    """attention_backward looks its configurations up in the contiguous tables for a contiguous
+    launch and in the general ones for a strided one (here in the interpreter, which then runs its
+    own configuration)."""
+    tables = []
+    real = kernels._configs
+    monkeypatch.setattr(kernels, "_configs", lambda table, *rest: tables.append(table) or real(table, *rest))
+    contiguous = {id(kernels._BACKWARD_KV_CONTIGUOUS_CONFIGS): "kv contiguous",
+                  id(kernels._BACKWARD_Q_CONTIGUOUS_CONFIGS): "q contiguous",
+                  id(kernels._BACKWARD_KV_CONFIGS): "kv general", id(kernels._BACKWARD_Q_CONFIGS): "q general"}
+    for layout, dout_strided, want in (("bshd", False, ["kv contiguous", "q contiguous"]),
+                                       ("bshd", True, ["kv general", "q general"])):
+        q, k, v, cos, sin = make_inputs(1, 16, 2, 1, 32, torch.float32, layout=layout, table_extra=0)
+        out, lse = kernels.attention_forward(q, k, v, cos, sin, True)
+        tables.clear()
+        dout = torch.randn(1, 16, 2, 32)
+        if dout_strided:
+            dout = torch.randn(1, 16, 2, 64)[..., ::2]  # head-dim stride 2
+        kernels.attention_backward(dout, q, k, v, out, lse, cos, sin, True)
+        assert [contiguous.get(id(t), "other") for t in tables] == want
 
 
 def test_launch_falls_back_when_a_config_does_not_fit():

@@ -12,7 +12,11 @@ launches (16-byte aligned pointers, strides and sizes divisible by 16).
   spills where they must, see their comment), and, for head dims up to 128, spill at most their
   SPILL_BUDGET to local memory (ptxas's stack frame, read with the cuobjdump that ships with triton).
   A spilling configuration runs, correctly, several times slower: nothing else would show it before
-  a GPU does.
+  a GPU does. The backward's tables come in two layouts, each compiled as the JIT specializes its
+  launches: general (head-dim strides unknown) and contiguous (head-dim strides the constant 1,
+  other sizes multiples of 16; kernels/attention.py's _contiguous_launch picks it at launch).
+* The proof for Hopper: on sm_90a, bf16, D = 128, the contiguous launches of both Triton backward
+  kernels multiply with wgmma (HGMMA in the SASS) and use no stack and no local memory.
 """
 import json
 import os
@@ -108,48 +112,69 @@ SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}  # opt-in shared memory per bloc
 SPILL_BUDGET = {"tuned": 256, "tuned backward": 0, "fallback": 256}
 FP32_POINTERS = {"lse_ptr", "delta_ptr", "cos_ptr", "sin_ptr"}
 FP32_SCALARS = {"qk_scale", "sm_scale"}
+HEAD_COUNTS = {"num_heads", "num_kv_heads"}
+
+
+def _contiguous_strides(kernel_name: str) -> dict:
+    """The head-dim strides of a kernel as the JIT specializes a contiguous launch: the constant 1."""
+    from llama_fast.kernels import attention as attn
+
+    return {a: 1 for a in getattr(attn, kernel_name).arg_names if a.startswith("stride_") and a.endswith("d")}
 
 
 def _attention_cases() -> list:
-    """(name, kernel, arch, constexprs, num_warps, num_stages, spill budget or None, wants wgmma)."""
+    """(name, kernel, arch, constexprs, num_warps, num_stages, spill budget or None, wants wgmma, contiguous)."""
     from llama_fast.kernels import attention as attn
 
-    kernels = [("forward", "_attention_forward_kernel", attn._FORWARD_CONFIGS, attn._FORWARD_FALLBACKS),
-               ("backward kv", "_attention_backward_kv_kernel", attn._BACKWARD_KV_CONFIGS, attn._BACKWARD_KV_FALLBACKS),
-               ("backward q", "_attention_backward_q_kernel", attn._BACKWARD_Q_CONFIGS, attn._BACKWARD_Q_FALLBACKS)]
+    kernels = [("forward", "_attention_forward_kernel", attn._FORWARD_CONFIGS, attn._FORWARD_FALLBACKS, False),
+               ("backward kv", "_attention_backward_kv_kernel", attn._BACKWARD_KV_CONFIGS, attn._BACKWARD_KV_FALLBACKS,
+                False),
+               ("backward q", "_attention_backward_q_kernel", attn._BACKWARD_Q_CONFIGS, attn._BACKWARD_Q_FALLBACKS,
+                False),
+               ("backward kv contiguous", "_attention_backward_kv_kernel", attn._BACKWARD_KV_CONTIGUOUS_CONFIGS,
+                attn._BACKWARD_KV_FALLBACKS, True),
+               ("backward q contiguous", "_attention_backward_q_kernel", attn._BACKWARD_Q_CONTIGUOUS_CONFIGS,
+                attn._BACKWARD_Q_FALLBACKS, True)]
     cases = []
     for row, arch in ARCHS.items():
-        for label, kernel_name, table, fallbacks in kernels:
+        for label, kernel_name, table, fallbacks, contiguous in kernels:
             tuned_budget = SPILL_BUDGET["tuned backward" if label.startswith("backward") else "tuned"]
             entries = [("", d_pad, config, tuned_budget) for d_pad, config in table[row].items()]
             entries += [("fallback ", 128, config, SPILL_BUDGET["fallback"]) for config in fallbacks]
             for kind, d_pad, (block_m, block_n, warps, stages), budget in entries:
                 constexprs = dict(GROUP=4, CAUSAL=True, BLOCK_M=block_m, BLOCK_N=block_n, D_PAD=d_pad,
                                   HALF_PAD=d_pad // 2, PRECISION="tf32")
-                wants_wgmma = label == "forward" and not kind and arch == 90 and d_pad <= 128
+                if contiguous:
+                    constexprs.update(_contiguous_strides(kernel_name))
+                # wgmma on Hopper at head dims 64 and 128: the forward, and the backward's contiguous entries.
+                wants_wgmma = (label == "forward" or contiguous) and not kind and arch == 90 and d_pad <= 128
                 cases.append((f"{label} {kind}D{d_pad} sm_{arch} {(block_m, block_n, warps, stages)}", kernel_name,
-                              arch, constexprs, warps, stages, budget if d_pad <= 128 else None, wants_wgmma))
+                              arch, constexprs, warps, stages, budget if d_pad <= 128 else None, wants_wgmma,
+                              contiguous))
         # Specializations the tables also serve on Hopper: no grouping and no causal mask (a plain
         # multi-head, non-causal call), and head dims up to 32 (padded to 32, run with the D64 entry).
         if arch == 90:
-            for label, kernel_name, table, _ in kernels:
+            for label, kernel_name, table, _, contiguous in kernels:
                 budget = SPILL_BUDGET["tuned backward" if label.startswith("backward") else "tuned"]
                 for d_pad, table_d, group, causal in ((128, 128, 1, False), (32, 64, 4, True)):
                     block_m, block_n, warps, stages = table[row][table_d]
                     constexprs = dict(GROUP=group, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, D_PAD=d_pad,
                                       HALF_PAD=d_pad // 2, PRECISION="tf32")
+                    if contiguous:
+                        constexprs.update(_contiguous_strides(kernel_name))
                     cases.append((f"{label} D{d_pad} sm_{arch} GROUP={group} causal={causal}", kernel_name, arch,
-                                  constexprs, warps, stages, budget, label == "forward" and d_pad >= 64))
+                                  constexprs, warps, stages, budget, (label == "forward" or contiguous) and d_pad >= 64,
+                                  contiguous))
         for d_pad in (64, 128, 256):
             for delta in (True, False):
                 constexprs = dict(DELTA=delta, BLOCK_M=attn._prep_rows(d_pad), D_PAD=d_pad, HALF_PAD=d_pad // 2)
                 cases.append((f"backward prep D{d_pad} sm_{arch} delta={delta}", "_backward_prep_kernel", arch,
-                              constexprs, 4, 3, 0, False))
+                              constexprs, 4, 3, 0, False, False))
     return cases
 
 
-def _resource_usage(cubin: bytes) -> dict:
-    """{'REG': n, 'STACK': bytes, 'SHARED': bytes, ...} of the one kernel in a cubin."""
+def _cuobjdump(cubin: bytes, *flags: str) -> str:
+    """cuobjdump's output for a cubin (the cuobjdump that ships with triton)."""
     import tempfile
 
     import triton
@@ -158,38 +183,52 @@ def _resource_usage(cubin: bytes) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True)
-    return {k: int(v) for k, v in re.findall(r"(\w+):(\d+)", out.stdout.split("Resource usage:")[-1])}
+        return subprocess.run([cuobjdump, *flags, f.name], capture_output=True, text=True, check=True).stdout
 
 
-def compile_attention() -> dict:
-    """Compiles each attention case (causal, GQA group 4, bf16); {name: error or "ok"}."""
+def _resource_usage(cubin: bytes) -> dict:
+    """{'REG': n, 'STACK': bytes, 'SHARED': bytes, ...} of the one kernel in a cubin."""
+    out = _cuobjdump(cubin, "--dump-resource-usage")
+    return {k: int(v) for k, v in re.findall(r"(\w+):(\d+)", out.split("Resource usage:")[-1])}
+
+
+def _compile_attention_kernel(kernel_name: str, arch: int, constexprs: dict, warps: int, stages: int,
+                              contiguous: bool):
+    """Compiles one attention kernel (bf16, fp32 statistics and tables) with the specialization the
+    JIT gives its launches: pointers 16-byte aligned and row strides multiples of 16 always; for a
+    contiguous launch also the head-dim strides as the constant 1 (in constexprs) and every other
+    integer a multiple of 16 but the head counts (GQA groups of 8 kv heads are common)."""
     import importlib
 
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    attn = importlib.import_module("llama_fast.kernels.attention")
-    results = {}
-    for name, kernel_name, arch, constexprs, warps, stages, budget, wants_wgmma in _attention_cases():
-        kernel = getattr(attn, kernel_name)
-        signature, attrs = {}, {}
-        for i, arg in enumerate(kernel.arg_names):
-            if arg in constexprs:
-                signature[arg] = "constexpr"
-            elif arg.endswith("_ptr"):
-                signature[arg] = "*fp32" if arg in FP32_POINTERS else BF16
+    kernel = getattr(importlib.import_module("llama_fast.kernels.attention"), kernel_name)
+    signature, attrs = {}, {}
+    for i, arg in enumerate(kernel.arg_names):
+        if arg in constexprs:
+            signature[arg] = "constexpr"
+        elif arg.endswith("_ptr"):
+            signature[arg] = "*fp32" if arg in FP32_POINTERS else BF16
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            signature[arg] = "fp32" if arg in FP32_SCALARS else "i32"
+            row_stride = arg.startswith("stride_") and not arg.endswith("d")
+            if arg not in FP32_SCALARS and (row_stride or (contiguous and arg not in HEAD_COUNTS)):
                 attrs[(i,)] = [["tt.divisibility", 16]]
-            else:
-                signature[arg] = "fp32" if arg in FP32_SCALARS else "i32"
-                if arg.startswith("stride_") and not arg.endswith("d"):  # row strides: multiples of 16
-                    attrs[(i,)] = [["tt.divisibility", 16]]
+    return triton.compile(
+        ASTSource(kernel, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
+        options={"num_warps": warps, "num_stages": stages},
+    )
+
+
+def compile_attention() -> dict:
+    """Compiles each attention case (causal, GQA group 4, bf16); {name: error or "ok"}."""
+    results = {}
+    for name, kernel_name, arch, constexprs, warps, stages, budget, wants_wgmma, contiguous in _attention_cases():
         try:
-            compiled = triton.compile(
-                ASTSource(kernel, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
-                options={"num_warps": warps, "num_stages": stages},
-            )
+            compiled = _compile_attention_kernel(kernel_name, arch, constexprs, warps, stages, contiguous)
             usage = _resource_usage(compiled.asm["cubin"])
         except Exception as exc:  # reported per case by the test
             results[name] = f"does not compile: {type(exc).__name__}: {str(exc)[:500]}"
@@ -204,6 +243,32 @@ def compile_attention() -> dict:
             r"wgmma\.mma_async" if wants_wgmma else r"(wgmma\.mma_async|mma\.sync)", ptx):
             problems.append("no " + ("wgmma" if wants_wgmma else "tensor-core") + " instruction in the PTX")
         results[name] = "; ".join(problems) or "ok"
+    return results
+
+
+def prove_backward_wgmma() -> dict:
+    """Compiles both Triton backward kernels at their contiguous sm_90 D = 128 table entries for
+    sm_90a (bf16, GQA group 4, causal; and one plain multi-head non-causal case), as the JIT
+    specializes a contiguous launch; {case: {"entry", "HGMMA", "HMMA", "STACK", "LOCAL"}}: wgmma
+    instructions, mma.sync ones, stack frame bytes and local-memory loads and stores in the SASS."""
+    from llama_fast.kernels import attention as attn
+
+    results = {}
+    for label, kernel_name, table in (("kv", "_attention_backward_kv_kernel", attn._BACKWARD_KV_CONTIGUOUS_CONFIGS),
+                                      ("q", "_attention_backward_q_kernel", attn._BACKWARD_Q_CONTIGUOUS_CONFIGS)):
+        block_m, block_n, warps, stages = table[9][128]
+        for group, causal in ((4, True), (1, False)):
+            constexprs = dict(GROUP=group, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, D_PAD=128, HALF_PAD=64,
+                              PRECISION="tf32", **_contiguous_strides(kernel_name))
+            compiled = _compile_attention_kernel(kernel_name, 90, constexprs, warps, stages, True)
+            sass = _cuobjdump(compiled.asm["cubin"], "-sass")
+            results[f"backward {label} GROUP={group} causal={causal}"] = {
+                "entry": [block_m, block_n, warps, stages],
+                "HGMMA": len(re.findall(r"\bHGMMA\.", sass)),
+                "HMMA": len(re.findall(r"\bHMMA\.", sass)),
+                "STACK": _resource_usage(compiled.asm["cubin"])["STACK"],
+                "LOCAL": len(re.findall(r"\b(?:LDL|STL)\b", sass)),
+            }
     return results
 
 
@@ -227,5 +292,16 @@ def test_attention_launch_tables_compile_fit_and_do_not_spill():
     assert {name: r for name, r in results.items() if r != "ok"} == {}
 
 
+def test_triton_attention_backward_uses_wgmma_without_spills_on_hopper():
+    """Issue 16: on sm_90a, bf16, D = 128, the launches real models make (contiguous head dim) run
+    both backward kernels on wgmma, with no stack frame and no local memory. With one table for
+    every layout (its entries chosen for arbitrary strides) the kv kernel multiplied with mma.sync."""
+    results = _run_in_subprocess("wgmma")
+    assert len(results) == 4
+    bad = {name: r for name, r in results.items() if not (r["HGMMA"] > 0 and r["STACK"] == 0 and r["LOCAL"] == 0)}
+    assert bad == {}, f"want HGMMA > 0, STACK == 0 and LOCAL == 0: {bad}"
+
+
 if __name__ == "__main__":
-    print(json.dumps(compile_all() if sys.argv[1] == "elementwise" else compile_attention()))
+    print(json.dumps({"elementwise": compile_all, "attention": compile_attention,
+                      "wgmma": prove_backward_wgmma}[sys.argv[1]]()))
