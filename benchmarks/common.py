@@ -145,7 +145,8 @@ def record(
     torch.cuda.reset_peak_memory_stats()
     ms, issue_ms, lead_ms = cuda_timings(fn, warmup, reps)
     host_syncs = issue_ms >= lead_ms  # the host waited for the spin: fn synchronizes
-    info = {"median_ms_cuda_events": ms, "timed_runs": reps, "formula": formula, "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+    info = {"median_ms_cuda_events": ms, "timed_runs": reps, "formula": formula,
+            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
             "cpu_issue_ms": issue_ms, "host_syncs": host_syncs, "launch_bound": None if host_syncs else issue_ms >= 0.8 * ms}
     if bytes is not None:
         info["bytes"] = bytes
