@@ -21,12 +21,13 @@
 # no GPU has run this; the per-step times are printed at the end and kept in $OUT/timings.md, so the
 # next session replaces these numbers with measured ones):
 #   env.json             ~5 s     torch import, nvidia-smi
-#   build              ~100-150 s  9 translation units (5 host C++ files, 4 .cu) compiled in parallel
+#   build              ~90-150 s  9 translation units (5 host C++ files, 4 .cu) compiled in parallel
 #                                 (MAX_JOBS = all cores, 16 there) for the one arch present (sm_90a on
 #                                 Hopper: one device-code pass per .cu instead of two for "8.0;9.0"), so
 #                                 the build takes about as long as its slowest file: bindings.cpp
-#                                 (torch/extension.h, ~60-90 s) or attention_backward.cu (~60-120 s);
-#                                 plus ~15 s of pip and linking
+#                                 (torch/extension.h and torch.library, ~45-90 s) or attention_backward.cu
+#                                 (nvcc -O3 for sm_90a alone: 60 s measured on a 2-core machine at load
+#                                 average ~100, so ~20-40 s on a free core); plus ~15-30 s of pip and linking
 #   gpu tests            ~80-120 s 366 cases, most of whose time is Triton compiling a kernel for each
 #                                 new specialization (~1-3 s each; the 28 attention cases alone need
 #                                 ~5 each): ~300-500 s in one process, so 8 processes on the 16 cores
