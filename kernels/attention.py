@@ -103,7 +103,8 @@ _BACKWARD_Q_CONFIGS = {  # block_m queries per program, block_n keys per step
 # also with block_n 128) compiled as the JIT specializes such a launch: head-dim strides the constant 1
 # and every other integer a multiple of 16 but the head counts (tests/test_triton_compile.py compiles
 # it so), by triton 3.6 (the GPU machine's) for every candidate and 3.9 for the zero-stack ones; then
-# each entry again with the head counts multiples of 16 too: zero stack in both under both versions.
+# each entry again with the head counts multiples of 16 too: zero stack in both under both versions
+# (benchmarks/compile_attention_configs.py runs this sweep; rerun it after a change to these kernels).
 # Order: zero stack under both versions, then at least 2 stages (at ~240 registers an SM holds one
 # program, and one stage leaves every load's latency exposed), then the larger block_m * block_n,
 # more stages, the larger per-program block; and on sm_90 at D 64 and 128, wgmma (HGMMA in the
