@@ -28,23 +28,31 @@
 #                                 (torch/extension.h and torch.library, ~45-90 s) or attention_backward.cu
 #                                 (nvcc -O3 for sm_90a alone: 60 s measured on a 2-core machine at load
 #                                 average ~100, so ~20-40 s on a free core); plus ~15-30 s of pip and linking
-#   gpu tests            ~80-120 s 366 cases, most of whose time is Triton compiling a kernel for each
+#   gpu tests            ~70-110 s 366 cases, most of whose time is Triton compiling a kernel for each
 #                                 new specialization (~1-3 s each; the 28 attention cases alone need
-#                                 ~5 each): ~300-500 s in one process, so 8 processes on the 16 cores
-#                                 (~40-60 s each, plus ~10 s of imports and collection), then the three
-#                                 2^31-element cases in one (~20 s: 4-8 GB tensors at ~3 TB/s, fp32 checks)
+#                                 ~5 each): ~300-500 s in one process, so 12 processes on the 16 cores
+#                                 (~30-45 s of compiles each, plus ~10 s of imports and collection), then
+#                                 the three 2^31-element cases in one (~20 s: 4-8 GB tensors at ~3 TB/s,
+#                                 fp32 checks)
 #   bench attention      ~70-100 s the target shapes only (B8 H32 S2048 D128, B2 H32 S8192 D128) and
-#                                 the S16384 peak-memory case: 2 shapes x 12 providers, each validated on
-#                                 one batch element (4 heads) against the reference, then 2 warm-up + 5
-#                                 timed runs (5-40 ms each); ~20 Triton JIT compiles; the S8192 reference
-#                                 case is skipped by the benchmark itself
-#   bench rms_norm       ~20-30 s  8 cases of ~0.1-0.5 ms; two torch.compile builds of the reference
-#   bench train_step    ~110-150 s 1.1B model, 6 providers: 2 warm-up + 3 timed steps each (~0.2 s per
-#                                 step, ~5 s to build a model); torch.compile of HF's Llama ~60-90 s. Left
-#                                 out: our reference backend (its [B, H, S, S] attention runs out of
-#                                 memory, by design) and torch.compile of it (not a peer: HF + compile is)
-#   report                 ~2 s per benchmark
-#   total              ~400-470 s of the 540 s budget (the device call's timeout_s should be 600)
+#                                 the S16384 peak-memory case: 2 shapes x 12 providers (the reference
+#                                 skips S8192 itself), each validated on one batch element (4 heads)
+#                                 against the reference, then 2 warm-up + 5 timed runs and pytest-
+#                                 benchmark's 2 + 5 (5-200 ms each: ~1-3 s a case); ~10-16 Triton JIT
+#                                 compiles of ~2-4 s
+#   bench rms_norm       ~25-45 s  8 cases of ~0.1-0.5 ms; torch.compile of the reference, forward and
+#                                 backward (~15-25 s of inductor)
+#   bench train_step    ~120-170 s 1.1B model, 6 providers: 2 warm-up + 5 timed steps each (~0.2-0.3 s
+#                                 per step, ~5 s to build a model and its AdamW state); our kernels'
+#                                 JIT compiles (~20-30 s, partly cached on disk by the gpu tests);
+#                                 torch.compile of HF's Llama (~60-90 s with inductor's 16 workers).
+#                                 Left out: our reference backend (its [B, H, S, S] attention runs out
+#                                 of memory, by design) and torch.compile of it (not a peer: HF + compile is)
+#   report                 ~2 s per benchmark, env.json again at the end ~5 s
+#   total              ~420-560 s, ~500 central, against a BUDGET of 540 (the device call's timeout_s
+#                                 should be 600): the train step, last, is the step a slow machine cuts
+#                                 (its finished providers are kept); the build and tests are the
+#                                 least certain estimates, timings.md will replace them with measurements
 # Each step has a time budget of its own (STEP_BUDGETS below) within the call's BUDGET, so one slow
 # step cannot eat the steps after it; a step that finds no time left is not started.
 #
@@ -75,12 +83,12 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # ---- the gpu tests, in parallel ---------------------------------------------------------------------
 # (the "gpu tests" step runs this script again with --run-gpu-tests under its time budget.) Most of
 # the gpu tests' time is Triton compiling a kernel for each new specialization, one at a time in one
-# process: the test cases are dealt round robin to GPU_TEST_SHARDS (default 8) pytest processes that
+# process: the test cases are dealt round robin to GPU_TEST_SHARDS (default 12) pytest processes that
 # share the GPU (correctness tests; nothing is timed) and compile on their own cores. The three
 # 2^31-element cases (4-8 GB tensors each) run afterwards in one process of their own, unless
 # GPU_TESTS_LARGE=0. Writes gpu-tests-N.{log,xml}; exits 1 if any process failed.
 if [ "${1:-}" = --run-gpu-tests ]; then
-  shards=${GPU_TEST_SHARDS:-8}
+  shards=${GPU_TEST_SHARDS:-12}
   common=(-q -rfEs -p no:cacheprovider)
   "$PYTHON" -m pytest -m gpu -k "not 2_pow_31" --collect-only "${common[@]}" > "$OUT/gpu-tests-collect.log" 2>&1
   rc=$?
