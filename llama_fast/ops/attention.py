@@ -2,6 +2,7 @@
 
     out = attention(q, k, v, cos, sin, causal=True)
     out, lse = attention(q, k, v, cos, sin, return_lse=True)
+    out = attention(q, k, v, cos, sin, cu_seqlens=cu, max_seqlen=n)   # packed documents: ops/attention_varlen.py
 
 q [B, S, Hq, D], k and v [B, S, Hkv, D] with Hq % Hkv == 0, any strides; cos, sin fp32 [S' >= S, D/2].
 Same math as ``llama_fast.reference.attention``; the LSE (natural log, fp32 [B, Hq, S]) is returned
@@ -186,15 +187,32 @@ def attention(
     *,
     return_lse: bool = False,
     deterministic: bool | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
+    position_ids: torch.Tensor | None = None,
 ):
-    """softmax(rope(q) rope(k)^T / sqrt(D) + causal mask) v; see the module docstring."""
-    _check_inputs(q, k, v, cos, sin)
+    """softmax(rope(q) rope(k)^T / sqrt(D) + causal mask) v; see the module docstring. With
+    ``cu_seqlens``: packed documents, q [T, Hq, D] (llama_fast.ops.attention_varlen)."""
     if not isinstance(causal, bool):
         raise TypeError(f"attention: causal must be a bool, got {causal!r}")
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     elif not isinstance(deterministic, bool):
         raise TypeError(f"attention: deterministic must be a bool or None, got {deterministic!r}")
+    if cu_seqlens is not None:
+        if not causal:
+            raise ValueError("attention: packed documents (cu_seqlens) are causal; got causal=False")
+        from .attention_varlen import attention_varlen
+
+        out, lse = attention_varlen(q, k, v, cos, sin, cu_seqlens, max_seqlen, position_ids, deterministic=deterministic)
+        return (out, lse) if return_lse else out
+    for name, value in (("max_seqlen", max_seqlen), ("position_ids", position_ids)):
+        if value is not None:
+            raise ValueError(f"attention: {name} is for packed documents and needs cu_seqlens (got cu_seqlens=None)")
+    if isinstance(q, torch.Tensor) and q.dim() == 3:
+        raise ValueError(f"attention: q of shape {tuple(q.shape)} is packed [tokens, heads, head_dim]: pass "
+                         "cu_seqlens and max_seqlen (or give q as [batch, seq, heads, head_dim])")
+    _check_inputs(q, k, v, cos, sin)
     # The kernels read the rotary tables row by row with contiguous columns.
     cos = cos if cos.stride(-1) == 1 else cos.contiguous()
     sin = sin if sin.stride(-1) == 1 else sin.contiguous()
