@@ -202,9 +202,9 @@ def attention(
     if cu_seqlens is not None:
         if not causal:
             raise ValueError("attention: packed documents (cu_seqlens) are causal; got causal=False")
-        from .attention_varlen import attention_varlen
+        from .attention_varlen import _attention_varlen
 
-        out, lse = attention_varlen(q, k, v, cos, sin, cu_seqlens, max_seqlen, position_ids, deterministic=deterministic)
+        out, lse = _attention_varlen(q, k, v, cos, sin, cu_seqlens, max_seqlen, position_ids, deterministic=deterministic)
         return (out, lse) if return_lse else out
     for name, value in (("max_seqlen", max_seqlen), ("position_ids", position_ids)):
         if value is not None:

@@ -51,7 +51,19 @@ def _check_cu_seqlens(cu_seqlens, max_seqlen, total: int, device: torch.device) 
     return starts
 
 
-def attention_varlen(q, k, v, cos, sin, cu_seqlens, max_seqlen, position_ids=None, *, deterministic: bool):
+def attention_varlen(q, k, v, cos, sin, cu_seqlens, position_ids=None, *, return_lse: bool = False,
+                     max_seqlen: int | None = None, deterministic: bool | None = None):
+    """Packed documents with the signature of llama_fast.reference.attention_varlen (max_seqlen, when not
+    given, is read from cu_seqlens); the same as attention(..., cu_seqlens=...)."""
+    from .attention import attention
+
+    if max_seqlen is None and isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.numel() > 1:
+        max_seqlen = int(cu_seqlens.diff().max())
+    return attention(q, k, v, cos, sin, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, position_ids=position_ids,
+                     return_lse=return_lse, deterministic=deterministic)
+
+
+def _attention_varlen(q, k, v, cos, sin, cu_seqlens, max_seqlen, position_ids=None, *, deterministic: bool):
     """(O [T, Hq, D], LSE fp32 [Hq, T]); see the module docstring. Called by llama_fast.ops.attention."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 3:

@@ -38,6 +38,9 @@ class DataSection:
     seq_len: int = 128  # tokens per sequence; 0: the model's max_seq_len
     val_fraction: float = 0.01
     cache_dir: str = ""  # where raw sources are prepared once; empty: <run_dir>/data
+    # true: attention stops at document boundaries (EOS): each document attends to itself, positions restart
+    # (LLaMA 3); false: the packed stream is one causal sequence per row, as the LLaMA paper trained.
+    document_mask: bool = False
 
 
 @dataclass
