@@ -129,10 +129,8 @@ class FusedRotaryAttention:
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
         reason, cache = _unfusable_call(self, hidden_states, position_embeddings, attention_mask, kwargs)
         plan = None
-        if reason is None and (attention_mask is not None or position_embeddings[0].shape[0] > 1
-                               or kwargs.get("cu_seq_lens_q") is not None):
-            plan = _varlen_plan(attention_mask, kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k"),
-                                *hidden_states.shape[:2])
+        if reason is None:
+            plan = _plan_for(self, attention_mask, position_embeddings[0].shape[0], hidden_states.shape[:2], kwargs)
             reason = plan if isinstance(plan, str) else None
         if reason is not None:
             _count_fallback(self, reason)
@@ -157,6 +155,31 @@ class FusedRotaryAttention:
             out = _attention_by_plan(plan, q, k, v, position_embeddings)
         out = self.o_proj(out.reshape(B, S, -1))
         return (out, None, cache) if self._returns_cache else (out, None)
+
+
+def _plan_for(module, attention_mask, table_rows: int, shape, kwargs):
+    """None (the plain batched call), a _VarlenPlan, or the reason for falling back."""
+    cu_q = kwargs.get("cu_seq_lens_q")
+    if (cu_q is None and attention_mask is None and HF_ATTENTION == getattr(module.config, "_attn_implementation", None)
+            and shape[0] == 1):  # as flash_attention_2: restarting positions in one row separate documents
+        cu_q = _documents_from_positions(kwargs.get("position_ids"))
+        if cu_q is not None:
+            return _varlen_plan(None, cu_q, cu_q, *shape)
+    if attention_mask is None and table_rows == 1 and cu_q is None:
+        return None
+    return _varlen_plan(attention_mask, cu_q, kwargs.get("cu_seq_lens_k"), *shape)
+
+
+def _documents_from_positions(position_ids) -> torch.Tensor | None:
+    """cu_seqlens where position ids [1, S] restart at 0 (flash_attention_2's packed rows), else None."""
+    if position_ids is None or position_ids.dim() != 2 or position_ids.shape[0] != 1 or position_ids.shape[1] < 2:
+        return None
+    starts = (position_ids[0] == 0).nonzero()[:, 0]
+    if starts.numel() <= 1 and int(position_ids[0, 0]) == 0:  # one document from 0: the plain causal call
+        return None
+    if starts.numel() == 0 or int(starts[0]) != 0:
+        starts = torch.cat([starts.new_zeros(1), starts])
+    return torch.cat([starts, starts.new_tensor([position_ids.shape[1]])]).to(torch.int32)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -318,7 +341,7 @@ def _unfusable_call(module, hidden_states, position_embeddings, attention_mask, 
     if module.training and float(getattr(module, "attention_dropout", 0.0) or 0.0) > 0:
         return "attention dropout in training", None
     implementation = getattr(getattr(module, "config", None), "_attn_implementation", None)
-    if implementation != "sdpa":
+    if implementation not in ("sdpa", HF_ATTENTION):
         return f"attn_implementation {implementation!r} (a missing mask means causal only under 'sdpa')", None
     if not getattr(module, "is_causal", True):
         return "a module that is not causal (is_causal False)", None
@@ -343,6 +366,62 @@ def _unfusable_call(module, hidden_states, position_embeddings, attention_mask, 
     if cache.get_seq_length(module.layer_idx) > 0:
         return "decoding with cached tokens", None
     return None, cache
+
+
+# ------------------------------------------------------------------------------------------------
+# attn_implementation="llama_fast": our attention as a transformers attention function
+# ------------------------------------------------------------------------------------------------
+HF_ATTENTION = "llama_fast"
+
+
+def register_hf_attention() -> None:
+    """Registers ``attn_implementation="llama_fast"`` with transformers (>= 4.56, whose attention and mask
+    interfaces it uses): its masks are SDPA's, and packed rows behave as under flash_attention_2
+    (documents separated by cu_seq_lens_q/k, or by position ids restarting at 0 in a one-row batch),
+    without flash-attn installed. Idempotent. With replace_modules as well, the fused modules serve these
+    calls themselves (RoPE fused too).
+
+        llama_fast.register_hf_attention()
+        model = LlamaForCausalLM.from_pretrained(path, attn_implementation="llama_fast")
+    """
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    except ImportError as e:
+        raise RuntimeError(f"attn_implementation='{HF_ATTENTION}' needs transformers >= 4.56 (its AttentionInterface "
+                           f"and mask interface): {e}") from None
+    AttentionInterface.register(HF_ATTENTION, hf_attention_forward)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(HF_ATTENTION, sdpa_mask)
+
+
+def hf_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """transformers' attention-function contract: query [B, Hq, S, D], key and value [B, Hkv, S', D], rotated
+    already; returns (output [B, S, Hq, D], None). Calls our kernels where they compute exactly this
+    (unrotated: identity rotary tables), and SDPA's function elsewhere (dropout in training, another
+    scaling, soft-capping, a sliding window, cached keys, a mask that is neither causal documents nor padding)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    B, Hq, S, D = query.shape
+    plan = None
+    if (key.shape[2] != S or (dropout and module.training) or kwargs.get("softcap") is not None
+            or kwargs.get("sliding_window") is not None or kwargs.get("output_attentions")
+            or (scaling is not None and not math.isclose(scaling, D**-0.5, rel_tol=1e-6)) or D % 2 or D > 256
+            or not getattr(module, "is_causal", True)):
+        plan = "unsupported"
+    elif not torch.compiler.is_compiling():
+        plan = _plan_for(module, attention_mask, 1, (B, S), kwargs)
+    elif attention_mask is not None or kwargs.get("cu_seq_lens_q") is not None:
+        plan = "values under torch.compile"
+    if isinstance(plan, str):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [B, S, H, D] views
+    ones = q.new_ones(1, S, D, dtype=torch.float32)
+    if plan is None:
+        out = ops.attention(q, k, v, ones[0, :, : D // 2], ones[0, :, : D // 2] * 0, causal=True)
+    else:
+        out = _attention_by_plan(plan, q, k, v, (ones, ones * 0))
+    return out, None
 
 
 _WARNED_FALLBACKS: set = set()

@@ -422,3 +422,20 @@ def test_gpu_no_quadratic_memory_at_16k():
     extra = torch.cuda.max_memory_allocated() - base
     linear = q.numel() * q.element_size()  # one [B, S, Hq, D] activation: 32 MiB here
     assert extra < 12 * linear, f"peak extra memory {extra / 2**20:.0f} MiB is not linear in S"
+
+
+@pytest.mark.parametrize("tables", ["rope", "identity"])
+def test_row_strided_rotary_tables(tables):
+    """cos / sin given as the first half of [S, D] tables (as transformers' are; the identity tables of
+    attn_implementation="llama_fast"): the reference's result. (Ad-hoc interpreter runs with such views gave
+    NaN before ops.attention made the tables contiguous; this test did not reproduce it.)"""
+    B, S, Hq, Hkv, D = 2, 12, 4, 2, 16
+    q, k, v, cos, sin = make_inputs(B, S, Hq, Hkv, D, torch.float32, layout="bhsd")
+    if tables == "identity":
+        cos, sin = torch.ones_like(cos), torch.zeros_like(sin)
+    wide_cos, wide_sin = torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)  # [S', D]
+    dout = torch.randn(B, S, Hq, D)
+    got = run_ops(q, k, v, wide_cos[:, : D // 2], wide_sin[:, : D // 2], True, dout)
+    high = reference_run(q, k, v, cos, sin, True, dout, torch.float64)
+    low = reference_run(q, k, v, cos, sin, True, dout, torch.float32)
+    check_all("strided tables", got, high, low, torch.float32, S)

@@ -670,3 +670,71 @@ def test_trainer_losses_agree_with_and_without_the_replacement(tmp_path, with_lo
     assert len(plain) == 3
     torch.testing.assert_close(torch.tensor(fused), torch.tensor(plain), rtol=1e-4, atol=1e-4)
     assert plain[-1] != plain[0]  # the steps changed the model
+
+
+try:
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS  # noqa: F401
+    HAS_ATTENTION_INTERFACE = hasattr(transformers, "AttentionInterface")
+except ImportError:
+    HAS_ATTENTION_INTERFACE = False
+needs_interface = pytest.mark.skipif(not HAS_ATTENTION_INTERFACE,
+                                     reason="attn_implementation='llama_fast' needs transformers >= 4.56's interfaces")
+
+
+def documents_alone(model, tokens, cu):
+    """Logits of each document of a one-row packed batch run alone through the model."""
+    return torch.cat([model(tokens[:, s:e], use_cache=False).logits
+                      for s, e in zip(cu[:-1].tolist(), cu[1:].tolist())], dim=1)
+
+
+@needs_interface
+@pytest.mark.parametrize("replace", [False, True], ids=["interface_only", "with_replace_modules"])
+def test_llama_fast_attention_implementation_separates_packed_documents(replace):
+    """attn_implementation="llama_fast": packed rows behave as under flash_attention_2 (documents separated by
+    restarting position ids or by cu_seq_lens_q/k), padding as under SDPA, without flash-attn."""
+    llama_fast.register_hf_attention()
+    base = hf_model()
+    ours = hf_model(attn_implementation="llama_fast")
+    ours.load_state_dict(base.state_dict())
+    if replace:
+        replace_modules(ours, cross_entropy=False)
+    lengths = [4, 1, 6]
+    tokens = torch.randint(0, 256, (1, 11))
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    cu = torch.tensor([0, 4, 5, 11], dtype=torch.int32)
+    with torch.no_grad():
+        want = documents_alone(base, tokens, cu)
+        for kwargs in (dict(position_ids=positions), dict(position_ids=positions, use_cache=False)):
+            torch.testing.assert_close(ours(tokens, **kwargs).logits, want, rtol=1e-4, atol=1e-4)
+        attn = ours.model.layers[0].self_attn
+        if replace:
+            assert attn.fused_calls == 2 and attn.fallback_calls == 0, attn.fallback_reasons
+        mask = torch.ones(2, 9, dtype=torch.long)
+        mask[1, :3] = 0
+        padded = torch.randint(0, 256, (2, 9))
+        torch.testing.assert_close(ours(padded, attention_mask=mask, use_cache=False).logits,
+                                   base(padded, attention_mask=mask, use_cache=False).logits, rtol=1e-4, atol=1e-4)
+
+
+@needs_interface
+def test_llama_fast_attention_function_uses_the_kernels_and_hands_over_the_rest(monkeypatch):
+    from llama_fast import ops
+    from llama_fast import replace as replace_module
+
+    llama_fast.register_hf_attention()
+    calls = []
+    real = ops.attention
+    monkeypatch.setattr(ops, "attention", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    base = hf_model()
+    ours = hf_model(attn_implementation="llama_fast")
+    ours.load_state_dict(base.state_dict())
+    tokens = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens).logits, base(tokens).logits, rtol=1e-4, atol=1e-4)
+        assert len(calls) == 2  # one per layer: our kernel ran
+        # Decoding with cached keys goes to SDPA's function: generate equals the unpatched model's.
+        prompt = torch.randint(0, 256, (1, 5))
+        kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+        assert torch.equal(ours.generate(prompt, **kw), base.generate(prompt, **kw))
+    assert replace_module._documents_from_positions(torch.arange(6)[None]) is None
+    assert replace_module._documents_from_positions(torch.tensor([[0, 1, 0, 1, 2]])).tolist() == [0, 2, 5]

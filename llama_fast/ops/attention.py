@@ -213,8 +213,9 @@ def attention(
         raise ValueError(f"attention: q of shape {tuple(q.shape)} is packed [tokens, heads, head_dim]: pass "
                          "cu_seqlens and max_seqlen (or give q as [batch, seq, heads, head_dim])")
     _check_inputs(q, k, v, cos, sin)
-    # The kernels read the rotary tables row by row with contiguous columns.
-    cos = cos if cos.stride(-1) == 1 else cos.contiguous()
-    sin = sin if sin.stride(-1) == 1 else sin.contiguous()
+    # The kernels take contiguous rotary tables ([S, D/2] fp32: a copy is small). Row-strided views, such
+    # as the first half of a [S, D] table, gave NaN under the CPU interpreter (triton 3.9) when passed
+    # as they are, though the kernels index rows by their stride; not yet understood, so not risked.
+    cos, sin = cos.contiguous(), sin.contiguous()
     out, lse = _attention_op(q, k, v, cos, sin, causal, deterministic)
     return (out, lse) if return_lse else out
