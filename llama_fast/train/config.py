@@ -327,6 +327,8 @@ AUTO_HELP = {
     "data.tokenizer": "empty: one trained on the data, of the model's vocab_size",
     "data.seq_len": "0: the model's max_seq_len",
     "data.cache_dir": "empty: $LLAMA_FAST_CACHE, else ~/.cache/llama_fast, shared by every run",
+    "data.document_mask": "true: documents split at EOS attend to themselves only, positions restarting "
+                          "(LLaMA 3); false: one causal run per sequence, as the LLaMA paper",
     "optim.lr": "0: auto, the paper's rate for 7B to 65B, else 1e-3 below 100M parameters (small, tiny) "
                 "and 4e-4 above",
     "optim.warmup_steps": "-1: auto, min(2000, max_steps // 10), so 15 for 150 steps",
