@@ -97,7 +97,7 @@ void rope_backward_cpu(const float* grad, float* out, const float* cos, const fl
 int rope_backward_cuda(const RopeBackwardArgs& args, void* stream);
 // Attention backward (RoPE fused; issue 4).   Forward: S = rot(q) rot(k)^T * scale (causal: -inf
 // above the diagonal), O = softmax(S) v, scale = 1/sqrt(D); saved row statistics (issue 13 item 6,
-// STATS_CONTRACT): with S2 = S * log2(e) as an fp32 number formed by the forward's arithmetic,
+// the row-statistics contract): with S2 = S * log2(e) as an fp32 number formed by the forward's arithmetic,
 // stats[0] = m2 = max_j S2 and stats[1] = log2l = log2(sum_j exp2(S2 - m2)), fp32 [2, B, Hq, S].
 // rot is the half-split rotation x -> [x1 c - x2 s, x2 c + x1 s] with c = cos[pos], s = sin[pos].
 //   P = exp2((S2 - m2) - log2l) (m2 first: exact near the row max; never m2 + log2l in one number),

@@ -14,7 +14,7 @@ Forward, per (batch, query head), with scale = 1 / sqrt(D):
     O = softmax(S2 in base 2) v
 computed by the online softmax over key blocks in base 2 (exp2 replaces exp), the running max m
 and sum l rescaled per block. The forward saves the row statistics stats fp32 [2, B, Hq, S]:
-m2_i = max_j S2[i, j] and log2l_i = log2(sum_j exp2(S2[i, j] - m2_i)), apart (STATS_CONTRACT;
+m2_i = max_j S2[i, j] and log2l_i = log2(sum_j exp2(S2[i, j] - m2_i)), apart (csrc/llama_fast.h;
 natural LSE = (m2 + log2l) * ln 2). One fp32 LSE = m + log(l) lost the low bits of S - m when |m|
 is large (issue 13 item 6: dV wrong by 1e9 at q, k x1e4).
 Causal tiling: key blocks wholly above the diagonal are never loaded; blocks wholly below it run
@@ -95,9 +95,15 @@ _FORWARD_CONFIGS = {  # block_m queries per program, block_n keys per step
 # The price of zero stack: kv at D 128 on sm_90 multiplies with mma.sync, not wgmma (its 32-row
 # key block is under wgmma's 64). (16, 64, 8, 2) gets wgmma with 8 / 0 bytes of stack: the first
 # candidate to time against it on an H100 (benchmarks/tune_attention.py).
+# Re-picked for issue 13 item 6 (dK accumulated by halves, scores as two half-dots), triton 3.9,
+# general case only (not yet under 3.6 nor specialized): kv sm_90 D 64 (32, 64, 8, 3) then spilled
+# 64 B, sm_80 D 128 (16, 64, 8, 3) 120 B. Candidates (stack bytes; sm_90 at D 64 / D 32):
+#   sm_80 D 128: (16, 64, 8, 2) 88, (16, 64, 8, 1) 16, (16, 32, 8, 3) 0, (32, 32, 8, 3) 0 -> (32, 32, 8, 3)
+#   sm_90 D 64: (32, 64, 8, 2) 64 / 0, (32, 32, 8, 3) 152 / 8, (16, 128, 8, 3) 40 / 0, (16, 64, 8, 3) 0 / 0
+#               -> (16, 64, 8, 3)
 _BACKWARD_KV_CONFIGS = {  # block_m queries per step, block_n keys per program
-    9: {64: (32, 64, 8, 3), 128: (32, 32, 8, 3), 256: (16, 16, 8, 3)},
-    8: {64: (16, 128, 8, 3), 128: (16, 64, 8, 3), 256: (16, 16, 8, 3)},
+    9: {64: (16, 64, 8, 3), 128: (32, 32, 8, 3), 256: (16, 16, 8, 3)},
+    8: {64: (16, 128, 8, 3), 128: (32, 32, 8, 3), 256: (16, 16, 8, 3)},
 }
 # Re-picked for issue 13 item 6 (scores as two half-dots like the forward, dQ accumulated by halves,
 # m2 and log2l loaded per query block): q at D 128 then spilled under triton 3.9 (general case):
@@ -235,7 +241,7 @@ def _forward_block(
 def _attention_forward_kernel(
     q_ptr, k_ptr, v_ptr,  # inputs, any strides
     o_ptr,  # output [B, S, Hq, D], contiguous
-    stats_ptr,  # output row statistics fp32 [2, B, Hq, S] contiguous: m2, then log2(l) (STATS_CONTRACT)
+    stats_ptr,  # output row statistics fp32 [2, B, Hq, S] contiguous: m2, then log2(l) (csrc/llama_fast.h)
     stats_half,  # B * Hq * S: where log2(l) starts
     cos_ptr, sin_ptr,  # fp32 rotary tables [S', D/2], columns contiguous
     stride_qb, stride_qs, stride_qh, stride_qd,
@@ -400,7 +406,8 @@ def _probs_and_ds(
 
     S2 is formed exactly as the forward forms it: the same two half-dots in the same order, then the
     same fp32 scale (a transposed product sums the same terms in the same order), so S2 - m2 is exact
-    near the row max however large the scores are; m2 is subtracted before log2l (STATS_CONTRACT)."""
+    near the row max however large the scores are; m2 is subtracted before log2l (the row-statistics
+    contract, csrc/llama_fast.h)."""
     s2 = tl.dot(a1, tl.trans(b1), input_precision=PRECISION)
     s2 = tl.dot(a2, tl.trans(b2), s2, input_precision=PRECISION)
     p = tl.math.exp2((_mul_rn(s2, qk_scale, _INTERPRETED) - m2) - log2l)

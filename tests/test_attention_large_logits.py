@@ -4,7 +4,8 @@ with the 2x rule (error <= 2x eager PyTorch's in the same dtype), q and k scaled
 Why it used to fail: the backward recomputed P = exp(S - LSE) from one saved fp32 LSE; with large
 scores LSE = m + log(l) loses the low bits of S - m (ulp(1e8) = 8), and the backward formed S in a
 different summation order than the forward. The forward now saves the row max m2 and log2 of the row
-sum separately (STATS_CONTRACT) and every backward recomputes S2 with the forward's arithmetic.
+sum separately (the row-statistics contract, csrc/llama_fast.h) and every backward recomputes S2
+with the forward's arithmetic.
 
 Paths: the Triton kernels (CPU interpreter, fp32 / fp16), the C++ CPU backward (after the CPU
 forward), the CUDA kernels under the host emulation (fp16 / bf16), and the op through autograd.
@@ -21,7 +22,8 @@ from llama_fast.testing import assert_within_2x, default_floor
 
 from test_cuda_emulation import EMU, KERNEL, build_emulated, run_emulated
 
-attention_ops = importlib.import_module("llama_fast.ops.attention")  # the module; llama_fast.ops.attention is the function
+# The module: the name llama_fast.ops.attention is the function.
+attention_ops = importlib.import_module("llama_fast.ops.attention")
 
 # (label, dtype, B, S, Hq, Hkv, D, q/k standard deviation): the issue's table, then the sweep.
 TABLE = [
@@ -192,3 +194,29 @@ def test_return_lse_is_the_natural_log_sum_exp():
     _, ref = reference.attention(*(t.double() for t in (q, k, v)), cos, sin, True, return_lse=True)
     assert lse.shape == (2, 4, 19) and lse.dtype == torch.float32
     torch.testing.assert_close(lse.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+GPU_CASES = [(f"std{s:g}_{str(dt)[6:]}", dt, 2, 300, 4, 2, 128, s)
+             for dt, stds in ((torch.float32, (3.0, 30.0, 100.0)), (torch.float16, (3.0, 10.0, 30.0)),
+                              (torch.bfloat16, (3.0, 10.0, 30.0)))
+             for s in stds]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c[0])
+def test_gpu_backwards_large_logits(case, causal):
+    """On a GPU: the Triton forward, then the Triton backward and (16-bit) the CUDA backward in both
+    modes. Not bitwise the forward's S2 there (the tensor cores sum in their own order), so large
+    |S2| costs more than in the interpreter; this measures how much."""
+    _, dtype, B, S, Hq, Hkv, D, std = case
+    q, k, v, dout, cos, sin = (t.cuda() for t in make(dtype, B, S, Hq, Hkv, D, std))
+    out, stats = kernels.attention_forward(q, k, v, cos, sin, causal)
+    runs = {"triton": lambda: kernels.attention_backward(dout, q, k, v, out, stats, cos, sin, causal)}
+    if dtype != torch.float32 and ext.has_kernel("cuda"):
+        for det in (True, False):
+            runs[f"cuda det={det}"] = lambda det=det: torch.ops.llama_fast.attention_backward(
+                dout, q, k, v, out, stats, cos, sin, causal, det)
+    cpu = [t.cpu() for t in (q, k, v, dout, cos, sin)]
+    for name, run in runs.items():
+        check(f"gpu {name} {case[0]}", [g.cpu() for g in run()], *cpu, causal, ds_known(dtype, std, triton=True))

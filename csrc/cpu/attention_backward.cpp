@@ -2,7 +2,7 @@
 // machines without a GPU and as a second, simple implementation to test against.
 //
 // Layout: every tensor contiguous; dout, q, out, dq [B, S, Hq, D]; k, v, dk, dv [B, S, Hkv, D];
-// stats fp32 [2, B, Hq, S] (m2, then log2l; STATS_CONTRACT); cos / sin fp32 rows of D / 2, cs_stride apart.
+// stats fp32 [2, B, Hq, S] (m2, then log2l; csrc/llama_fast.h); cos / sin fp32 rows of D / 2, cs_stride apart.
 // dtypes: fp32 in and out (bindings.cpp converts fp16 and bf16; `input` names the dtype they came in).
 // P = exp2((S2 - m2) - log2l) with S2 formed as the CPU forward forms it (llama_fast.ops.attention
 // _scores2): rotation in fp32 (no fused multiply-add), rounded to the input dtype, the dot of those

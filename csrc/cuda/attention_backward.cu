@@ -3,12 +3,14 @@
 //
 // Math (see llama_fast.h): P = exp2((S2 - m2) - log2l) with S2 = S * (scale * log2(e)) recomputed in
 // fp32 from the operands the forward multiplies, and the forward's saved row statistics m2 (row max of
-// S2) and log2l (log2 of the row sum), subtracted in that order (STATS_CONTRACT; one saved LSE lost
-// the low bits of S2 - m2 for large scores, issue 13 item 6); delta = rowsum(dO * O); dV = P^T dO; dP = dO V^T; dS = P * (dP - delta);
+// S2) and log2l (log2 of the row sum), subtracted in that order (csrc/llama_fast.h; one saved LSE lost
+// the low bits of S2 - m2 for large scores, issue 13 item 6); delta = rowsum(dO * O); dV = P^T dO;
+// dP = dO V^T; dS = P * (dP - delta);
 // dQ = rot^-1(dS rot(K)) * scale; dK = rot^-1(dS^T rot(Q)) * scale; dK, dV summed over a group.
 //
 // Layout: q, dout, out [B, S, Hq, D] and k, v [B, S, Hkv, D] with any batch / seq / head strides and
-// a contiguous head dim; stats fp32 [2, B, Hq, S] (m2, then log2l); cos / sin fp32 [>= S, D / 2] (row stride cs_stride);
+// a contiguous head dim; stats fp32 [2, B, Hq, S] (m2, then log2l); cos / sin fp32 [>= S, D / 2]
+// (row stride cs_stride);
 // dq, dk, dv contiguous.
 // dtypes: fp16 or bf16 in and out. Matmul operands in the input dtype (as the forward and the
 // reference use them), every accumulation in fp32 registers; rotation, softmax recomputation and
@@ -50,7 +52,6 @@
 namespace llama_fast {
 namespace {
 
-constexpr float kLog2e = 1.4426950408889634f;
 constexpr int kRowPad = 64;  // the workspace's delta / m2 / log2l rows are padded to a multiple of this
 
 // Element offset of (row, col) in a swizzled [rows, COLS] tile of 16-bit elements: the 16-byte
@@ -246,7 +247,8 @@ __device__ __forceinline__ void two_products(float (&acc1)[NC / 8][4], float (&a
 // the rows are keys and the columns queries (kv kernel, transposed tiles).
 template <bool QUERY_ROWS, int NC>
 __device__ __forceinline__ void probs_and_ds(float (&s)[NC / 8][4], float (&dp)[NC / 8][4], const float* m2,
-                                             const float* log2l, const float* delta, const TileMask& mask, float scale_log2, int r0) {
+                                             const float* log2l, const float* delta, const TileMask& mask,
+                                             float scale_log2, int r0) {
   const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
 #pragma unroll
   for (int n = 0; n < NC / 8; ++n)

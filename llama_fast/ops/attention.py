@@ -10,7 +10,7 @@ without a gradient.
 Forward: Triton on CUDA (kernels/attention.py); on the CPU, Triton in the interpreter when
 TRITON_INTERPRET=1 for fp32 / fp16 (the interpreter's bf16 tl.dot returns garbage, so bf16 takes the
 math path there), else the math path (``_forward_math``; it also serves fp64 inputs everywhere).
-Every forward saves the row statistics of /work/wt/STATS_CONTRACT.md instead of the LSE: fp32
+Every forward saves the row statistics (the contract in csrc/llama_fast.h) instead of the LSE: fp32
 [2, B, Hq, S], the row max m2 of the base-2 scores S2 = S * log2(e) and log2 of the row sum, and every
 backward recomputes P = exp2((S2 - m2) - log2l) with S2 formed by the arithmetic of the forward it
 follows. One saved LSE = m + log(l) lost the low bits of S - m for large scores (issue 13 item 6).
@@ -113,7 +113,8 @@ def _mask(s2, causal):
 
 
 def _forward_math(q, k, v, cos, sin, causal):
-    """(O, stats): O from the reference; stats fp32 [2, B, Hq, S] from _scores2 (STATS_CONTRACT); fp64
+    """(O, stats): O from the reference; stats fp32 [2, B, Hq, S] from _scores2 (the row-statistics
+    contract, csrc/llama_fast.h); fp64
     [2, B, Hq, S] for fp64 inputs (which only this path and _backward_math serve)."""
     out = reference.attention(q, k, v, cos, sin, causal)
     s2 = _mask(_scores2(q, k, cos, sin), causal)
@@ -136,8 +137,8 @@ def _check_stats(stats, q):
     if not isinstance(stats, torch.Tensor) or stats.dtype != _stats_dtype(q) or tuple(stats.shape) != (2, B, Hq, S):
         got = f"{stats.dtype} {tuple(stats.shape)}" if isinstance(stats, torch.Tensor) else type(stats).__name__
         raise ValueError(
-            f"attention backward: stats must be {str(_stats_dtype(q))[6:]} [2, {B}, {Hq}, {S}] (row max m2 and log2 of the row sum, "
-            f"as the forward saves them), got {got}"
+            f"attention backward: stats must be {str(_stats_dtype(q))[6:]} [2, {B}, {Hq}, {S}] (row max m2 and log2 "
+            f"of the row sum, as the forward saves them), got {got}"
         )
 
 
