@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .attention import _attention_op, _check_inputs
+from .attention import _attention_op, _check_inputs, lse_from_stats
 
 
 def _check_cu_seqlens(cu_seqlens, max_seqlen, total: int, device: torch.device) -> list[int]:
@@ -122,7 +122,8 @@ def _attention_varlen(q, k, v, cos, sin, cu_seqlens, max_seqlen, position_ids=No
             idx = (torch.tensor([d[0] for d in docs], device=q.device)[:, None]
                    + torch.arange(n, device=q.device)).flatten()
             qs, ks, vs = (t[idx].unflatten(0, (len(docs), n)) for t in (q, k, v))
-        o, lse = _attention_op(qs, ks, vs, *tables, True, deterministic)  # [docs, n, Hq, D], [docs, Hq, n]
+        o, stats = _attention_op(qs, ks, vs, *tables, True, deterministic)  # [docs, n, Hq, D], [2, docs, Hq, n]
+        lse = lse_from_stats(stats)
         pieces.append(o.flatten(0, 1))
         lse_pieces.append(lse.float().transpose(0, 1).flatten(1, 2))  # [Hq, docs * n]
         order.append(idx)
