@@ -97,14 +97,14 @@ def backward_fn(provider, q, k, v, cos, sin, dout):
     """A zero-argument callable computing (dq, dk, dv) for the provider, forward excluded."""
     from llama_fast import reference
     from llama_fast.kernels.attention import attention_backward as triton_backward
-    from llama_fast.ops import attention
+    from llama_fast.ops.attention import _attention_op
 
     if provider.startswith("llama_fast"):
-        out, lse = attention(q, k, v, cos, sin, return_lse=True)
+        out, stats = _attention_op(q, k, v, cos, sin, True, False)  # O and the row statistics it saves
         if provider == "llama_fast-triton":
-            return lambda: triton_backward(dout, q, k, v, out, lse, cos, sin, True)
+            return lambda: triton_backward(dout, q, k, v, out, stats, cos, sin, True)
         deterministic = provider.endswith("deterministic")
-        return lambda: torch.ops.llama_fast.attention_backward(dout, q, k, v, out, lse, cos, sin, True, deterministic)
+        return lambda: torch.ops.llama_fast.attention_backward(dout, q, k, v, out, stats, cos, sin, True, deterministic)
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
     if provider == "reference":
         out = reference.attention(*leaves, cos, sin)

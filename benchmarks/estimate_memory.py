@@ -26,7 +26,7 @@ How it is counted:
     phase holds parameters + gradients + state (+ what the backward left), read after backward.
   * Per-op workspace: a fake implementation returns the op's outputs only, but the CUDA bindings
     (csrc/bindings.cpp) allocate scratch inside the op and free it on return: the attention
-    backward's fp32 workspace (delta and lse * log2(e) per row, rot(q), rot(k), the fp32 dQ
+    backward's fp32 workspace (delta, m2 and log2l per row, rot(q), rot(k), the fp32 dQ
     accumulator; layout in csrc/cuda/attention_backward.cu, workspace_layout) and the RMSNorm
     backward's fp32 dw partials (2 blocks per SM). ``CudaScratch`` allocates those sizes, from the
     same formulas, on meta while the op runs, so the tracker places them in time next to the op's
@@ -117,7 +117,8 @@ def attention_backward_workspace_floats(
     nk = batch * seq * kv_heads * head_dim
     return {
         "delta": align4(rows),
-        "lse*log2e": align4(rows),
+        "m2": align4(rows),
+        "log2l": align4(rows),
         "dq fp32 accumulator": 0 if deterministic else align4(nq),
         "rot(q)": align4((nq + 1) // 2),
         "rot(k)": align4((nk + 1) // 2),
@@ -160,13 +161,13 @@ class CudaScratch(TorchDispatchMode):
             return t.numel() * t.element_size() if cond else 0
 
         if name == "attention_backward":
-            dout, q, k, v, out, lse, cos, sin = args[:8]
+            dout, q, k, v, out, stats, cos, sin = args[:8]
             B, S, Hq, D = q.shape
             floats = attention_backward_workspace_floats(B, S, Hq, k.shape[2], D, self.deterministic)
             parts = {f"workspace {key}": 4 * n for key, n in floats.items()}
             for label, t in (("dout", dout), ("q", q), ("k", k), ("v", v), ("out", out)):
                 parts[f"copy of {label}"] = copy_if(t.stride(3) != 1, t)
-            parts["copy of lse"] = copy_if(not lse.is_contiguous(), lse)
+            parts["copy of stats"] = copy_if(not stats.is_contiguous(), stats)
             return parts
         if name == "rms_norm_backward":
             dy, x, weight, rstd = args[:4]

@@ -54,11 +54,11 @@ def inputs(B, H, S, D, dtype=torch.bfloat16, seed=0):
 
 
 def run(kernel: str, q, k, v, cos, sin, dout=None, saved=None):
-    """The forward, or the backward given (out, lse) and dout; returns its outputs."""
+    """The forward, or the backward given (out, stats) and dout; returns its outputs."""
     if kernel == "fwd":
         return kernels.attention_forward(q, k, v, cos, sin, True)
-    out, lse = saved
-    return kernels.attention_backward(dout, q, k, v, out, lse, cos, sin, True)
+    out, stats = saved
+    return kernels.attention_backward(dout, q, k, v, out, stats, cos, sin, True)
 
 
 def check(kernel: str, D: int) -> None:

@@ -280,11 +280,11 @@ std::tuple<at::Tensor, at::Tensor> rope_backward_cuda_impl(const at::Tensor& dq,
 // --- end elementwise ops ---
 
 // ------------------------------------------------------------------------------------------------
-// attention_backward(dout, q, k, v, out, lse, cos, sin, causal=True, deterministic=False)
+// attention_backward(dout, q, k, v, out, stats, cos, sin, causal=True, deterministic=False)
 //   -> (dq, dk, dv)          (issue 4: RoPE-fused flash attention; math in llama_fast.h)
 // ------------------------------------------------------------------------------------------------
 void check_attention_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
-                              const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                              const at::Tensor& v, const at::Tensor& out, const at::Tensor& stats,
                               const at::Tensor& cos, const at::Tensor& sin) {
   dtype_of(q, "q");
   TORCH_CHECK(q.dim() == 4, "llama_fast: q must be 4-D [batch, seq, heads, head_dim], got shape ", q.sizes());
@@ -303,11 +303,12 @@ void check_attention_backward(const at::Tensor& dout, const at::Tensor& q, const
   TORCH_CHECK(v.sizes() == k.sizes(), "llama_fast: v must have the shape of k ", k.sizes(), ", got ", v.sizes());
   check_same_shape_dtype(q, "q", dout, "dout");
   check_same_shape_dtype(q, "q", out, "out");
-  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == 3 && lse.size(0) == B && lse.size(1) == Hq &&
-                  lse.size(2) == S,
-              "llama_fast: lse must be float32 [", B, ", ", Hq, ", ", S, "] (batch, heads, seq), got ",
-              lse.scalar_type(), " ", lse.sizes());
-  check_same_device(q, "q", lse, "lse");
+  TORCH_CHECK(stats.scalar_type() == at::kFloat && stats.dim() == 4 && stats.size(0) == 2 && stats.size(1) == B &&
+                  stats.size(2) == Hq && stats.size(3) == S,
+              "llama_fast: stats must be float32 [2, ", B, ", ", Hq, ", ", S,
+              "] (row max m2 and log2 of the row sum per batch, head, query, as the forward saves them), got ",
+              stats.scalar_type(), " ", stats.sizes());
+  check_same_device(q, "q", stats, "stats");
   for (auto [t, name] : {std::pair{&cos, "cos"}, std::pair{&sin, "sin"}}) {
     TORCH_CHECK(t->scalar_type() == at::kFloat, "llama_fast: ", name, " must be float32, got ", t->scalar_type());
     TORCH_CHECK(t->dim() == 2 && t->size(0) >= S && t->size(1) == D / 2, "llama_fast: ", name, " must be [>= ", S,
@@ -318,26 +319,26 @@ void check_attention_backward(const at::Tensor& dout, const at::Tensor& q, const
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu_impl(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, const at::Tensor& cos, const at::Tensor& sin, bool causal, bool deterministic) {
+    const at::Tensor& stats, const at::Tensor& cos, const at::Tensor& sin, bool causal, bool deterministic) {
   (void)deterministic;  // the CPU kernel is always deterministic
-  check_attention_backward(dout, q, k, v, out, lse, cos, sin);
+  check_attention_backward(dout, q, k, v, out, stats, cos, sin);
   auto f32 = [](const at::Tensor& t) { return t.to(at::kFloat).contiguous(); };
   at::Tensor dout_f = f32(dout), q_f = f32(q), k_f = f32(k), v_f = f32(v), out_f = f32(out);
-  at::Tensor lse_c = lse.contiguous(), cos_c = cos.contiguous(), sin_c = sin.contiguous();
+  at::Tensor stats_c = stats.contiguous(), cos_c = cos.contiguous(), sin_c = sin.contiguous();
   at::Tensor dq = at::empty_like(q_f), dk = at::empty_like(k_f), dv = at::empty_like(v_f);
   attention_backward_cpu(dout_f.data_ptr<float>(), q_f.data_ptr<float>(), k_f.data_ptr<float>(),
-                         v_f.data_ptr<float>(), out_f.data_ptr<float>(), lse_c.data_ptr<float>(),
+                         v_f.data_ptr<float>(), out_f.data_ptr<float>(), stats_c.data_ptr<float>(),
                          cos_c.data_ptr<float>(), sin_c.data_ptr<float>(), cos_c.stride(0), dq.data_ptr<float>(),
                          dk.data_ptr<float>(), dv.data_ptr<float>(), q.size(0), q.size(1), q.size(2), k.size(2),
-                         q.size(3), causal);
+                         q.size(3), causal, dtype_of(q, "q"));
   return {dq.to(q.scalar_type()), dk.to(k.scalar_type()), dv.to(v.scalar_type())};
 }
 
 #ifdef LLAMA_FAST_WITH_CUDA
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda_impl(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, const at::Tensor& cos, const at::Tensor& sin, bool causal, bool deterministic) {
-  check_attention_backward(dout, q, k, v, out, lse, cos, sin);
+    const at::Tensor& stats, const at::Tensor& cos, const at::Tensor& sin, bool causal, bool deterministic) {
+  check_attention_backward(dout, q, k, v, out, stats, cos, sin);
   TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
               "llama_fast: attention_backward on CUDA needs q, k, v in float16 or bfloat16, got ", q.scalar_type());
   const c10::cuda::CUDAGuard guard(q.device());
@@ -345,7 +346,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda_impl(
   auto last_contig = [](const at::Tensor& t) { return t.stride(3) == 1 ? t : t.contiguous(); };
   at::Tensor dout_c = last_contig(dout), q_c = last_contig(q), k_c = last_contig(k), v_c = last_contig(v),
              out_c = last_contig(out);
-  at::Tensor lse_c = lse.contiguous(), cos_c = cos.stride(1) == 1 ? cos : cos.contiguous(),
+  at::Tensor stats_c = stats.contiguous(), cos_c = cos.stride(1) == 1 ? cos : cos.contiguous(),
              sin_c = sin.stride(1) == 1 ? sin : sin.contiguous();
   TORCH_CHECK(cos_c.stride(0) == sin_c.stride(0), "llama_fast: cos and sin must have the same row stride, got ",
               cos_c.stride(0), " and ", sin_c.stride(0));
@@ -362,7 +363,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda_impl(
   set(k_c, a.k, a.k_stride);
   set(v_c, a.v, a.v_stride);
   set(out_c, a.out, a.out_stride);
-  a.lse = lse_c.data_ptr<float>();
+  a.stats = stats_c.data_ptr<float>();
   a.cos = cos_c.data_ptr<float>();
   a.sin = sin_c.data_ptr<float>();
   a.cs_stride = cos_c.stride(0);
@@ -397,7 +398,7 @@ TORCH_LIBRARY(llama_fast, m) {
   m.def("rope_backward(Tensor dq, Tensor dk, Tensor cos, Tensor sin) -> (Tensor, Tensor)");
   // --- end elementwise ops ---
   // attention (issue 4)
-  m.def("attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor cos,"
+  m.def("attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor stats, Tensor cos,"
         " Tensor sin, bool causal=True, bool deterministic=False) -> (Tensor, Tensor, Tensor)");
 }
 

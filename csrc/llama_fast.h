@@ -96,12 +96,15 @@ void rope_backward_cpu(const float* grad, float* out, const float* cos, const fl
 // CUDA: dq and dk in one launch. Returns 0 or a cudaError_t value.
 int rope_backward_cuda(const RopeBackwardArgs& args, void* stream);
 // Attention backward (RoPE fused; issue 4).   Forward: S = rot(q) rot(k)^T * scale (causal: -inf
-// above the diagonal), LSE = logsumexp_j S (natural log, saved), O = exp(S - LSE) v, scale = 1/sqrt(D).
+// above the diagonal), O = softmax(S) v, scale = 1/sqrt(D); saved row statistics (issue 13 item 6,
+// the row-statistics contract): with S2 = S * log2(e) as an fp32 number formed by the forward's arithmetic,
+// stats[0] = m2 = max_j S2 and stats[1] = log2l = log2(sum_j exp2(S2 - m2)), fp32 [2, B, Hq, S].
 // rot is the half-split rotation x -> [x1 c - x2 s, x2 c + x1 s] with c = cos[pos], s = sin[pos].
-//   P = exp(S - LSE), delta = rowsum(dO * O), dV = P^T dO, dP = dO V^T, dS = P * (dP - delta)
+//   P = exp2((S2 - m2) - log2l) (m2 first: exact near the row max; never m2 + log2l in one number),
+//   delta = rowsum(dO * O), dV = P^T dO, dP = dO V^T, dS = P * (dP - delta)
 //   dQ = rot^-1(dS rot(K) * scale), dK = rot^-1(dS^T rot(Q) * scale)   (rot^-1: rotation by -theta)
 // dK and dV are summed over the Hq / Hkv query heads of a kv head (grouped-query attention).
-// q, dout, out: [B, S, Hq, D]; k, v: [B, S, Hkv, D]; lse: fp32 [B, Hq, S] contiguous;
+// q, dout, out: [B, S, Hq, D]; k, v: [B, S, Hkv, D]; stats: fp32 [2, B, Hq, S] contiguous;
 // cos, sin: fp32 [>= S, D / 2] with row stride cs_stride and contiguous columns.
 // ---------------------------------------------------------------------------------------------
 struct AttentionBackwardArgs {
@@ -112,7 +115,7 @@ struct AttentionBackwardArgs {
   const void* k;    int64_t k_stride[4];
   const void* v;    int64_t v_stride[4];
   const void* out;  int64_t out_stride[4];
-  const float* lse;
+  const float* stats;  // [2, B, Hq, S]: m2 at stats[(b * Hq + h) * S + i], log2l B * Hq * S floats later
   const float* cos; const float* sin; int64_t cs_stride;
   // Outputs, contiguous: dq [B, S, Hq, D], dk and dv [B, S, Hkv, D].
   void* dq; void* dk; void* dv;
@@ -123,18 +126,19 @@ struct AttentionBackwardArgs {
   bool deterministic;
 };
 
-// CUDA workspace: fp32 elements the launcher needs in `workspace` (16-byte aligned): delta and
-// lse * log2(e) per query row, rot(q) and rot(k) in the input dtype, and the fp32 dQ accumulator
+// CUDA workspace: fp32 elements the launcher needs in `workspace` (16-byte aligned): delta, m2 and
+// log2l per query row, rot(q) and rot(k) in the input dtype, and the fp32 dQ accumulator
 // when not deterministic.
 int64_t attention_backward_cuda_workspace(const AttentionBackwardArgs& args);
 // CUDA: head_dim even and <= 256. Returns 0 or a cudaError_t value.
 int attention_backward_cuda(const AttentionBackwardArgs& args, float* workspace, void* stream);
 
-// CPU: fp32, every tensor contiguous ([B, S, H, D] and lse [B, Hq, S]); cos / sin rows cs_stride apart.
+// CPU: fp32, every tensor contiguous ([B, S, H, D] and stats [2, B, Hq, S]); cos / sin rows cs_stride
+// apart; `input`: the dtype q and k came in (the scores round rot(q), rot(k) to it, as the forward).
 // Accumulates in double, in a fixed order: deterministic.
 void attention_backward_cpu(const float* dout, const float* q, const float* k, const float* v, const float* out,
-                            const float* lse, const float* cos, const float* sin, int64_t cs_stride, float* dq,
+                            const float* stats, const float* cos, const float* sin, int64_t cs_stride, float* dq,
                             float* dk, float* dv, int64_t batch, int64_t seq_len, int64_t num_heads,
-                            int64_t num_kv_heads, int64_t head_dim, bool causal);
+                            int64_t num_kv_heads, int64_t head_dim, bool causal, DType input);
 
 }  // namespace llama_fast

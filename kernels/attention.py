@@ -10,15 +10,20 @@ The forward rotates q and k tile by tile in registers after loading them and wri
 copy; the backward rotates each row once into a transient workspace (below).
 
 Forward, per (batch, query head), with scale = 1 / sqrt(D):
-    S = rot(q) rot(k)^T * scale            (S[i, j] = -inf where j > i when causal)
-    LSE_i = log sum_j exp(S[i, j])          (natural log, fp32 [B, Hq, S])
-    O = exp(S - LSE) v
-computed by the online softmax over key blocks in base 2: scores are multiplied by
-scale * log2(e) so exp2 replaces exp, and the running max m and sum l are rescaled per block.
+    S2 = (rot(q) rot(k)^T) * (scale * log2(e))   (base 2; S2[i, j] = -inf where j > i when causal)
+    O = softmax(S2 in base 2) v
+computed by the online softmax over key blocks in base 2 (exp2 replaces exp), the running max m
+and sum l rescaled per block. The forward saves the row statistics stats fp32 [2, B, Hq, S]:
+m2_i = max_j S2[i, j] and log2l_i = log2(sum_j exp2(S2[i, j] - m2_i)), apart (csrc/llama_fast.h;
+natural LSE = (m2 + log2l) * ln 2). One fp32 LSE = m + log(l) lost the low bits of S - m when |m|
+is large (issue 13 item 6: dV wrong by 1e9 at q, k x1e4).
 Causal tiling: key blocks wholly above the diagonal are never loaded; blocks wholly below it run
 without a mask; only the blocks that straddle the diagonal (or the sequence end) pay for one.
 
-Backward (the flash recipe), with P = exp(S - LSE) recomputed from the saved LSE:
+Backward (the flash recipe), with P = exp2((S2 - m2) - log2l) recomputed from the saved stats, S2
+formed exactly as the forward forms it (two half-dots over the rotated halves in the same order,
+the same fp32 scale, a product that is never fused into the subtraction), so bitwise the
+forward's in the interpreter and S2 - m2 exact near the row max:
     delta_i = sum_d dO[i, d] * O[i, d]
     dV = P^T dO                            summed over the query heads of a group
     dP = dO V^T
@@ -88,15 +93,28 @@ _FORWARD_CONFIGS = {  # block_m queries per program, block_n keys per step
 #   q   sm_90: D 64 64 / 64, 80 KB; D 128 96 / 96, 128 KB   sm_80: D 64 44 / 44, 48 KB; D 128 72 / 80, 104 KB
 #   D 256 (a few small candidates compiled, not the sweep), both archs: kv 45 / 49, 49 KB; q 68 / 80, 98 KB.
 # The price of zero stack for every layout: kv at D 128 on sm_90 multiplies with mma.sync, not wgmma
-# (its 32-row key block is under wgmma's 64). These tables now serve only the general (strided)
-# launches; the contiguous ones take the tables below (_contiguous_launch decides).
+# (its 32-row key block is under wgmma's 64). These tables serve only the general (strided) launches;
+# the contiguous ones take the tables below (_contiguous_launch decides).
+# Re-picked for issue 13 item 6 (dK accumulated by halves, scores as two half-dots), triton 3.9,
+# general case only (not yet under 3.6 nor specialized): kv sm_90 D 64 (32, 64, 8, 3) then spilled
+# 64 B, sm_80 D 128 (16, 64, 8, 3) 120 B. Candidates (stack bytes; sm_90 at D 64 / D 32):
+#   sm_80 D 128: (16, 64, 8, 2) 88, (16, 64, 8, 1) 16, (16, 32, 8, 3) 0, (32, 32, 8, 3) 0 -> (32, 32, 8, 3)
+#   sm_90 D 64: (32, 64, 8, 2) 64 / 0, (32, 32, 8, 3) 152 / 8, (16, 128, 8, 3) 40 / 0, (16, 64, 8, 3) 0 / 0
+#               -> (16, 64, 8, 3)
 _BACKWARD_KV_CONFIGS = {  # block_m queries per step, block_n keys per program
-    9: {64: (32, 64, 8, 3), 128: (32, 32, 8, 3), 256: (16, 16, 8, 3)},
-    8: {64: (16, 128, 8, 3), 128: (16, 64, 8, 3), 256: (16, 16, 8, 3)},
+    9: {64: (16, 64, 8, 3), 128: (32, 32, 8, 3), 256: (16, 16, 8, 3)},
+    8: {64: (16, 128, 8, 3), 128: (32, 32, 8, 3), 256: (16, 16, 8, 3)},
 }
+# Re-picked for issue 13 item 6 (scores as two half-dots like the forward, dQ accumulated by halves,
+# m2 and log2l loaded per query block): q at D 128 then spilled under triton 3.9 (general case):
+# sm_80 (64, 64, 8, 3) 1784 B; sm_90 (64, 64, 8, 3) 0 B but 32 B at GROUP 1 not causal. Candidates
+# compiled the same way (triton 3.9 only, general case; not yet under 3.6 nor specialized):
+#   sm_80: (64, 32, 8, 3) 184 B, (64, 32, 8, 2) 40 B, (32, 32, 8, 3) 0, (64, 16, 8, 3) 0  -> (64, 16, 8, 3)
+#   sm_90: (64, 32, 8, 3) 0 / 0 (GROUP 4 causal / GROUP 1 not), (64, 64, 8, 2) 0 / 32, (64, 32, 8, 2) 0 / 0
+#          -> (64, 32, 8, 3)
 _BACKWARD_Q_CONFIGS = {  # block_m queries per program, block_n keys per step
-    9: {64: (128, 64, 8, 3), 128: (64, 64, 8, 3), 256: (32, 32, 8, 3)},
-    8: {64: (128, 32, 8, 3), 128: (64, 64, 8, 3), 256: (32, 32, 8, 3)},
+    9: {64: (128, 64, 8, 3), 128: (64, 32, 8, 3), 256: (32, 32, 8, 3)},
+    8: {64: (128, 32, 8, 3), 128: (64, 16, 8, 3), 256: (32, 32, 8, 3)},
 }
 # Backward kv and q kernels, contiguous launches (head-dim strides 1, the other strides, S, D and D / 2
 # multiples of 16, aligned data: what real models pass; _contiguous_launch), untimed. The same sweep (q
@@ -108,22 +126,25 @@ _BACKWARD_Q_CONFIGS = {  # block_m queries per program, block_n keys per step
 # Order: zero stack under both versions, then at least 2 stages (at ~240 registers an SM holds one
 # program, and one stage leaves every load's latency exposed), then the larger block_m * block_n,
 # more stages, the larger per-program block; and on sm_90 at D 64 and 128, wgmma (HGMMA in the
-# SASS), which tests/test_triton_compile.py checks. sm_90a, D 128 (registers 3.6 / 3.9, shared memory):
-#   kv (16, 128, 8, 2): 255 / 245 registers, 80 KB, 36 HGMMA. No wider block is spill-free under both:
-#       (16, 128, 8, 3) has 8 B of stack under 3.6; (32, 64, 8, 1 / 2 / 3) 24 / 8 / 88 B under 3.9;
-#       (32, 128, 8, 2) 104 B and (64, 64, 8, 2) 432 B under 3.9. block_m 16 makes each wgmma of S^T
-#       and dP^T 16 wide (N); dK and dV accumulate over 128 rows (two 64-row warpgroups). With S not a
-#       multiple of 16 (a general launch) the same entry had 96 B of stack under 3.6.
-#   q  (128, 64, 8, 3): 213 / 215 registers, 160 KB, 40 HGMMA; (128, 128, 8, 2) has 8 B of stack under 3.9
-#       and 72 B at 1 stage under 3.6.
-# sm_90a, D 64: kv (32, 128, 8, 3) 254 / 253 registers, 57 KB; q (128, 128, 8, 3) 236 / 233, 128 KB.
-# D 256 keeps the general entries (no wgmma: 16- and 32-row blocks). sm_80 (mma.sync on any layout),
-# D 128: kv (16, 128, 8, 3) 255 / 255 registers, 80 KB (twice the general entry's keys per program);
-# q (128, 32, 8, 3) 202 / 196, 96 KB (block_m 128 over (64, 64, 8, 3), same product and stages). D 64
-# on sm_80 was not swept again: the general entries, checked as contiguous launches by the test.
+# SASS), which tests/test_triton_compile.py checks. Measured on the kernels that load the saved row
+# statistics (m2, log2l; issue 13 item 6), registers 3.6 / 3.9 and shared memory:
+#   sm_90a D 128: kv (16, 64, 8, 2): 232 / 252 registers, 48 KB, 70 HGMMA. Wider blocks spill under one
+#       version or both: (16, 64, 8, 3) 48 B (3.9); (16, 128, 8, 2 / 3) 48 / 80 B, (32, 64, 8, 2 / 3)
+#       40 / 32 B, (32, 128, 8, 1-3) 40-232 B, (64, 64 or 128, 8, *) 72-728 B (3.6). block_m 16 makes
+#       each wgmma of S^T and dP^T 16 wide (N); the 64 keys of a program are the M of every wgmma.
+#       (Before the row statistics, (16, 128, 8, 2) compiled spill-free under both; with S not a multiple
+#       of 16, a general launch, it had 96 B of stack under 3.6.)
+#     q (128, 64, 8, 3): 213 / 212 registers, 160 KB, 48 HGMMA; (128, 128, 8, 2) had 8 B of stack under
+#       3.9 and 72 B at 1 stage under 3.6 (before the row statistics).
+#   sm_90a D 64: kv (16, 128, 8, 3) 245 / 247 registers, 44 KB, 22 HGMMA ((32, 128, 8, 2) 0 / 40 B,
+#       (32, 128, 8, 3) 8 / 56 B); q (128, 128, 8, 3) 232 / 229, 128 KB, 48 HGMMA.
+#   D 256 keeps the general entries (no wgmma: 16- and 32-row blocks).
+#   sm_80 (mma.sync on any layout) D 128: kv (16, 128, 8, 2) 255 / 255, 72 KB ((16, 128, 8, 3) 88 B under
+#       3.6); q (128, 32, 8, 3) 245 / 246, 96 KB (both twice the general entries' block). D 64: the
+#       general entries, kv (16, 128, 8, 3) 255 / 212, 40 KB; q (128, 32, 8, 3) 180 / 174, 48 KB.
 _BACKWARD_KV_CONTIGUOUS_CONFIGS = {
-    9: {64: (32, 128, 8, 3), 128: (16, 128, 8, 2), 256: (16, 16, 8, 3)},
-    8: {64: (16, 128, 8, 3), 128: (16, 128, 8, 3), 256: (16, 16, 8, 3)},
+    9: {64: (16, 128, 8, 3), 128: (16, 64, 8, 2), 256: (16, 16, 8, 3)},
+    8: {64: (16, 128, 8, 3), 128: (16, 128, 8, 2), 256: (16, 16, 8, 3)},
 }
 _BACKWARD_Q_CONTIGUOUS_CONFIGS = {
     9: {64: (128, 128, 8, 3), 128: (128, 64, 8, 3), 256: (32, 32, 8, 3)},
@@ -154,6 +175,12 @@ def _padded(head_dim: int) -> tuple[int, int]:
     """(padded head dim, padded half dim): powers of two, at least 16 (the tl.dot minimum)."""
     half = max(16, triton.next_power_of_2(head_dim // 2))
     return 2 * half, half
+
+
+def _qk_scale(head_dim: int) -> float:
+    """The factor from the raw score to base-2 units, the one value the forward and every backward use
+    (it reaches the kernels as the same fp32 number, so the backward's S2 equals the forward's)."""
+    return LOG2E / math.sqrt(head_dim)
 
 
 def _precision(q: torch.Tensor) -> str:
@@ -265,7 +292,8 @@ def _forward_block(
 def _attention_forward_kernel(
     q_ptr, k_ptr, v_ptr,  # inputs, any strides
     o_ptr,  # output [B, S, Hq, D], contiguous
-    lse_ptr,  # output log-sum-exp, natural log, fp32 [B, Hq, S] contiguous
+    stats_ptr,  # output row statistics fp32 [2, B, Hq, S] contiguous: m2, then log2(l) (csrc/llama_fast.h)
+    stats_half,  # B * Hq * S: where log2(l) starts
     cos_ptr, sin_ptr,  # fp32 rotary tables [S', D/2], columns contiguous
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
@@ -330,33 +358,46 @@ def _attention_forward_kernel(
     offs_d = tl.arange(0, D_PAD)
     o_ptrs = o_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od
     tl.store(o_ptrs, acc.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
-    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # back to natural log
-    tl.store(lse_ptr + pid_bh * seq_len + offs_m, lse, mask=row_ok)
+    # The row max and the log of the row sum stay apart: m2 + log2(l) in one fp32 would lose the low
+    # bits of S2 - m2 the backward needs when |m2| is large (issue 13 item 6).
+    tl.store(stats_ptr + pid_bh * seq_len + offs_m, m_i, mask=row_ok)
+    tl.store(stats_ptr + stats_half + pid_bh * seq_len + offs_m, tl.math.log2(l_i), mask=row_ok)
+
+
+def _refuse_interpreted_bf16(q: torch.Tensor, what: str) -> None:
+    """The CPU interpreter's bf16 tl.dot returns garbage without an error (issue 13 item 7): refuse."""
+    if q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1" and q.device.type == "cpu":
+        raise NotImplementedError(
+            f"attention {what}: bf16 does not run in the Triton CPU interpreter (TRITON_INTERPRET=1), whose bf16 "
+            "tl.dot gives wrong results; llama_fast.ops.attention takes its math path for bf16 there"
+        )
 
 
 def attention_forward(q, k, v, cos, sin, causal: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launches the forward: returns (O [B, S, Hq, D] contiguous in q.dtype, LSE fp32 [B, Hq, S]).
+    """Launches the forward: returns (O [B, S, Hq, D] contiguous in q.dtype, stats fp32 [2, B, Hq, S]:
+    the row max m2 of the base-2 scores and log2 of the row sum; natural LSE = (m2 + log2l) * ln 2).
 
     Inputs are assumed validated (llama_fast.ops.attention checks them)."""
+    _refuse_interpreted_bf16(q, "forward")
     B, S, Hq, D = q.shape
     Hkv = k.shape[2]
     out = torch.empty((B, S, Hq, D), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, Hq, S), dtype=torch.float32, device=q.device)
+    stats = torch.empty((2, B, Hq, S), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
-        return out, lse
+        return out, stats
     d_pad, half_pad = _padded(D)
 
     def launch(block_m, block_n, warps, stages):
         _attention_forward_kernel[(triton.cdiv(S, block_m), B * Hq)](
-            q, k, v, out, lse, cos, sin,
+            q, k, v, out, stats, B * Hq * S, cos, sin,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), cos.stride(0),
-            Hq, S, D, D // 2, LOG2E / math.sqrt(D),
+            Hq, S, D, D // 2, _qk_scale(D),
             GROUP=Hq // Hkv, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, D_PAD=d_pad, HALF_PAD=half_pad,
             PRECISION=_precision(q), num_warps=warps, num_stages=stages,
         )
 
     _launch_first_fitting(_configs(_FORWARD_CONFIGS, _FORWARD_FALLBACKS, _INTERPRETER_FORWARD, q.device, d_pad), launch)
-    return out, lse
+    return out, stats
 
 
 # ------------------------------------------------------------------------------------------------
@@ -376,27 +417,51 @@ def _load_rows(
 
 
 @triton.jit
-def _load_row_stats(lse_base, delta_base, offs_m, seq_len):
-    """LSE * log2(e) and delta of query rows offs_m of one head (fp32, [BLOCK]). Rows past the
-    sequence end get LSE = +inf, which makes their P exactly 0."""
+def _load_row_stats(stats_base, stats_half, delta_base, offs_m, seq_len):
+    """m2, log2(l) and delta of query rows offs_m of one head (fp32, [BLOCK]), each loaded once per
+    query block. Rows past the sequence end get log2(l) = +inf, which makes their P exactly 0."""
     row_ok = offs_m < seq_len
-    lse2 = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    m2 = tl.load(stats_base + offs_m, mask=row_ok, other=0.0)
+    log2l = tl.load(stats_base + stats_half + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
-    return lse2, delta
+    return m2, log2l, delta
+
+
+_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+
+
+@triton.jit
+def _mul_rn(a, b, INTERPRETED: tl.constexpr):
+    """a * b rounded to fp32, never fused into a following add: the backward's S2 must be the rounded
+    product the forward's row max was taken over (an FMA of S2 - m2 would leave the product's rounding
+    error, up to ulp(S2) / 2, where the forward had an exact 0). PTX mul.rn is never contracted; the
+    interpreter (numpy) does not contract."""
+    if INTERPRETED:
+        return a * b
+    else:
+        return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.float32,
+                                         is_pure=True, pack=1)
 
 
 @triton.jit
 def _probs_and_ds(
-    a, b,  # score operands: S = a b^T
+    a1, a2, b1, b2,  # score operands by halves: S = a1 b1^T + a2 b2^T, summed as the forward sums it
     x, y,  # dP operands: dP = x y^T
-    lse2, delta,  # fp32 row statistics, broadcastable to S (queries along rows or along columns)
+    m2, log2l, delta,  # fp32 row statistics, broadcastable to S (queries along rows or along columns)
     keep,  # bool, broadcastable to S: False where P must be 0 (used only when MASK)
     qk_scale, MASK: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """P = exp2(S * qk_scale - lse2) and dS = P * (dP - delta), both fp32. The q kernel passes
+    """P = exp2((S2 - m2) - log2l) and dS = P * (dP - delta), both fp32. The q kernel passes
     (rot(q), rot(k), dO, V) and gets P and dS [BLOCK_M, BLOCK_N]; the kv kernel passes
-    (rot(k), rot(q), V, dO) and gets their transposes [BLOCK_N, BLOCK_M]."""
-    p = tl.math.exp2(tl.dot(a, tl.trans(b), input_precision=PRECISION) * qk_scale - lse2)
+    (rot(k), rot(q), V, dO) and gets their transposes [BLOCK_N, BLOCK_M].
+
+    S2 is formed exactly as the forward forms it: the same two half-dots in the same order, then the
+    same fp32 scale (a transposed product sums the same terms in the same order), so S2 - m2 is exact
+    near the row max however large the scores are; m2 is subtracted before log2l (the row-statistics
+    contract, csrc/llama_fast.h)."""
+    s2 = tl.dot(a1, tl.trans(b1), input_precision=PRECISION)
+    s2 = tl.dot(a2, tl.trans(b2), s2, input_precision=PRECISION)
+    p = tl.math.exp2((_mul_rn(s2, qk_scale, _INTERPRETED) - m2) - log2l)
     if MASK:
         p = tl.where(keep, p, 0.0)
     dp = tl.dot(x, tl.trans(y), input_precision=PRECISION)
@@ -404,13 +469,21 @@ def _probs_and_ds(
 
 
 @triton.jit
+def _load_halves(base, offs_s, seq_len, HALF_PAD: tl.constexpr):
+    """Rows offs_s of one head of the workspace [S, 2 * HALF_PAD] as its halves [BLOCK, HALF_PAD]
+    (rows past seq_len read as zero)."""
+    offs_h = tl.arange(0, HALF_PAD)
+    mask = (offs_s < seq_len)[:, None]
+    ptr = base + offs_s[:, None] * (2 * HALF_PAD) + offs_h[None, :]
+    return tl.load(ptr, mask=mask, other=0.0), tl.load(ptr + HALF_PAD, mask=mask, other=0.0)
+
+
+@triton.jit
 def _store_unrotated(
     base, stride_s, stride_d, cos_ptr, sin_ptr, stride_cs, offs_s, seq_len, HALF, HALF_PAD: tl.constexpr,
-    g,  # fp32 gradient wrt the rotated rows, [BLOCK, 2 * HALF_PAD], halves at columns 0 and HALF_PAD
+    g1, g2,  # fp32 gradient wrt the rotated rows by halves, [BLOCK, HALF_PAD] each
 ):
-    """Applies the inverse rotation (by -theta) to g and stores rows offs_s of one head."""
-    g = tl.permute(tl.reshape(g, (g.shape[0], 2, HALF_PAD)), (0, 2, 1))  # [BLOCK, HALF_PAD, 2]
-    g1, g2 = tl.split(g)  # [BLOCK, HALF_PAD] each
+    """Applies the inverse rotation (by -theta) to (g1, g2) and stores rows offs_s of one head."""
     offs_h = tl.arange(0, HALF_PAD)
     mask = (offs_s < seq_len)[:, None] & (offs_h[None, :] < HALF)
     cs_off = offs_s[:, None] * stride_cs + offs_h[None, :]
@@ -459,30 +532,34 @@ def _backward_prep_kernel(
 
 @triton.jit
 def _backward_kv_block(
-    dk, dv, k, v,  # fp32 accumulators and this program's rot(k) and v tiles (input dtype)
-    qr_base, do_base, lse_base, delta_base,  # one query head: rot(q) (workspace), dO, LSE and delta rows
+    dk1, dk2, dv, k1, k2, v,  # fp32 accumulators (dK by halves) and this program's rot(k) halves and v
+    qr_base, do_base, stats_base, stats_half, delta_base,  # one query head: rot(q) (workspace), dO, stats, delta
     stride_ds, stride_dd,
     offs_n, start_m, seq_len, qk_scale, D,
-    MASK: tl.constexpr, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr,
+    MASK: tl.constexpr, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr, HALF_PAD: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     offs_m = start_m + tl.arange(0, BLOCK_M).to(tl.int64)
-    qr = _load_rows(qr_base, D_PAD, 1, offs_m, seq_len, D_PAD, D_PAD)
+    q1, q2 = _load_halves(qr_base, offs_m, seq_len, HALF_PAD)
     do = _load_rows(do_base, stride_ds, stride_dd, offs_m, seq_len, D, D_PAD)
-    lse2, delta = _load_row_stats(lse_base, delta_base, offs_m, seq_len)
+    m2, log2l, delta = _load_row_stats(stats_base, stats_half, delta_base, offs_m, seq_len)
     # Transposed: keys along rows, queries along columns, [BLOCK_N, BLOCK_M]. Rows past the
     # sequence end need no mask: their P is 0 (queries) or their dK, dV are not stored (keys).
-    pt, dst = _probs_and_ds(k, qr, v, do, lse2[None, :], delta[None, :], offs_m[None, :] >= offs_n[:, None],
-                            qk_scale, MASK, PRECISION)
+    pt, dst = _probs_and_ds(k1, k2, q1, q2, v, do, m2[None, :], log2l[None, :], delta[None, :],
+                            offs_m[None, :] >= offs_n[:, None], qk_scale, MASK, PRECISION)
     dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PRECISION)
-    dk = tl.dot(dst.to(qr.dtype), qr, dk, input_precision=PRECISION)
-    return dk, dv
+    dst = dst.to(q1.dtype)
+    dk1 = tl.dot(dst, q1, dk1, input_precision=PRECISION)
+    dk2 = tl.dot(dst, q2, dk2, input_precision=PRECISION)
+    return dk1, dk2, dv
 
 
 @triton.jit
 def _attention_backward_kv_kernel(
     qr_ptr, kr_ptr,  # workspace rot(q) [B, Hq, S, D_PAD] and rot(k) [B, Hkv, S, D_PAD] (input dtype)
     v_ptr, do_ptr,  # v and dO, any strides
-    lse_ptr, delta_ptr,  # fp32 [B, Hq, S]
+    stats_ptr, stats_half,  # fp32 [2, B, Hq, S] (m2, log2l) and B * Hq * S
+    delta_ptr,  # fp32 [B, Hq, S]
     dk_ptr, dv_ptr,  # outputs [B, S, Hkv, D]
     cos_ptr, sin_ptr,
     stride_vb, stride_vs, stride_vh, stride_vd,
@@ -502,10 +579,11 @@ def _attention_backward_kv_kernel(
     kv_h = pid_bh % num_kv_heads
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N).to(tl.int64)
-    k = _load_rows(kr_ptr + pid_bh * seq_len * D_PAD, D_PAD, 1, offs_n, seq_len, D_PAD, D_PAD)
+    k1, k2 = _load_halves(kr_ptr + pid_bh * seq_len * D_PAD, offs_n, seq_len, HALF_PAD)
     v = _load_rows(v_ptr + b * stride_vb + kv_h * stride_vh, stride_vs, stride_vd, offs_n, seq_len, D, D_PAD)
 
-    dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+    dk1 = tl.zeros([BLOCK_N, HALF_PAD], tl.float32)
+    dk2 = tl.zeros([BLOCK_N, HALF_PAD], tl.float32)
     dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
     if CAUSAL:
         masked_end = tl.minimum(start_n + BLOCK_N, seq_len)
@@ -519,20 +597,22 @@ def _attention_backward_kv_kernel(
         do_base = do_ptr + b * stride_db + (kv_h * GROUP + g) * stride_dh
         # Query blocks on the diagonal of this key block: masked.
         for start_m in range(first_m, masked_end, BLOCK_M):
-            dk, dv = _backward_kv_block(
-                dk, dv, k, v, qr_base, do_base, lse_ptr + bh * seq_len, delta_ptr + bh * seq_len,
-                stride_ds, stride_dd, offs_n, start_m, seq_len, qk_scale, D, True, BLOCK_M, D_PAD, PRECISION,
+            dk1, dk2, dv = _backward_kv_block(
+                dk1, dk2, dv, k1, k2, v, qr_base, do_base, stats_ptr + bh * seq_len, stats_half,
+                delta_ptr + bh * seq_len, stride_ds, stride_dd, offs_n, start_m, seq_len, qk_scale, D,
+                True, BLOCK_M, D_PAD, HALF_PAD, PRECISION,
             )
         # Query blocks below the diagonal (or all of them, not causal): no mask.
         for start_m in range(tl.maximum(masked_end, first_m), seq_len, BLOCK_M):
-            dk, dv = _backward_kv_block(
-                dk, dv, k, v, qr_base, do_base, lse_ptr + bh * seq_len, delta_ptr + bh * seq_len,
-                stride_ds, stride_dd, offs_n, start_m, seq_len, qk_scale, D, False, BLOCK_M, D_PAD, PRECISION,
+            dk1, dk2, dv = _backward_kv_block(
+                dk1, dk2, dv, k1, k2, v, qr_base, do_base, stats_ptr + bh * seq_len, stats_half,
+                delta_ptr + bh * seq_len, stride_ds, stride_dd, offs_n, start_m, seq_len, qk_scale, D,
+                False, BLOCK_M, D_PAD, HALF_PAD, PRECISION,
             )
 
     g_off = b * stride_gb + kv_h * stride_gh
     _store_unrotated(dk_ptr + g_off, stride_gs, stride_gd, cos_ptr, sin_ptr, stride_cs, offs_n, seq_len,
-                     HALF, HALF_PAD, dk * sm_scale)
+                     HALF, HALF_PAD, dk1 * sm_scale, dk2 * sm_scale)
     offs_d = tl.arange(0, D_PAD)
     tl.store(dv_ptr + g_off + offs_n[:, None] * stride_gs + offs_d[None, :] * stride_gd,
              dv.to(dv_ptr.dtype.element_ty), mask=(offs_n < seq_len)[:, None] & (offs_d[None, :] < D))
@@ -540,26 +620,32 @@ def _attention_backward_kv_kernel(
 
 @triton.jit
 def _backward_q_block(
-    dq, qr, do, lse2, delta,  # fp32 accumulator and this program's query block
+    dq1, dq2, q1, q2, do, m2, log2l, delta,  # fp32 accumulators (by halves) and this program's query block
     kr_base, v_base, stride_vs, stride_vd,  # one kv head: rot(k) (workspace) and v
     offs_m, start_n, seq_len, qk_scale, D,
     MASK: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
-    PRECISION: tl.constexpr,
+    HALF_PAD: tl.constexpr, PRECISION: tl.constexpr,
 ):
     offs_n = start_n + tl.arange(0, BLOCK_N).to(tl.int64)
-    kr = _load_rows(kr_base, D_PAD, 1, offs_n, seq_len, D_PAD, D_PAD)
+    k1, k2 = _load_halves(kr_base, offs_n, seq_len, HALF_PAD)
     v = _load_rows(v_base, stride_vs, stride_vd, offs_n, seq_len, D, D_PAD)
     keep = offs_n[None, :] < seq_len
     if CAUSAL:
         keep = keep & (offs_n[None, :] <= offs_m[:, None])
-    p, ds = _probs_and_ds(qr, kr, do, v, lse2[:, None], delta[:, None], keep, qk_scale, MASK, PRECISION)
-    return tl.dot(ds.to(kr.dtype), kr, dq, input_precision=PRECISION)
+    p, ds = _probs_and_ds(q1, q2, k1, k2, do, v, m2[:, None], log2l[:, None], delta[:, None], keep, qk_scale,
+                          MASK, PRECISION)
+    ds = ds.to(k1.dtype)
+    dq1 = tl.dot(ds, k1, dq1, input_precision=PRECISION)
+    dq2 = tl.dot(ds, k2, dq2, input_precision=PRECISION)
+    return dq1, dq2
 
 
 @triton.jit
 def _attention_backward_q_kernel(
     qr_ptr, kr_ptr,  # workspace rot(q) [B, Hq, S, D_PAD] and rot(k) [B, Hkv, S, D_PAD] (input dtype)
-    v_ptr, do_ptr, lse_ptr, delta_ptr,
+    v_ptr, do_ptr,
+    stats_ptr, stats_half,  # fp32 [2, B, Hq, S] (m2, log2l) and B * Hq * S
+    delta_ptr,
     dq_ptr,  # output [B, S, Hq, D]
     cos_ptr, sin_ptr,
     stride_vb, stride_vs, stride_vh, stride_vd,
@@ -579,14 +665,16 @@ def _attention_backward_q_kernel(
     h = pid_bh % num_heads
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M).to(tl.int64)
-    qr = _load_rows(qr_ptr + pid_bh * seq_len * D_PAD, D_PAD, 1, offs_m, seq_len, D_PAD, D_PAD)
+    q1, q2 = _load_halves(qr_ptr + pid_bh * seq_len * D_PAD, offs_m, seq_len, HALF_PAD)
     do = _load_rows(do_ptr + b * stride_db + h * stride_dh, stride_ds, stride_dd, offs_m, seq_len, D, D_PAD)
-    lse2, delta = _load_row_stats(lse_ptr + pid_bh * seq_len, delta_ptr + pid_bh * seq_len, offs_m, seq_len)
+    m2, log2l, delta = _load_row_stats(stats_ptr + pid_bh * seq_len, stats_half, delta_ptr + pid_bh * seq_len,
+                                       offs_m, seq_len)
     kv_bh = pid_bh // GROUP  # b * Hkv + kv head
     kr_base = kr_ptr + kv_bh * seq_len * D_PAD
     v_base = v_ptr + b * stride_vb + (h // GROUP) * stride_vh
 
-    dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    dq1 = tl.zeros([BLOCK_M, HALF_PAD], tl.float32)
+    dq2 = tl.zeros([BLOCK_M, HALF_PAD], tl.float32)
     if CAUSAL:
         unmasked_end = start_m
         masked_end = tl.minimum(start_m + BLOCK_M, seq_len)
@@ -594,23 +682,40 @@ def _attention_backward_q_kernel(
         unmasked_end = (seq_len // BLOCK_N) * BLOCK_N
         masked_end = seq_len
     for start_n in range(0, unmasked_end, BLOCK_N):
-        dq = _backward_q_block(
-            dq, qr, do, lse2, delta, kr_base, v_base, stride_vs, stride_vd, offs_m, start_n, seq_len, qk_scale, D,
-            False, CAUSAL, BLOCK_N, D_PAD, PRECISION,
+        dq1, dq2 = _backward_q_block(
+            dq1, dq2, q1, q2, do, m2, log2l, delta, kr_base, v_base, stride_vs, stride_vd, offs_m, start_n,
+            seq_len, qk_scale, D, False, CAUSAL, BLOCK_N, D_PAD, HALF_PAD, PRECISION,
         )
     for start_n in range(unmasked_end, masked_end, BLOCK_N):
-        dq = _backward_q_block(
-            dq, qr, do, lse2, delta, kr_base, v_base, stride_vs, stride_vd, offs_m, start_n, seq_len, qk_scale, D,
-            True, CAUSAL, BLOCK_N, D_PAD, PRECISION,
+        dq1, dq2 = _backward_q_block(
+            dq1, dq2, q1, q2, do, m2, log2l, delta, kr_base, v_base, stride_vs, stride_vd, offs_m, start_n,
+            seq_len, qk_scale, D, True, CAUSAL, BLOCK_N, D_PAD, HALF_PAD, PRECISION,
         )
     _store_unrotated(dq_ptr + b * stride_gb + h * stride_gh, stride_gs, stride_gd, cos_ptr, sin_ptr, stride_cs,
-                     offs_m, seq_len, HALF, HALF_PAD, dq * sm_scale)
+                     offs_m, seq_len, HALF, HALF_PAD, dq1 * sm_scale, dq2 * sm_scale)
 
 
-def attention_backward(dout, q, k, v, out, lse, cos, sin, causal: bool = True):
+def check_stats(stats: torch.Tensor, q: torch.Tensor) -> None:
+    """A clear error for row statistics that are not the forward's fp32 [2, B, Hq, S]."""
+    B, S, Hq, _ = q.shape
+    if not isinstance(stats, torch.Tensor) or stats.dtype != torch.float32 or tuple(stats.shape) != (2, B, Hq, S):
+        got = f"{stats.dtype} {tuple(stats.shape)}" if isinstance(stats, torch.Tensor) else type(stats).__name__
+        raise ValueError(
+            f"attention backward: stats must be float32 [2, {B}, {Hq}, {S}] (row max m2 and log2 of the row sum, "
+            f"as the forward saves them), got {got}"
+        )
+    if stats.device != q.device:
+        raise ValueError(f"attention backward: stats must be on the device of q ({q.device}), got {stats.device}")
+
+
+def attention_backward(dout, q, k, v, out, stats, cos, sin, causal: bool = True):
     """Launches the backward: returns (dq, dk, dv), contiguous, in the dtypes and shapes of q, k, v.
 
-    Saved tensors are the unrotated q, k, v, the output O and the LSE of the forward."""
+    Saved tensors are the unrotated q, k, v, the output O and the forward's row statistics
+    (fp32 [2, B, Hq, S]: m2 and log2l)."""
+    _refuse_interpreted_bf16(q, "backward")
+    check_stats(stats, q)
+    stats = stats.contiguous()
     B, S, Hq, D = q.shape
     Hkv = k.shape[2]
     dq = torch.empty((B, S, Hq, D), dtype=q.dtype, device=q.device)
@@ -631,18 +736,18 @@ def attention_backward(dout, q, k, v, out, lse, cos, sin, causal: bool = True):
         )
     sm_scale = 1.0 / math.sqrt(D)
     args = (cos, sin, *v.stride(), *dout.stride())
-    scalars = (S, D, D // 2, sm_scale * LOG2E, sm_scale)
+    scalars = (S, D, D // 2, _qk_scale(D), sm_scale)
     common = dict(GROUP=Hq // Hkv, CAUSAL=causal, D_PAD=d_pad, HALF_PAD=half_pad, PRECISION=_precision(q))
 
     def launch_kv(block_m, block_n, warps, stages):
         _attention_backward_kv_kernel[(triton.cdiv(S, block_n), B * Hkv)](
-            qr, kr, v, dout, lse, delta, dk, dv, *args, *dk.stride(), cos.stride(0), Hkv, *scalars,
+            qr, kr, v, dout, stats, B * Hq * S, delta, dk, dv, *args, *dk.stride(), cos.stride(0), Hkv, *scalars,
             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **common,
         )
 
     def launch_q(block_m, block_n, warps, stages):
         _attention_backward_q_kernel[(triton.cdiv(S, block_m), B * Hq)](
-            qr, kr, v, dout, lse, delta, dq, *args, *dq.stride(), cos.stride(0), Hq, *scalars,
+            qr, kr, v, dout, stats, B * Hq * S, delta, dq, *args, *dq.stride(), cos.stride(0), Hq, *scalars,
             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **common,
         )
 

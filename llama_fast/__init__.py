@@ -4,13 +4,13 @@ from .model import KVCache, Llama
 
 __version__ = "0.1.0"
 
-__all__ = ["FLAVORS", "KVCache", "Llama", "LlamaConfig", "replace_modules", "__version__"]
+__all__ = ["FLAVORS", "KVCache", "Llama", "LlamaConfig", "register_hf_attention", "replace_modules", "__version__"]
 
 
 def __getattr__(name):
     # Imported on first use: the fused ops pull in triton, which plain model users may not need.
-    if name == "replace_modules":
-        from .replace import replace_modules
+    if name in ("replace_modules", "register_hf_attention"):
+        from . import replace
 
-        return replace_modules
+        return getattr(replace, name)
     raise AttributeError(f"module 'llama_fast' has no attribute {name!r}")

@@ -46,7 +46,13 @@ if AVAILABLE:
     # --- end elementwise ops ---
     # --- attention (issue 4) ---
     @torch.library.register_fake("llama_fast::attention_backward")
-    def _attention_backward_fake(dout, q, k, v, out, lse, cos, sin, causal=True, deterministic=False):
+    def _attention_backward_fake(dout, q, k, v, out, stats, cos, sin, causal=True, deterministic=False):
+        B, S, Hq, _ = q.shape
+        if stats.dtype != torch.float32 or tuple(stats.shape) != (2, B, Hq, S):
+            raise ValueError(
+                f"llama_fast: stats must be float32 [2, {B}, {Hq}, {S}] (row max m2 and log2 of the row sum per "
+                f"batch, head, query, as the forward saves them), got {stats.dtype} {tuple(stats.shape)}"
+            )
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
     # --- end attention ---

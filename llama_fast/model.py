@@ -91,16 +91,19 @@ class Attention(_UsesOps, nn.Module):
         self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
         self.backend = backend
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0):
-        return self.attend(self.wqkv(x), cos, sin, cache, layer)
+    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0, documents: torch.Tensor | None = None):
+        return self.attend(self.wqkv(x), cos, sin, cache, layer, documents)
 
-    def attend(self, qkv, cos, sin, cache: KVCache | None = None, layer: int = 0):
-        """Attention and the output projection from the wqkv GEMM's output qkv (B, S, (Hq + 2 Hkv) D)."""
+    def attend(self, qkv, cos, sin, cache: KVCache | None = None, layer: int = 0, documents: torch.Tensor | None = None):
+        """Attention and the output projection from the wqkv GEMM's output qkv (B, S, (Hq + 2 Hkv) D).
+        ``documents``: cu_seqlens over the B * S tokens (see Llama.forward)."""
         B, S, _ = qkv.shape
         qkv = qkv.view(B, S, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
         # Strided views, no copies: (B, S, Hq, D), (B, S, Hkv, D), (B, S, Hkv, D).
         q, k, v = qkv.split([self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=2)
-        if cache is None:
+        if documents is not None:
+            out = self.ops.attention_varlen(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cos, sin, documents)
+        elif cache is None:
             out = self.ops.attention(q, k, v, cos, sin, causal=True)  # (B, S, Hq, D)
         else:
             out = self._attend_cached(q, k, v, cos, sin, cache, layer)
@@ -144,22 +147,23 @@ class Block(_UsesOps, nn.Module):
         self.mlp = MLP(config, backend)
         self.backend = backend
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0, *, recompute_cheap: bool = False):
+    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0, *, recompute_cheap: bool = False,
+                documents: torch.Tensor | None = None):
         if recompute_cheap:
-            return self._forward_recompute_cheap(x, cos, sin)
-        a = self.attn(self.attn_norm(x), cos, sin, cache, layer)
+            return self._forward_recompute_cheap(x, cos, sin, documents)
+        a = self.attn(self.attn_norm(x), cos, sin, cache, layer, documents)
         # h = x + a and its normalisation in one pass.
         normed, h = self.ops.add_rms_norm(a, x, self.mlp_norm.weight, self.mlp_norm.eps)
         return h + self.mlp(normed)
 
-    def _forward_recompute_cheap(self, x, cos, sin):
+    def _forward_recompute_cheap(self, x, cos, sin, documents=None):
         """The same block with each norm and the SwiGLU fused into the GEMM that consumes it, which
         recomputes their outputs in the backward instead of saving them (llama_fast.ops.recompute).
         Every weight is read here, inside the block's forward, where FSDP has gathered the block
         (the trainer's unit; attn or mlp sharded as units of their own would not be gathered here)."""
         ops, attn, mlp = self.ops, self.attn, self.mlp
         qkv = ops.rms_norm_linear(x, self.attn_norm.weight, attn.wqkv.weight, self.attn_norm.eps)
-        a = attn.attend(qkv, cos, sin)
+        a = attn.attend(qkv, cos, sin, documents=documents)
         gate_up, h = ops.add_rms_norm_linear(a, x, self.mlp_norm.weight, mlp.w_gate_up.weight, self.mlp_norm.eps)
         return h + ops.swiglu_linear(gate_up, mlp.w_down.weight)  # (B, S, 2F) -> (B, S, dim)
 
@@ -284,11 +288,14 @@ class Llama(nn.Module):
         targets: torch.Tensor | None = None,
         *,
         cache: KVCache | None = None,
+        documents: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """tokens [B, S] int64 -> (logits [B, S, vocab], loss or None).
 
         The loss is the mean cross-entropy over targets != -100. With ``cache`` the
-        tokens continue the sequence at ``cache.pos`` and the cache advances.
+        tokens continue the sequence at ``cache.pos`` and the cache advances. ``documents``
+        (int32 cu_seqlens over the B * S tokens, row by row, each row boundary among them; see
+        ``document_starts``) makes each document attend to itself only, its positions restarting at 0.
         """
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [batch, seq_len], got shape {tuple(tokens.shape)}")
@@ -315,6 +322,13 @@ class Llama(nn.Module):
                     f"cache holds {len(cache.k)} layers x batch {cache_batch} x {cache_len} positions; this call needs "
                     f"{self.config.n_layers} layers x batch {B} x {start + S} positions (cache.pos={start} + {S} tokens)"
                 )
+        if documents is not None:
+            if cache is not None:
+                raise ValueError("documents and cache cannot be combined: sampling continues one sequence")
+            if (not isinstance(documents, torch.Tensor) or documents.dim() != 1 or documents.numel() < B + 1
+                    or documents.device != tokens.device):
+                raise ValueError(f"documents must be 1-D int32 cu_seqlens over the {B} x {S} tokens on {tokens.device}, "
+                                 f"got {documents if not isinstance(documents, torch.Tensor) else tuple(documents.shape)}")
         x = self.embed(tokens)  # (B, S, dim)
         cos, sin = self.rope_cos, self.rope_sin
         if cache is None:
@@ -323,9 +337,9 @@ class Llama(nn.Module):
         recompute = self.recompute if self.training and cache is None else "none"
         for i, layer in enumerate(self.layers):
             if recompute == "blocks":
-                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, use_reentrant=False, documents=documents)
             else:
-                x = layer(x, cos, sin, cache, i, recompute_cheap=recompute == "cheap")
+                x = layer(x, cos, sin, cache, i, recompute_cheap=recompute == "cheap", documents=documents)
         if cache is not None:
             cache.pos += S
         x = self.norm(x)
@@ -339,6 +353,17 @@ class Llama(nn.Module):
         logits = self.lm_head(x)  # (B, S, vocab)
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         return logits, loss
+
+
+def document_starts(tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """cu_seqlens (int32 [N + 1]) of the documents in tokens [B, S]: a document starts at each row's
+    first token and after each ``eos_id``; the rows are laid end to end (row b at b * S)."""
+    B, S = tokens.shape
+    starts = torch.zeros(B, S, dtype=torch.bool, device=tokens.device)
+    starts[:, 0] = True
+    starts[:, 1:] = tokens[:, :-1] == eos_id
+    first = starts.flatten().nonzero()[:, 0]
+    return torch.cat([first, first.new_tensor([B * S])]).to(torch.int32)
 
 
 # ----------------------------------------------------------------------------------------------

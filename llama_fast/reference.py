@@ -115,3 +115,35 @@ def attention(
     probs = torch.exp(scores - lse[..., None]).to(q.dtype)
     out = (probs @ vh).transpose(1, 2)  # (B, S, Hq, D)
     return (out, lse) if return_lse else out
+
+
+def attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+    *,
+    return_lse: bool = False,
+):
+    """Packed documents, each attending causally to itself only, computed document by document.
+
+    q: [T, Hq, D]; k, v: [T, Hkv, D]; cu_seqlens: [N + 1] document starts (0 first, T last). Token t
+    of a document is rotated by its offset in the document, or by ``position_ids[t]`` when given.
+    Returns O [T, Hq, D] and, with ``return_lse``, the natural-log LSE, fp32 [Hq, T].
+    """
+    starts = cu_seqlens.tolist()
+    if position_ids is None:
+        position_ids = torch.cat([torch.arange(e - s, device=q.device) for s, e in zip(starts[:-1], starts[1:])]
+                                 or [torch.zeros(0, dtype=torch.long, device=q.device)])
+    cos_tok, sin_tok = cos[position_ids.long()], sin[position_ids.long()]  # row t rotates token t
+    outs, lses = [], []
+    for s, e in zip(starts[:-1], starts[1:]):
+        o, lse = attention(q[None, s:e], k[None, s:e], v[None, s:e], cos_tok[s:e], sin_tok[s:e], True, return_lse=True)
+        outs.append(o[0])
+        lses.append(lse[0])
+    out = torch.cat(outs) if outs else q.new_empty(q.shape)
+    lse = torch.cat(lses, dim=-1) if lses else q.new_empty((q.shape[1], 0), dtype=torch.float32)
+    return (out, lse) if return_lse else out

@@ -30,28 +30,35 @@ the fused op cannot reproduce (a bias, another activation, q/k norms, attention 
 sliding windows, a non-default scaling, interleaved rotary tables) makes the call fail before anything
 is changed, naming the module, the reason and the switch that leaves that kind alone.
 
-How the fused attention decides, per call, without reading a tensor's values
------------------------------------------------------------------------------
+How the fused attention decides, per call
+-----------------------------------------
 The fused kernel computes softmax(rot(q) rot(k)^T / sqrt(D) + causal) v, rotating token s of every
-row by row s of one [S, D/2] table. A call may take that path only when the original forward would
-compute exactly this, and the decision (``_unfusable_call``) reads Python values and tensor metadata
-only (None-ness, shapes, the module's attributes), never tensor contents: no device sync, and under
-torch.compile no graph break (the compiled graph bakes the decision in, guarded on the same metadata).
+row by row s of the call's tables. A call may take that path only when the original forward would
+compute exactly this. The plain call (no mask, tables shared by the rows) is decided from Python
+values and tensor metadata only (``_unfusable_call``): no device sync, and under torch.compile no
+graph break (the compiled graph bakes the decision in, guarded on the same metadata).
 
 * Positions are not checked at all: the fused op rotates by the tables the call brings, row s for token
   s, so offset or restarting positions rotate exactly as the original rotates them. What the tables
   must be is fixed by the model, not by the call: their last dim is head_dim with the half-split layout
-  (cos = [c, c]), which replace_modules verifies once, on the model's own rotary module(s); and they
-  must be shared by the rows (shape [1, S, head_dim]): per-row tables [B > 1, S, D] fall back.
-* The mask: only ``attention_mask is None`` under ``_attn_implementation == "sdpa"``, where the original
-  runs SDPA with is_causal (transformers passes None exactly when it has found the mask plain causal).
-  A mask tensor may be plain causal or not and only its values tell: it falls back. (So does eager
-  attention, where None means no mask at all, and flash-attention, which looks for packed sequences in
-  the position ids.) Under torch.compile transformers builds the mask from an all-ones padding mask
-  instead of reading it: pass no attention_mask to a compiled model that has no padding.
+  (cos = [c, c]), which replace_modules verifies once, on the model's own rotary module(s).
+* Only under ``_attn_implementation == "sdpa"``, where a missing mask means plain causal (eager
+  attention reads None as no mask at all; flash-attention looks for packed sequences in the positions).
+* Masks, packed documents and per-row tables (eagerly; under torch.compile they fall back, as their
+  values would have to be read): ``_varlen_plan`` reads the mask once and maps the call onto packed
+  documents for ``ops.attention(cu_seqlens=...)``, as transformers' flash-attention path unpads: every
+  query row must see a causal run of its own document (padding, and packing such as the block-diagonal
+  mask transformers 5 builds from restarting position ids), or be a padding token that no document
+  token sees. Padding rows that see nothing give 0 (as SDPA does); those that see keys (right padding,
+  or transformers 4.x's fully visible left-padding rows) are computed row by row in plain math, so every
+  output, pad positions included, is the original's. Any other mask (bidirectional, a float bias) falls
+  back. ``cu_seq_lens_q/k`` without a mask (flash_attention_2's keywords, from
+  DataCollatorWithFlattening) separate those documents; SDPA ignores them, but their meaning is not in
+  doubt. Tables that differ per row ([B, S, D]) make each row one document with its own positions.
 * The cache: none, or an empty DynamicCache, which the fused path fills as the original would; any
   cached tokens (decoding) fall back. Every keyword must be known (``_IGNORED_KWARGS``, the cache names,
-  ``output_attentions`` False); anything else, a renamed argument or a new mask kind, falls back.
+  the packed keywords, ``output_attentions`` False); anything else, a renamed argument or a new mask
+  kind, falls back.
 
 Fallbacks are counted per reason (``fallback_reasons`` on the module) and each reason is warned about
 once; both only outside torch.compile (a counter written in a compiled forward would be guarded on and
@@ -121,6 +128,10 @@ class FusedRotaryAttention:
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
         reason, cache = _unfusable_call(self, hidden_states, position_embeddings, attention_mask, kwargs)
+        plan = None
+        if reason is None:
+            plan = _plan_for(self, attention_mask, position_embeddings[0].shape[0], hidden_states.shape[:2], kwargs)
+            reason = plan if isinstance(plan, str) else None
         if reason is not None:
             _count_fallback(self, reason)
             return super().forward(
@@ -129,18 +140,166 @@ class FusedRotaryAttention:
         if not torch.compiler.is_compiling():
             self.fused_calls += 1
         B, S, _ = hidden_states.shape
-        half = self.head_dim // 2
-        # Row s of the call's own tables rotates token s; the halves are equal (verified at replace time).
-        cos, sin = (t[0, :, :half].float() for t in position_embeddings)  # (S, D/2) each
         q = self.q_proj(hidden_states).view(B, S, -1, self.head_dim)  # (B, S, Hq, D)
         k = self.k_proj(hidden_states).view(B, S, -1, self.head_dim)  # (B, S, Hkv, D)
         v = self.v_proj(hidden_states).view(B, S, -1, self.head_dim)
         if cache is not None:  # a first, empty-cache call: fill the cache as the original would
-            _, k_rot = ops.rope(q, k, cos, sin)
-            cache.update(k_rot.transpose(1, 2), v.transpose(1, 2), self.layer_idx)
-        out = ops.attention(q, k, v, cos, sin, causal=True)  # (B, S, Hq, D)
+            cos, sin = position_embeddings
+            k_rot = k.transpose(1, 2) * cos[:, None] + _rotate_half(k.transpose(1, 2)) * sin[:, None]
+            cache.update(k_rot.to(k.dtype), v.transpose(1, 2), self.layer_idx)
+        if plan is None:
+            # Row s of the call's own tables rotates token s; the halves are equal (verified at replace time).
+            cos, sin = (t[0, :, : self.head_dim // 2].float() for t in position_embeddings)  # (S, D/2) each
+            out = ops.attention(q, k, v, cos, sin, causal=True)  # (B, S, Hq, D)
+        else:
+            out = _attention_by_plan(plan, q, k, v, position_embeddings)
         out = self.o_proj(out.reshape(B, S, -1))
         return (out, None, cache) if self._returns_cache else (out, None)
+
+
+def _plan_for(module, attention_mask, table_rows: int, shape, kwargs):
+    """None (the plain batched call), a _VarlenPlan, or the reason for falling back."""
+    cu_q = kwargs.get("cu_seq_lens_q")
+    if (cu_q is None and attention_mask is None and HF_ATTENTION == getattr(module.config, "_attn_implementation", None)
+            and shape[0] == 1):  # as flash_attention_2: restarting positions in one row separate documents
+        cu_q = _documents_from_positions(kwargs.get("position_ids"))
+        if cu_q is not None:
+            return _varlen_plan(None, cu_q, cu_q, *shape)
+    if attention_mask is None and table_rows == 1 and cu_q is None:
+        return None
+    return _varlen_plan(attention_mask, cu_q, kwargs.get("cu_seq_lens_k"), *shape)
+
+
+def _documents_from_positions(position_ids) -> torch.Tensor | None:
+    """cu_seqlens where position ids [1, S] restart at 0 (flash_attention_2's packed rows), else None."""
+    if position_ids is None or position_ids.dim() != 2 or position_ids.shape[0] != 1 or position_ids.shape[1] < 2:
+        return None
+    starts = (position_ids[0] == 0).nonzero()[:, 0]
+    if starts.numel() <= 1 and int(position_ids[0, 0]) == 0:  # one document from 0: the plain causal call
+        return None
+    if starts.numel() == 0 or int(starts[0]) != 0:
+        starts = torch.cat([starts.new_zeros(1), starts])
+    return torch.cat([starts, starts.new_tensor([position_ids.shape[1]])]).to(torch.int32)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+@dataclass
+class _VarlenPlan:
+    """How a masked or packed call maps onto packed documents: ``tokens`` indexes the flattened
+    [B * S] tokens that form the documents (in order), ``cu_seqlens`` their starts; ``queries_only``
+    are the padding tokens computed row by row (no document token attends to them), with their additive
+    mask rows ``rows``."""
+
+    tokens: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    queries_only: torch.Tensor
+    rows: torch.Tensor | None
+
+
+def _varlen_plan(mask, cu_q, cu_k, B: int, S: int):
+    """A _VarlenPlan for the call, or the reason it has none. Reads the mask's values (one host sync):
+    every query row must see a causal run of its own document (packing; each document's tokens
+    contiguous) or be a padding token that no document token sees (left padding, which sees nothing or,
+    under transformers 4.x on CUDA, everything; right padding, which sees a document): padding rows that
+    see something are computed row by row as the original computes them."""
+    if mask is None:
+        if cu_q is None:  # per-row rotary tables: every row one causal run
+            tokens = torch.arange(B * S)
+            cu = torch.arange(0, B * S + 1, S, dtype=torch.int32)
+            return _VarlenPlan(tokens, cu, S, tokens[:0], None)
+        if B != 1 or (cu_k is not None and not torch.equal(cu_q, cu_k)):
+            return "cu_seq_lens_q/k that differ, or with more than one row"
+        cu = cu_q.to(torch.int32)
+        if cu.dim() != 1 or cu.numel() < 2 or int(cu[0]) != 0 or int(cu[-1]) != S or bool((cu.diff() < 0).any()):
+            return f"cu_seq_lens_q that does not split the {S} tokens into documents"
+        tokens = torch.arange(S, device=cu.device)
+        return _VarlenPlan(tokens, cu, int(cu.diff().max()), tokens[:0], None)
+    if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[0] not in (1, B) or mask.shape[2:] != (S, S):
+        return f"an attention mask of shape {tuple(mask.shape)}, not [batch, 1, {S}, {S}]"
+    if mask.dtype == torch.bool:
+        seen = mask[:, 0]
+        bias = torch.zeros(S, S, device=mask.device).masked_fill(~seen, float("-inf"))
+    elif mask.is_floating_point():
+        low = torch.finfo(mask.dtype).min / 2
+        if not bool(((mask == 0) | (mask <= low)).all()):
+            return "an additive attention mask with values other than 0 and the dtype's minimum (a bias)"
+        seen = mask[:, 0] == 0
+        if not bool(seen.any(-1).all()):  # softmax(scores + minimum): uniform by rounding alone; its
+            # gradient is the backend's own (transformers 4.x's left padding on the CPU)
+            return "an additive attention mask with fully masked rows"
+        bias = mask[:, 0].float()
+    else:
+        return f"an attention mask of dtype {mask.dtype}"
+    seen = seen.expand(B, S, S)  # seen[b, i, j]: query i attends to key j
+    pos = torch.arange(S, device=mask.device)
+    first = seen.int().argmax(-1)  # [B, S] first key of each query row
+    run = (pos >= first[..., None]) & (pos <= pos[:, None])  # the causal run from it
+    causal_run = seen.any(-1) & seen.diagonal(dim1=1, dim2=2) & (seen == run).all(-1)
+    # Padding: tokens outside every document's run. Their rows may see anything (transformers 4.x lets
+    # left padding attend to every key, so that no row is empty).
+    in_a_run = (seen & causal_run[..., None]).any(1)  # [B, S]: key j in some document token's run
+    query_only = ~causal_run & ~in_a_run
+    # A run continues the previous token's document, or starts one at the token itself.
+    continues = torch.zeros_like(causal_run)
+    continues[:, 1:] = causal_run[:, :-1] & (first[:, :-1] == first[:, 1:])
+    ok = (query_only | causal_run) & (~causal_run | (first == pos) | continues)
+    if not bool(ok.all()):
+        return "an attention mask that is neither causal documents nor padding"
+    tokens = causal_run.flatten().nonzero()[:, 0]
+    starts = (first == pos).flatten()[tokens].nonzero()[:, 0]
+    cu = torch.cat([starts, starts.new_tensor([tokens.numel()])]).to(torch.int32)
+    # Padding rows that see something are computed as the original computes them; under a boolean mask a
+    # row that sees nothing gives 0, as SDPA's does, and is left at 0.
+    query_only = query_only & seen.any(-1)
+    queries_only = query_only.flatten().nonzero()[:, 0]
+    max_seqlen = int(cu.diff().max()) if tokens.numel() else 0
+    return _VarlenPlan(tokens, cu, max_seqlen, queries_only, bias.expand(B, S, S).flatten(0, 1)[queries_only])
+
+
+def _attention_by_plan(plan: _VarlenPlan, q, k, v, position_embeddings):
+    """The attention output [B, S, Hq, D] of a call planned by _varlen_plan: its documents through the
+    packed op, its attending padding rows by plain math; the rest (padding that sees nothing) 0."""
+    B, S, Hq, D = q.shape
+    half = D // 2
+    # Per-token rotary rows: row b * S + s rotates token s of row b.
+    cos, sin = (t[..., :half].float().expand(B, S, half).reshape(B * S, half) for t in position_embeddings)
+    qf, kf, vf = q.reshape(B * S, Hq, D), k.reshape(B * S, -1, D), v.reshape(B * S, -1, D)
+    out = q.new_zeros(B * S, Hq, D)
+    tokens = plan.tokens.to(q.device)
+    if tokens.numel():
+        packed = ops.attention(qf[tokens], kf[tokens], vf[tokens], cos, sin, cu_seqlens=plan.cu_seqlens.to(q.device),
+                               max_seqlen=plan.max_seqlen, position_ids=tokens)
+        out = out.index_copy(0, tokens, packed)
+    if plan.queries_only.numel():
+        out = out.index_copy(0, plan.queries_only, _masked_rows(plan, qf, kf, vf, cos, sin, S))
+    return out.view(B, S, Hq, D)
+
+
+def _masked_rows(plan: _VarlenPlan, qf, kf, vf, cos, sin, S: int) -> torch.Tensor:
+    """softmax(rot(q) rot(k)^T / sqrt(D) + mask row) v for the planned padding queries, in fp32 (the
+    mask row additive: 0 or -inf from a boolean mask, the mask's own values from a float one)."""
+    idx = plan.queries_only
+    rows = idx // S  # their batch rows
+    D = qf.shape[-1]
+    group = qf.shape[1] // kf.shape[1]
+
+    def rotate(x, c, s):  # x [N, H, D], c and s [N, D / 2]: token n by row n
+        x1, x2 = x.float().chunk(2, dim=-1)
+        c, s = c[:, None], s[:, None]
+        return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+
+    qr = rotate(qf[idx], cos[idx], sin[idx])  # [R, Hq, D]
+    kr = rotate(kf, cos, sin).view(-1, S, *kf.shape[1:])  # [B, S, Hkv, D]
+    keys = kr[rows].repeat_interleave(group, dim=2)  # [R, S, Hq, D]
+    values = vf.float().view(-1, S, *vf.shape[1:])[rows].repeat_interleave(group, dim=2)
+    scores = torch.einsum("rhd,rshd->rhs", qr, keys) / math.sqrt(D)
+    scores = scores + plan.rows[:, None, :].to(scores.device)
+    return torch.einsum("rhs,rshd->rhd", scores.softmax(-1), values).to(qf.dtype)
 
 
 # The keyword arguments the fused path knows it honours. Anything else (a renamed argument, a new mask
@@ -155,6 +314,8 @@ _IGNORED_KWARGS = {
 }
 # Keyword arguments through which transformers passes packed (varlen) sequences to attention.
 _PACKED_SEQUENCE_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "cu_seqlens", "max_length_q", "max_length_k")
+# Those the packed path serves (flash_attention_2's: documents separated; the lengths follow from them).
+_PLANNED_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
 def _unfusable_call(module, hidden_states, position_embeddings, attention_mask, kwargs):
@@ -171,23 +332,30 @@ def _unfusable_call(module, hidden_states, position_embeddings, attention_mask, 
         if value is None:  # an option left unset changes nothing
             continue
         if name in _PACKED_SEQUENCE_KWARGS:
-            return f"packed sequences ({name})", None
+            if name not in _PLANNED_KWARGS:
+                return f"packed sequences ({name})", None
+            if torch.compiler.is_compiling():
+                return f"packed sequences ({name}) under torch.compile (their values would be read)", None
+            continue
         return f"keyword argument {name!r} that the fused path does not know", None
     if module.training and float(getattr(module, "attention_dropout", 0.0) or 0.0) > 0:
         return "attention dropout in training", None
     implementation = getattr(getattr(module, "config", None), "_attn_implementation", None)
-    if implementation != "sdpa":
+    if implementation not in ("sdpa", HF_ATTENTION):
         return f"attn_implementation {implementation!r} (a missing mask means causal only under 'sdpa')", None
     if not getattr(module, "is_causal", True):
         return "a module that is not causal (is_causal False)", None
-    if attention_mask is not None:
-        return "an attention mask tensor (padding, packing, or any mask: its values are not read)", None
+    if attention_mask is not None and torch.compiler.is_compiling():
+        return "an attention mask tensor under torch.compile (its values would be read)", None
     if position_embeddings is None:
         return "no rotary tables (position_embeddings)", None
     S = hidden_states.shape[1]
     cos, sin = position_embeddings
-    if cos.dim() != 3 or cos.shape[0] != 1 or cos.shape[1:] != (S, module.head_dim) or sin.shape != cos.shape:
-        return f"rotary tables of shape {tuple(cos.shape)}, not [1, {S}, {module.head_dim}] shared by the rows", None
+    B = hidden_states.shape[0]
+    if cos.dim() != 3 or cos.shape[0] not in (1, B) or cos.shape[1:] != (S, module.head_dim) or sin.shape != cos.shape:
+        return f"rotary tables of shape {tuple(cos.shape)}, not [1 or {B}, {S}, {module.head_dim}]", None
+    if cos.shape[0] > 1 and torch.compiler.is_compiling():
+        return "per-row rotary tables under torch.compile (served by the packed path, which reads values)", None
     if not caches:
         return None, None
     if len(caches) > 1:
@@ -198,6 +366,62 @@ def _unfusable_call(module, hidden_states, position_embeddings, attention_mask, 
     if cache.get_seq_length(module.layer_idx) > 0:
         return "decoding with cached tokens", None
     return None, cache
+
+
+# ------------------------------------------------------------------------------------------------
+# attn_implementation="llama_fast": our attention as a transformers attention function
+# ------------------------------------------------------------------------------------------------
+HF_ATTENTION = "llama_fast"
+
+
+def register_hf_attention() -> None:
+    """Registers ``attn_implementation="llama_fast"`` with transformers (>= 4.56, whose attention and mask
+    interfaces it uses): its masks are SDPA's, and packed rows behave as under flash_attention_2
+    (documents separated by cu_seq_lens_q/k, or by position ids restarting at 0 in a one-row batch),
+    without flash-attn installed. Idempotent. With replace_modules as well, the fused modules serve these
+    calls themselves (RoPE fused too).
+
+        llama_fast.register_hf_attention()
+        model = LlamaForCausalLM.from_pretrained(path, attn_implementation="llama_fast")
+    """
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    except ImportError as e:
+        raise RuntimeError(f"attn_implementation='{HF_ATTENTION}' needs transformers >= 4.56 (its AttentionInterface "
+                           f"and mask interface): {e}") from None
+    AttentionInterface.register(HF_ATTENTION, hf_attention_forward)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(HF_ATTENTION, sdpa_mask)
+
+
+def hf_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """transformers' attention-function contract: query [B, Hq, S, D], key and value [B, Hkv, S', D], rotated
+    already; returns (output [B, S, Hq, D], None). Calls our kernels where they compute exactly this
+    (unrotated: identity rotary tables), and SDPA's function elsewhere (dropout in training, another
+    scaling, soft-capping, a sliding window, cached keys, a mask that is neither causal documents nor padding)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    B, Hq, S, D = query.shape
+    plan = None
+    if (key.shape[2] != S or (dropout and module.training) or kwargs.get("softcap") is not None
+            or kwargs.get("sliding_window") is not None or kwargs.get("output_attentions")
+            or (scaling is not None and not math.isclose(scaling, D**-0.5, rel_tol=1e-6)) or D % 2 or D > 256
+            or not getattr(module, "is_causal", True)):
+        plan = "unsupported"
+    elif not torch.compiler.is_compiling():
+        plan = _plan_for(module, attention_mask, 1, (B, S), kwargs)
+    elif attention_mask is not None or kwargs.get("cu_seq_lens_q") is not None:
+        plan = "values under torch.compile"
+    if isinstance(plan, str):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [B, S, H, D] views
+    ones = q.new_ones(1, S, D, dtype=torch.float32)
+    if plan is None:
+        out = ops.attention(q, k, v, ones[0, :, : D // 2], ones[0, :, : D // 2] * 0, causal=True)
+    else:
+        out = _attention_by_plan(plan, q, k, v, (ones, ones * 0))
+    return out, None
 
 
 _WARNED_FALLBACKS: set = set()

@@ -4,6 +4,7 @@ import torch
 
 import llama_fast._extension as ext
 from llama_fast import reference
+from llama_fast.ops.attention import _forward_math
 from llama_fast.testing import assert_within_2x, default_floor
 
 pytestmark = pytest.mark.skipif(not ext.AVAILABLE, reason=f"llama_fast._C not built: {ext.LOAD_ERROR}")
@@ -29,9 +30,8 @@ def reference_grads(q, k, v, cos, sin, causal, dout, dtype):
 
 
 def saved_forward(q, k, v, cos, sin, causal):
-    """(O, LSE) as the forward saves them: the reference in the input dtype."""
-    out, lse = reference.attention(q, k, v, cos, sin, causal, return_lse=True)
-    return out.contiguous(), lse
+    """(O, stats) as the CPU forward saves them (llama_fast.ops.attention's math path)."""
+    return _forward_math(q, k, v, cos, sin, causal)
 
 
 def check_grads(grads, q, k, v, cos, sin, causal, dout):
@@ -85,7 +85,9 @@ def _args():
         (lambda a: a.update(v=torch.randn(2, 8, 1, 16)), "v must have the shape of k"),
         (lambda a: a.update(dout=torch.randn(2, 8, 4, 15)), "dout must have the shape of q"),
         (lambda a: a.update(out=a["out"].double()), "out must have the dtype of q"),
-        (lambda a: a.update(lse=torch.randn(2, 8, 4)), r"lse must be float32 \[2, 4, 8\]"),
+        (lambda a: a.update(lse=torch.randn(2, 8, 4)), r"stats must be float32 \[2, 2, 4, 8\]"),
+        (lambda a: a.update(lse=torch.randn(2, 4, 8)), r"stats must be float32 \[2, 2, 4, 8\]"),
+        (lambda a: a.update(lse=torch.randn(2, 2, 4, 8, dtype=torch.float64)), r"stats must be float32 \[2, 2, 4, 8\]"),
         (lambda a: a.update(cos=a["cos"][:7]), r"cos must be \[>= 8, 8\]"),
         (lambda a: a.update(sin=a["sin"][:, :6]), r"sin must be \[>= 8, 8\]"),
         (lambda a: a.update(cos=a["cos"].half()), "cos must be float32"),
@@ -104,7 +106,7 @@ def test_bad_input_is_named(mutate, match):
 def test_meta_shapes_and_opcheck():
     q = torch.empty(2, 5, 4, 32, device="meta", dtype=torch.bfloat16)
     k = torch.empty(2, 5, 2, 32, device="meta", dtype=torch.bfloat16)
-    lse = torch.empty(2, 4, 5, device="meta")
+    lse = torch.empty(2, 2, 4, 5, device="meta")
     cs = torch.empty(5, 16, device="meta")
     dq, dk, dv = torch.ops.llama_fast.attention_backward(q, q, k, k, q, lse, cs, cs, True, False)
     assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == k.shape and dq.dtype == torch.bfloat16

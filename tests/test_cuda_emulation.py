@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from llama_fast import reference
+from llama_fast.ops.attention import _forward_math
 from llama_fast.testing import assert_within_2x, default_floor
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,14 +55,14 @@ def driver(tmp_path_factory):
                           "template <typename Kernel>\nint set_smem(", {smem: "unsigned char* smem = emu_smem_ptr;"})
 
 
-def run_emulated(exe, tmp_path, q, k, v, dout, out, lse, cos, sin, causal, deterministic, misalign, cp_async,
+def run_emulated(exe, tmp_path, q, k, v, dout, out, stats, cos, sin, causal, deterministic, misalign, cp_async,
                  small):
     B, S, Hq, D = q.shape
     inp, outp = tmp_path / "in.bin", tmp_path / "out.bin"
     with open(inp, "wb") as f:
         for t in (q, k, v, dout, out):
             f.write(t.contiguous().view(torch.int16).numpy().tobytes())
-        for t in (lse, cos[:S], sin[:S]):
+        for t in (stats, cos[:S], sin[:S]):
             f.write(t.float().contiguous().numpy().tobytes())
     dtype_code = "1" if q.dtype == torch.float16 else "2"
     args = [str(x) for x in (B, S, Hq, k.shape[2], D, int(causal), int(deterministic))]
@@ -115,9 +116,9 @@ def test_cuda_kernels_emulated_match_reference(driver, tmp_path, shape, causal, 
     B, S, Hq, Hkv, D = shape
     q, k, v = (torch.randn(B, S, h, D, dtype=dtype) for h in (Hq, Hkv, Hkv))
     cos, sin = reference.rope_tables(S + 3, D)
-    out, lse = reference.attention(q, k, v, cos, sin, causal, return_lse=True)
+    out, stats = _forward_math(q, k, v, cos, sin, causal)
     dout = torch.randn_like(out)
-    got = run_emulated(driver, tmp_path, q, k, v, dout, out, lse, cos, sin, causal, deterministic, misalign, cp_async,
+    got = run_emulated(driver, tmp_path, q, k, v, dout, out, stats, cos, sin, causal, deterministic, misalign, cp_async,
                        small)
     grads = {}
     for dt in (torch.float64, dtype):

@@ -59,7 +59,9 @@ def fused_layer_budget(c: LlamaConfig) -> dict[str, int]:
         "normed x (input of wqkv)": act * c.dim,
         "q, k, v unrotated (one GEMM output)": act * (c.n_heads + 2 * c.n_kv_heads) * c.head_dim,
         "attention out O (delta's operand, input of wo)": act * c.n_heads * c.head_dim,
-        "lse (fp32 per head)": stat * c.n_heads,
+        # Two fp32 per head since issue 13 item 6: the row max m2 and log2 of the row sum, kept apart
+        # (one LSE = m + log(l) in fp32 lost the low bits of S - m the backward needs for large scores).
+        "row stats m2, log2l (two fp32 per head)": 2 * stat * c.n_heads,
         "add_rms_norm's sum h = x + attn": act * c.dim,
         "rstd of mlp_norm": stat,
         "normed h (input of w_gate_up)": act * c.dim,
@@ -153,7 +155,7 @@ def test_cuda_scratch_is_counted_next_to_the_outputs():
     meta = dict(device="meta", dtype=torch.bfloat16)
     q, dout, out = (torch.empty(B, S, Hq, D, **meta) for _ in range(3))
     k, v = (torch.empty(B, S, Hkv, D, **meta) for _ in range(2))
-    lse = torch.empty(B, Hq, S, device="meta")
+    lse = torch.empty(2, B, Hq, S, device="meta")  # the row stats m2, log2l
     cos = sin = torch.empty(S, D // 2, device="meta")
 
     def peak(mode):

@@ -100,3 +100,53 @@ def test_meta_device_build_then_init_weights():
         tied = Llama(LlamaConfig.from_name("tiny", tie_embeddings=True))
     tied.to_empty(device="cpu")  # gives every parameter its own tensor: the model ties them again
     assert tied.lm_head.weight is tied.embed.weight and len(list(tied.parameters())) == len(list(model.parameters())) - 1
+
+
+def test_document_starts():
+    from llama_fast.model import document_starts
+
+    tokens = torch.tensor([[5, 2, 7, 2, 2], [1, 1, 1, 1, 2]])  # eos = 2
+    assert document_starts(tokens, 2).tolist() == [0, 2, 4, 5, 10]
+    assert document_starts(tokens, 2).dtype == torch.int32
+
+
+@pytest.mark.parametrize("backend, recompute", [("reference", "none"), ("fused", "none"), ("fused", "cheap"),
+                                                ("fused", "blocks")])
+def test_documents_attend_to_themselves_with_restarting_positions(backend, recompute):
+    """forward(documents=...) gives each document the logits and gradients of running it alone."""
+    from llama_fast.model import document_starts
+    from llama_fast.testing import default_floor
+
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig.from_name("tiny", vocab_size=64, n_layers=2), backend, recompute=recompute).train()
+    tokens = torch.randint(3, 64, (2, 13))
+    tokens[0, 4] = tokens[0, 5] = tokens[1, 9] = 2  # eos: documents [0:5] [5:6] [6:13] | [0:10] [10:13]
+    docs = document_starts(tokens, 2)
+    targets = torch.randint(0, 64, (2, 13))
+
+    def grads(loss):
+        model.zero_grad()
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    def loss_of(logits, t):
+        return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), t.flatten(), reduction="sum")
+
+    model.fused_loss = False
+    logits, _ = model(tokens, documents=docs)
+    packed = grads(loss_of(logits, targets))
+    pieces = [(b, s - b * 13, e - b * 13) for s, e in zip(docs[:-1].tolist(), docs[1:].tolist()) for b in [s // 13]]
+    assert len(pieces) == 5
+    alone_logits = torch.zeros_like(logits)
+    total = 0
+    for b, s, e in pieces:
+        out, _ = model(tokens[b:b + 1, s:e])
+        alone_logits[b, s:e] = out[0].detach()
+        total = total + loss_of(out, targets[b:b + 1, s:e])
+    alone = grads(total)
+    floor = default_floor(torch.float32) * 10
+    torch.testing.assert_close(logits.detach(), alone_logits, rtol=0, atol=floor)
+    for name in packed:
+        torch.testing.assert_close(packed[name], alone[name], rtol=1e-4, atol=floor, msg=name)
+    plain, _ = model(tokens)  # without documents the later documents see the earlier ones
+    assert not torch.allclose(plain[0, 5:], logits[0, 5:].detach(), atol=1e-3)

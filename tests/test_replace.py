@@ -68,19 +68,80 @@ def test_hf_llama_logits_and_gradients_match(seq_len):
         assert_within_2x(f"grad {name}", grads[name], grads_hi[name].float(), grads_lo[name], floor=floor)
 
 
-def test_hf_padding_mask_falls_back_exactly():
-    original = hf_model(num_key_value_heads=4)
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batches_take_the_fused_path_and_match(side):
+    """A padded batch is unpadded by its mask into documents for the packed op (padding that attends,
+    as right padding's does under SDPA, by plain math; padding that sees nothing gives 0, as SDPA's):
+    every logit and gradient within the 2x rule of the original, pad positions included."""
+    original = hf_model()
     fused = copy.deepcopy(original)
-    replace_modules(fused)
-    tokens = torch.randint(0, 256, (2, 9))
-    mask = torch.ones(2, 9, dtype=torch.long)
-    mask[1, :3] = 0  # left padding: not plain causal, so the original attention must run
-    with torch.no_grad():
-        a = fused(tokens, attention_mask=mask, use_cache=False).logits
-        b = original(tokens, attention_mask=mask, use_cache=False).logits
+    replace_modules(fused, cross_entropy=False)
+    tokens = torch.randint(0, 256, (3, 9))
+    mask = torch.ones(3, 9, dtype=torch.long)
+    if side == "left":
+        mask[1, :3] = 0
+        mask[2, :8] = 0
+    else:
+        mask[1, 6:] = 0
+        mask[2, 1:] = 0
+    kwargs = dict(attention_mask=mask, use_cache=False)
+    logits, grads = loss_and_grads(fused, tokens, **kwargs)
+    logits_hi, grads_hi = loss_and_grads(copy.deepcopy(original).double(), tokens, **kwargs)
+    logits_lo, grads_lo = loss_and_grads(original, tokens, **kwargs)
     attn = fused.model.layers[0].self_attn
-    assert attn.fallback_calls == 1 and attn.fused_calls == 0
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    if side == "left" and transformers.__version__.startswith("4."):
+        # 4.x on the CPU gives left padding's rows an additive mask that is all minimum: their softmax is
+        # uniform by rounding, and its gradient is the backend's own. Such a mask falls back.
+        assert list(attn.fallback_reasons) == ["an additive attention mask with fully masked rows"]
+    else:
+        assert attn.fused_calls == 1 and attn.fallback_calls == 0, attn.fallback_reasons
+    floor = default_floor(torch.float32)
+    assert_within_2x("logits", logits, logits_hi.float(), logits_lo, floor=floor)
+    for name in grads:
+        assert_within_2x(f"grad {name}", grads[name], grads_hi[name].float(), grads_lo[name], floor=floor)
+
+
+def test_packed_documents_by_cu_seq_lens_are_separated():
+    """cu_seq_lens_q/k (flash_attention_2's packed keywords, from DataCollatorWithFlattening) separate the
+    documents: each equals the original module run on that document alone."""
+    original = hf_model()
+    fused = copy.deepcopy(original)
+    replace_modules(fused, cross_entropy=False)
+    attn, attn_original = fused.model.layers[0].self_attn, original.model.layers[0].self_attn
+    lengths = [4, 1, 7]
+    hidden = torch.randn(1, 12, 64, dtype=torch.float64)
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    tables = original.model.rotary_emb(hidden, positions)
+    cu = torch.tensor([0, 4, 5, 12], dtype=torch.int32)
+    attn.double()
+    attn_original.double()
+    with torch.no_grad():
+        got = attn(hidden, position_embeddings=tables, attention_mask=None, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                   max_length_q=7, max_length_k=7)[0]
+        for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+            alone = attn_original(hidden[:, s:e], position_embeddings=tuple(t[:, s:e] for t in tables),
+                                  attention_mask=None)[0]
+            torch.testing.assert_close(got[:, s:e], alone, rtol=1e-10, atol=1e-10)
+    assert attn.fused_calls == 1 and attn.fallback_calls == 0
+
+
+def test_packed_rows_through_the_model_match():
+    """A packed row with restarting position_ids: the original's own mask (block-diagonal where the release
+    detects packing, else causal) is followed; logits and gradients match within the 2x rule."""
+    original = hf_model()
+    fused = copy.deepcopy(original)
+    replace_modules(fused, cross_entropy=False)
+    tokens = torch.randint(0, 256, (1, 10))
+    kwargs = dict(position_ids=torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5]]), use_cache=False)
+    logits, grads = loss_and_grads(fused, tokens, **kwargs)
+    logits_hi, grads_hi = loss_and_grads(copy.deepcopy(original).double(), tokens, **kwargs)
+    logits_lo, grads_lo = loss_and_grads(original, tokens, **kwargs)
+    attn = fused.model.layers[0].self_attn
+    assert attn.fused_calls == 1 and attn.fallback_calls == 0, attn.fallback_reasons
+    floor = default_floor(torch.float32)
+    assert_within_2x("logits", logits, logits_hi.float(), logits_lo, floor=floor)
+    for name in grads:
+        assert_within_2x(f"grad {name}", grads[name], grads_hi[name].float(), grads_lo[name], floor=floor)
 
 
 def test_packed_sequences_and_requested_weights_fall_back_exactly():
@@ -121,7 +182,7 @@ def test_later_wrapping_reaches_both_paths():
     tokens = torch.randint(0, 256, (2, 9))
     mask = torch.ones(2, 9, dtype=torch.long)
     mask[1, :2] = 0
-    for kwargs in ({}, {"attention_mask": mask}):  # the fused path, then the fallback
+    for kwargs in ({}, {"attention_mask": mask}):  # the fused path, then the padded one (4.x: the fallback)
         fused.zero_grad()
         fused(tokens, use_cache=False, **kwargs).logits.sum().backward()
         delta_grad = fused.model.layers[0].self_attn.q_proj.delta.grad
@@ -293,9 +354,9 @@ def test_offset_positions_are_rotated_by_the_calls_tables():
         assert_within_2x(f"grad {name}", grads[name], grads_hi[name].float(), grads_lo[name], floor=floor)
 
 
-def test_mask_tensors_and_per_row_tables_fall_back_without_reading_values():
-    """A mask tensor falls back even when it is plain causal (only its values could tell), and so do
-    tables that differ per row; both give the original's logits exactly."""
+def test_masks_and_per_row_tables():
+    """Plain causal masks and per-row tables take the fused path (2x rule); masks that are neither causal
+    documents nor padding (bidirectional, a float bias) fall back and give the original's output exactly."""
     original = hf_model()
     fused = copy.deepcopy(original)
     replace_modules(fused, cross_entropy=False)
@@ -304,17 +365,30 @@ def test_mask_tensors_and_per_row_tables_fall_back_without_reading_values():
     per_row = torch.stack([torch.arange(7), torch.arange(3, 10)])  # (B, S): each row its own positions
     causal = torch.ones(7, 7, dtype=torch.bool).tril()[None, None].expand(2, 1, 7, 7)
     shared = original.model.rotary_emb(hidden, torch.arange(7)[None])
-    calls = [
-        (dict(position_embeddings=shared, attention_mask=causal), "an attention mask tensor"),
-        (dict(position_embeddings=original.model.rotary_emb(hidden, per_row), attention_mask=None),
-         "rotary tables of shape (2, 7, 16)"),
+    fused_calls = [
+        dict(position_embeddings=shared, attention_mask=causal),
+        dict(position_embeddings=original.model.rotary_emb(hidden, per_row), attention_mask=None),
+        dict(position_embeddings=shared, attention_mask=torch.zeros(2, 1, 7, 7).masked_fill(~causal, -torch.inf)),
+    ]
+    hi = copy.deepcopy(attn_original).double()
+    with torch.no_grad():
+        for call in fused_calls:
+            call_hi = {k: (tuple(t.double() for t in v) if isinstance(v, tuple) else
+                           v.double() if v is not None and v.is_floating_point() else v) for k, v in call.items()}
+            assert_within_2x("attention", attn(hidden, **call)[0], hi(hidden.double(), **call_hi)[0].float(),
+                             attn_original(hidden, **call)[0], floor=default_floor(torch.float32))
+    assert attn.fused_calls == 3 and attn.fallback_calls == 0
+    falls_back = [
+        (dict(position_embeddings=shared, attention_mask=torch.ones(2, 1, 7, 7, dtype=torch.bool)),
+         "an attention mask that is neither causal documents nor padding"),
+        (dict(position_embeddings=shared, attention_mask=torch.randn(2, 1, 7, 7)), "an additive attention mask"),
     ]
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for call, reason in calls:
+        for call, reason in falls_back:
             torch.testing.assert_close(attn(hidden, **call)[0], attn_original(hidden, **call)[0], rtol=0, atol=0)
             assert any(r.startswith(reason) for r in attn.fallback_reasons), (reason, attn.fallback_reasons)
-    assert attn.fused_calls == 0 and attn.fallback_calls == 2
+    assert attn.fused_calls == 3 and attn.fallback_calls == 2
 
 
 def test_compiled_training_step_is_one_graph_and_matches():
@@ -596,3 +670,71 @@ def test_trainer_losses_agree_with_and_without_the_replacement(tmp_path, with_lo
     assert len(plain) == 3
     torch.testing.assert_close(torch.tensor(fused), torch.tensor(plain), rtol=1e-4, atol=1e-4)
     assert plain[-1] != plain[0]  # the steps changed the model
+
+
+try:
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS  # noqa: F401
+    HAS_ATTENTION_INTERFACE = hasattr(transformers, "AttentionInterface")
+except ImportError:
+    HAS_ATTENTION_INTERFACE = False
+needs_interface = pytest.mark.skipif(not HAS_ATTENTION_INTERFACE,
+                                     reason="attn_implementation='llama_fast' needs transformers >= 4.56's interfaces")
+
+
+def documents_alone(model, tokens, cu):
+    """Logits of each document of a one-row packed batch run alone through the model."""
+    return torch.cat([model(tokens[:, s:e], use_cache=False).logits
+                      for s, e in zip(cu[:-1].tolist(), cu[1:].tolist())], dim=1)
+
+
+@needs_interface
+@pytest.mark.parametrize("replace", [False, True], ids=["interface_only", "with_replace_modules"])
+def test_llama_fast_attention_implementation_separates_packed_documents(replace):
+    """attn_implementation="llama_fast": packed rows behave as under flash_attention_2 (documents separated by
+    restarting position ids or by cu_seq_lens_q/k), padding as under SDPA, without flash-attn."""
+    llama_fast.register_hf_attention()
+    base = hf_model()
+    ours = hf_model(attn_implementation="llama_fast")
+    ours.load_state_dict(base.state_dict())
+    if replace:
+        replace_modules(ours, cross_entropy=False)
+    lengths = [4, 1, 6]
+    tokens = torch.randint(0, 256, (1, 11))
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    cu = torch.tensor([0, 4, 5, 11], dtype=torch.int32)
+    with torch.no_grad():
+        want = documents_alone(base, tokens, cu)
+        for kwargs in (dict(position_ids=positions), dict(position_ids=positions, use_cache=False)):
+            torch.testing.assert_close(ours(tokens, **kwargs).logits, want, rtol=1e-4, atol=1e-4)
+        attn = ours.model.layers[0].self_attn
+        if replace:
+            assert attn.fused_calls == 2 and attn.fallback_calls == 0, attn.fallback_reasons
+        mask = torch.ones(2, 9, dtype=torch.long)
+        mask[1, :3] = 0
+        padded = torch.randint(0, 256, (2, 9))
+        torch.testing.assert_close(ours(padded, attention_mask=mask, use_cache=False).logits,
+                                   base(padded, attention_mask=mask, use_cache=False).logits, rtol=1e-4, atol=1e-4)
+
+
+@needs_interface
+def test_llama_fast_attention_function_uses_the_kernels_and_hands_over_the_rest(monkeypatch):
+    from llama_fast import ops
+    from llama_fast import replace as replace_module
+
+    llama_fast.register_hf_attention()
+    calls = []
+    real = ops.attention
+    monkeypatch.setattr(ops, "attention", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    base = hf_model()
+    ours = hf_model(attn_implementation="llama_fast")
+    ours.load_state_dict(base.state_dict())
+    tokens = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens).logits, base(tokens).logits, rtol=1e-4, atol=1e-4)
+        assert len(calls) == 2  # one per layer: our kernel ran
+        # Decoding with cached keys goes to SDPA's function: generate equals the unpatched model's.
+        prompt = torch.randint(0, 256, (1, 5))
+        kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+        assert torch.equal(ours.generate(prompt, **kw), base.generate(prompt, **kw))
+    assert replace_module._documents_from_positions(torch.arange(6)[None]) is None
+    assert replace_module._documents_from_positions(torch.tensor([[0, 1, 0, 1, 2]])).tolist() == [0, 2, 5]

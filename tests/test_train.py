@@ -147,6 +147,33 @@ def test_resume_after_sigterm_matches_uninterrupted_run(tmp_path, data, monkeypa
     assert losses(tmp_path / "resumed") == losses(tmp_path / "full")
 
 
+def test_document_mask_trains_resumes_bit_identically_and_is_logged(tmp_path, data, monkeypatch):
+    """--data.document_mask true: documents split at EOS attend to themselves (other losses than the
+    paper's packing), the metrics log says which mode ran, and a resumed run repeats the losses."""
+    full = run(tmp_path / "full", data, "--data.document_mask", "true")
+    packed = run(tmp_path / "packed", data)
+    assert losses(tmp_path / "full") != losses(tmp_path / "packed")
+    modes = {name: [r["attention"] for r in read_jsonl(tmp_path / name / "metrics.jsonl") if "attention" in r]
+             for name in ("full", "packed")}
+    assert modes == {"full": ["documents"], "packed": ["causal"]}
+    assert full["step"] == packed["step"] == 6
+
+    original = Trainer.train_step
+
+    def stop_after_step_3(self, step):
+        out = original(self, step)
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(Trainer, "train_step", stop_after_step_3)
+    args = ("--data.document_mask", "true", "--checkpoint.interval", "1")
+    assert run(tmp_path / "resumed", data, *args)["step"] == 3
+    monkeypatch.setattr(Trainer, "train_step", original)
+    assert run(tmp_path / "resumed", data, *args)["step"] == 6
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "full")
+
+
 def test_resume_says_what_it_does(tmp_path, data, capsys):
     """Raising max_steps recomputes the schedule, and a checkpoint at or past max_steps leaves nothing to train:
     both are said, with how to start afresh, instead of happening silently."""

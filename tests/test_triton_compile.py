@@ -110,7 +110,7 @@ SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}  # opt-in shared memory per bloc
 # and its prep kernel (their comment in kernels/attention.py says zero, and this holds it to that),
 # a little for the forward's entries (16-144 B today) and for every fallback.
 SPILL_BUDGET = {"tuned": 256, "tuned backward": 0, "fallback": 256}
-FP32_POINTERS = {"lse_ptr", "delta_ptr", "cos_ptr", "sin_ptr"}
+FP32_POINTERS = {"stats_ptr", "delta_ptr", "cos_ptr", "sin_ptr"}
 FP32_SCALARS = {"qk_scale", "sm_scale"}
 HEAD_COUNTS = {"num_heads", "num_kv_heads"}
 

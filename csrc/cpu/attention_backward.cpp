@@ -2,13 +2,19 @@
 // machines without a GPU and as a second, simple implementation to test against.
 //
 // Layout: every tensor contiguous; dout, q, out, dq [B, S, Hq, D]; k, v, dk, dv [B, S, Hkv, D];
-// lse fp32 [B, Hq, S]; cos / sin fp32 rows of D / 2, cs_stride apart.
-// dtypes: fp32 in and out (bindings.cpp converts fp16 and bf16). Rotations, scores, probabilities
-// and every accumulation in double; one query row at a time in a fixed order, so deterministic.
-// Math: see llama_fast.h (P recomputed from the saved LSE; dQ, dK rotated back by -theta).
+// stats fp32 [2, B, Hq, S] (m2, then log2l; csrc/llama_fast.h); cos / sin fp32 rows of D / 2, cs_stride apart.
+// dtypes: fp32 in and out (bindings.cpp converts fp16 and bf16; `input` names the dtype they came in).
+// P = exp2((S2 - m2) - log2l) with S2 formed as the CPU forward forms it (llama_fast.ops.attention
+// _scores2): rotation in fp32 (no fused multiply-add), rounded to the input dtype, the dot of those
+// values summed in double and rounded to fp32, times the fp32 scale * log2(e). Bitwise that forward's
+// S2 (but where two double sums straddle an fp32 rounding boundary), so S2 - m2 is exact near the row
+// max however large the scores. The rest (dP, dS, the accumulations) in double from double
+// rotations; one query row at a time in a fixed order, so deterministic.
+// Math: see llama_fast.h (dQ, dK rotated back by -theta).
 #include "../llama_fast.h"
 
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <cstddef>
 #include <vector>
@@ -46,46 +52,93 @@ void unrotate_head(const std::vector<double>& grad, const float* cos, const floa
   }
 }
 
+// x rounded to nearest-even with `bits` significant bits and the quantum at least 2^min_exp, then
+// overflowing past `max_finite` to infinity: fp16 (11, -24, 65504) and bf16 (8, -133, FLT_MAX) as
+// torch's .to() rounds.
+float round_to(float x, int bits, int min_exp, float max_finite) {
+  if (!std::isfinite(x) || x == 0.f) return x;
+  int e = 0;
+  std::frexp(x, &e);  // |x| in [2^(e-1), 2^e)
+  const int q = std::max(e - bits, min_exp);
+  const double r = std::ldexp(std::nearbyint(std::ldexp(double(x), -q)), q);
+  if (std::fabs(r) > double(max_finite)) return x > 0 ? INFINITY : -INFINITY;
+  return float(r);
+}
+
+float round_to_dtype(float x, DType input) {
+  if (input == DType::F16) return round_to(x, 11, -24, 65504.f);
+  if (input == DType::BF16) return round_to(x, 8, -133, FLT_MAX);
+  return x;
+}
+
+// The rotated rows of one head as the forward multiplies them ([S, D] floats): x1 * c - x2 * s and
+// x2 * c + x1 * s in fp32, each product rounded before the sum (volatile: no fused multiply-add,
+// whatever the compiler's contraction setting), then rounded to the input dtype.
+void rotate_head_f32(const float* x, int64_t row_stride, const float* cos, const float* sin, int64_t cs_stride,
+                     int64_t seq_len, int64_t head_dim, DType input, std::vector<float>& out) {
+  const int64_t half = head_dim / 2;
+  for (int64_t s = 0; s < seq_len; ++s) {
+    const float* row = x + s * row_stride;
+    float* o = out.data() + s * head_dim;
+    for (int64_t d = 0; d < half; ++d) {
+      const float c = cos[s * cs_stride + d], sn = sin[s * cs_stride + d];
+      volatile float a = row[d] * c, b = row[d + half] * sn, e = row[d + half] * c, f = row[d] * sn;
+      o[d] = round_to_dtype(a - b, input);
+      o[d + half] = round_to_dtype(e + f, input);
+    }
+  }
+}
+
 }  // namespace
 
 void attention_backward_cpu(const float* dout, const float* q, const float* k, const float* v, const float* out,
-                            const float* lse, const float* cos, const float* sin, int64_t cs_stride, float* dq,
+                            const float* stats, const float* cos, const float* sin, int64_t cs_stride, float* dq,
                             float* dk, float* dv, int64_t batch, int64_t seq_len, int64_t num_heads,
-                            int64_t num_kv_heads, int64_t head_dim, bool causal) {
+                            int64_t num_kv_heads, int64_t head_dim, bool causal, DType input) {
   const int64_t S = seq_len, D = head_dim, group = num_heads / num_kv_heads;
   const int64_t q_row = num_heads * D, kv_row = num_kv_heads * D;  // sequence strides
   const double scale = 1.0 / std::sqrt(static_cast<double>(D));
+  const float qk_scale = static_cast<float>(1.4426950408889634 / std::sqrt(static_cast<double>(D)));
+  const int64_t stats_half = batch * num_heads * S;  // log2l starts here
   const size_t n = static_cast<size_t>(S * D);
   std::vector<double> qr(n), kr(n), dqr(n), dkr(n), dv_acc(n);
+  std::vector<float> qf(n), kf(n);  // the forward's score operands
 
   for (int64_t b = 0; b < batch; ++b) {
     for (int64_t hk = 0; hk < num_kv_heads; ++hk) {
       const int64_t kv_off = b * S * kv_row + hk * D;
       rotate_head(k + kv_off, kv_row, cos, sin, cs_stride, S, D, kr);
+      rotate_head_f32(k + kv_off, kv_row, cos, sin, cs_stride, S, D, input, kf);
       std::fill(dkr.begin(), dkr.end(), 0.0);
       std::fill(dv_acc.begin(), dv_acc.end(), 0.0);
       for (int64_t g = 0; g < group; ++g) {
         const int64_t h = hk * group + g;
         const int64_t q_off = b * S * q_row + h * D;
         rotate_head(q + q_off, q_row, cos, sin, cs_stride, S, D, qr);
+        rotate_head_f32(q + q_off, q_row, cos, sin, cs_stride, S, D, input, qf);
         std::fill(dqr.begin(), dqr.end(), 0.0);
-        const float* lse_row = lse + (b * num_heads + h) * S;
+        const float* m2_row = stats + (b * num_heads + h) * S;
+        const float* log2l_row = m2_row + stats_half;
         for (int64_t i = 0; i < S; ++i) {
           const float* do_i = dout + q_off + i * q_row;
           const float* o_i = out + q_off + i * q_row;
           const double* q_i = qr.data() + i * D;
+          const float* qf_i = qf.data() + i * D;
           double delta = 0.0;
           for (int64_t d = 0; d < D; ++d) delta += double(do_i[d]) * o_i[d];
           const int64_t last = causal ? i : S - 1;
           for (int64_t j = 0; j <= last; ++j) {
             const double* k_j = kr.data() + j * D;
+            const float* kf_j = kf.data() + j * D;
             const float* v_j = v + kv_off + j * kv_row;
             double s = 0.0, dp = 0.0;
             for (int64_t d = 0; d < D; ++d) {
-              s += q_i[d] * k_j[d];
+              s += double(qf_i[d]) * double(kf_j[d]);  // exact products
               dp += double(do_i[d]) * v_j[d];
             }
-            const double pij = std::exp(s * scale - double(lse_row[i]));
+            volatile float s2 = static_cast<float>(s) * qk_scale;  // one fp32 product, as the forward
+            volatile float centered = s2 - m2_row[i];              // exact near the row max
+            const double pij = std::exp2(double(centered) - double(log2l_row[i]));
             const double ds = pij * (dp - delta) * scale;
             double* dq_i = dqr.data() + i * D;
             double* dk_j = dkr.data() + j * D;

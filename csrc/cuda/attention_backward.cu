@@ -1,19 +1,23 @@
 // Attention backward with RoPE fused in, flash-attention-2 style on the tensor cores
 // (mma.sync m16n8k16, ldmatrix, cp.async; sm_80 and newer).
 //
-// Math (see llama_fast.h): P = exp2(S * scale * log2(e) - LSE * log2(e)) recomputed from the saved
-// LSE; delta = rowsum(dO * O); dV = P^T dO; dP = dO V^T; dS = P * (dP - delta);
+// Math (see llama_fast.h): P = exp2((S2 - m2) - log2l) with S2 = S * (scale * log2(e)) recomputed in
+// fp32 from the operands the forward multiplies, and the forward's saved row statistics m2 (row max of
+// S2) and log2l (log2 of the row sum), subtracted in that order (csrc/llama_fast.h; one saved LSE lost
+// the low bits of S2 - m2 for large scores, issue 13 item 6); delta = rowsum(dO * O); dV = P^T dO;
+// dP = dO V^T; dS = P * (dP - delta);
 // dQ = rot^-1(dS rot(K)) * scale; dK = rot^-1(dS^T rot(Q)) * scale; dK, dV summed over a group.
 //
 // Layout: q, dout, out [B, S, Hq, D] and k, v [B, S, Hkv, D] with any batch / seq / head strides and
-// a contiguous head dim; lse fp32 [B, Hq, S]; cos / sin fp32 [>= S, D / 2] (row stride cs_stride);
+// a contiguous head dim; stats fp32 [2, B, Hq, S] (m2, then log2l); cos / sin fp32 [>= S, D / 2]
+// (row stride cs_stride);
 // dq, dk, dv contiguous.
 // dtypes: fp16 or bf16 in and out. Matmul operands in the input dtype (as the forward and the
 // reference use them), every accumulation in fp32 registers; rotation, softmax recomputation and
 // dS in fp32, rounded to the input dtype only to feed the next matmul.
 //
 // Three steps:
-//  1. prep: one warp per row: delta = rowsum(dO * O), lse * log2(e) (both fp32, rows padded to a
+//  1. prep: one warp per row: delta = rowsum(dO * O) and copies of m2 and log2l (fp32, rows padded to a
 //     multiple of 64 with zeros), and rot(q), rot(k) rounded to the input dtype, [B, H, S, D], in the
 //     workspace. The main loops then stream plain tiles with cp.async instead of rotating each tile
 //     every time it is loaded (a q tile is loaded once per key block).
@@ -48,8 +52,7 @@
 namespace llama_fast {
 namespace {
 
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr int kRowPad = 64;  // the workspace's delta / lse rows are padded to a multiple of this
+constexpr int kRowPad = 64;  // the workspace's delta / m2 / log2l rows are padded to a multiple of this
 
 // Element offset of (row, col) in a swizzled [rows, COLS] tile of 16-bit elements: the 16-byte
 // chunk index is XORed with the row (mod 8, or mod the chunks of a row if fewer).
@@ -74,7 +77,8 @@ struct Config {
 template <typename T>
 struct Workspace {
   float* delta;     // [B * Hq, S_pad]
-  float* lse2;      // [B * Hq, S_pad], lse * log2(e)
+  float* m2;        // [B * Hq, S_pad], row max of S2
+  float* log2l;     // [B * Hq, S_pad], log2 of the row sum
   float* dq_accum;  // [B, S, Hq, D] fp32, non-deterministic mode only
   T* qr;            // rot(q) [B, Hq, S, D]
   T* kr;            // rot(k) [B, Hkv, S, D]
@@ -84,28 +88,29 @@ __host__ __device__ inline int64_t padded_rows(int64_t seq_len) { return (seq_le
 inline int64_t align4(int64_t floats) { return (floats + 3) / 4 * 4; }  // 16 bytes
 
 // Offsets in floats of each part; the last entry is the total.
-inline void workspace_layout(const AttentionBackwardArgs& a, int64_t (&off)[6]) {
+inline void workspace_layout(const AttentionBackwardArgs& a, int64_t (&off)[7]) {
   const int64_t rows = a.batch * a.num_heads * padded_rows(a.seq_len);
   const int64_t nq = a.batch * a.seq_len * a.num_heads * a.head_dim;
   const int64_t nk = a.batch * a.seq_len * a.num_kv_heads * a.head_dim;
   off[0] = 0;
   off[1] = off[0] + align4(rows);
   off[2] = off[1] + align4(rows);
-  off[3] = off[2] + (a.deterministic ? 0 : align4(nq));
-  off[4] = off[3] + align4((nq + 1) / 2);  // 16-bit elements, two per float
-  off[5] = off[4] + align4((nk + 1) / 2);
+  off[3] = off[2] + align4(rows);
+  off[4] = off[3] + (a.deterministic ? 0 : align4(nq));
+  off[5] = off[4] + align4((nq + 1) / 2);  // 16-bit elements, two per float
+  off[6] = off[5] + align4((nk + 1) / 2);
 }
 
 template <typename T>
 Workspace<T> carve(const AttentionBackwardArgs& a, float* base) {
-  int64_t off[6];
+  int64_t off[7];
   workspace_layout(a, off);
-  return {base + off[0], base + off[1], a.deterministic ? nullptr : base + off[2], reinterpret_cast<T*>(base + off[3]),
-          reinterpret_cast<T*>(base + off[4])};
+  return {base + off[0], base + off[1], base + off[2], a.deterministic ? nullptr : base + off[3],
+          reinterpret_cast<T*>(base + off[4]), reinterpret_cast<T*>(base + off[5])};
 }
 
 // ---------------------------------------------------------------------------------------------
-// Step 1: delta, lse * log2(e) and the rotated q and k. One warp per row; rows [0, B*Hq*S_pad)
+// Step 1: delta, m2 and log2l and the rotated q and k. One warp per row; rows [0, B*Hq*S_pad)
 // are query rows (padding rows get zeros), the following B*Hkv*S rows are key rows.
 // ---------------------------------------------------------------------------------------------
 template <typename T>
@@ -127,7 +132,7 @@ __global__ void attention_backward_prep(AttentionBackwardArgs a, Workspace<T> w)
   if (row < q_rows) {
     const int64_t bh = row / S_pad, s = row % S_pad, b = bh / a.num_heads, h = bh % a.num_heads;
     if (s >= S) {
-      if (lane == 0) w.delta[row] = w.lse2[row] = 0.f;
+      if (lane == 0) w.delta[row] = w.m2[row] = w.log2l[row] = 0.f;
       return;
     }
     const T* o = static_cast<const T*>(a.out) + b * a.out_stride[0] + s * a.out_stride[1] + h * a.out_stride[2];
@@ -137,7 +142,8 @@ __global__ void attention_backward_prep(AttentionBackwardArgs a, Workspace<T> w)
     sum = warp_sum(sum);
     if (lane == 0) {
       w.delta[row] = sum;
-      w.lse2[row] = a.lse[bh * S + s] * kLog2e;
+      w.m2[row] = a.stats[bh * S + s];
+      w.log2l[row] = a.stats[a.batch * a.num_heads * S + bh * S + s];
     }
     const T* q = static_cast<const T*>(a.q) + b * a.q_stride[0] + s * a.q_stride[1] + h * a.q_stride[2];
     rotate_row(w.qr + (bh * S + s) * D, q, a.cos + s * a.cs_stride, a.sin + s * a.cs_stride, int(half), lane);
@@ -234,13 +240,15 @@ __device__ __forceinline__ void two_products(float (&acc1)[NC / 8][4], float (&a
   }
 }
 
-// P = exp2(S * scale_log2 - lse) under the tile's mask and dS = P * (dP - delta), in place over one
-// warp's accumulator tiles of NC columns (s becomes P, dp becomes dS). lse and delta are indexed by
-// query. QUERY_ROWS: the tiles' rows r0.. are queries and their columns keys (q kernel); otherwise
+// P = exp2((S * scale_log2 - m2) - log2l) under the tile's mask and dS = P * (dP - delta), in place
+// over one warp's accumulator tiles of NC columns (s becomes P, dp becomes dS). m2 first: exact near
+// the row max however large the scores; never m2 + log2l in one number. m2, log2l and delta are
+// indexed by query. QUERY_ROWS: the tiles' rows r0.. are queries and their columns keys (q kernel); otherwise
 // the rows are keys and the columns queries (kv kernel, transposed tiles).
 template <bool QUERY_ROWS, int NC>
-__device__ __forceinline__ void probs_and_ds(float (&s)[NC / 8][4], float (&dp)[NC / 8][4], const float* lse,
-                                             const float* delta, const TileMask& mask, float scale_log2, int r0) {
+__device__ __forceinline__ void probs_and_ds(float (&s)[NC / 8][4], float (&dp)[NC / 8][4], const float* m2,
+                                             const float* log2l, const float* delta, const TileMask& mask,
+                                             float scale_log2, int r0) {
   const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
 #pragma unroll
   for (int n = 0; n < NC / 8; ++n)
@@ -248,7 +256,7 @@ __device__ __forceinline__ void probs_and_ds(float (&s)[NC / 8][4], float (&dp)[
     for (int e = 0; e < 4; ++e) {
       const int r = r0 + g + 8 * (e >> 1), c = n * 8 + 2 * t + (e & 1);
       const int query = QUERY_ROWS ? r : c, key = QUERY_ROWS ? c : r;
-      float p = fast_exp2(s[n][e] * scale_log2 - lse[query]);
+      float p = fast_exp2(__fsub_rn(__fmul_rn(s[n][e], scale_log2), m2[query]) - log2l[query]);
       if (mask.hides(query, key)) p = 0.f;
       s[n][e] = p;
       dp[n][e] = p * (dp[n][e] - delta[query]);
@@ -317,26 +325,27 @@ __device__ __forceinline__ void store_grad(T* head, int64_t row_stride, const fl
   }
 }
 
-// Shared memory of the kv kernel: K, V, two stages of (Q, dO, lse2, delta), dS^T.
+// Shared memory of the kv kernel: K, V, two stages of (Q, dO, m2, log2l, delta), dS^T.
 template <typename T, int DP, bool SMALL>
 struct KvSmem {
   static constexpr int BM = Config<DP, SMALL>::BM, BN = Config<DP, SMALL>::BN;
   static constexpr size_t kKeyTile = size_t(BN) * DP * sizeof(T);
   static constexpr size_t kQueryTile = size_t(BM) * DP * sizeof(T);
-  static constexpr size_t kStage = 2 * kQueryTile + 2 * BM * sizeof(float);
+  static constexpr size_t kStage = 2 * kQueryTile + 3 * BM * sizeof(float);
   static constexpr size_t kK = 0, kV = kKeyTile, kStages = 2 * kKeyTile, kDs = kStages + 2 * kStage;
   static constexpr size_t kBytes = kDs + size_t(BN) * BM * sizeof(T);
   static constexpr int LDA = DP + 4;  // fp32 epilogue rows (dK then dV, over the whole buffer)
   static_assert(2 * size_t(BN) * LDA * sizeof(float) <= kBytes, "the epilogue reuses the tiles' memory");
 };
 
-// Shared memory of the q kernel: Q, dO, lse2, delta, two stages of (K, V).
+// Shared memory of the q kernel: Q, dO, m2, log2l, delta, two stages of (K, V).
 template <typename T, int DP, bool SMALL>
 struct QSmem {
   static constexpr int BM = Config<DP, SMALL>::BM, BN = Config<DP, SMALL>::BN;
   static constexpr size_t kQueryTile = size_t(BM) * DP * sizeof(T);
   static constexpr size_t kKeyTile = size_t(BN) * DP * sizeof(T);
-  static constexpr size_t kQ = 0, kDo = kQueryTile, kLse = 2 * kQueryTile, kDelta = kLse + BM * sizeof(float);
+  static constexpr size_t kQ = 0, kDo = kQueryTile, kM2 = 2 * kQueryTile, kLog2l = kM2 + BM * sizeof(float);
+  static constexpr size_t kDelta = kLog2l + BM * sizeof(float);
   static constexpr size_t kStages = kDelta + BM * sizeof(float), kStage = 2 * kKeyTile;
   static constexpr size_t kBytes = kStages + 2 * kStage;
   static constexpr int LDA = DP + 4;
@@ -370,7 +379,7 @@ __global__ void __launch_bounds__(Config<DP, SMALL>::BN * 2)
   const int64_t b = blockIdx.z, hk = blockIdx.y;
   const int64_t n0 = int64_t(blockIdx.x) * BN;
   const int D = static_cast<int>(a.head_dim);
-  const float scale_log2 = rsqrtf(float(D)) * kLog2e;
+  const float scale_log2 = float(1.4426950408889634 / sqrt(double(D)));  // the forward's fp32 factor
   const bool vec_rot = D % 8 == 0;
 
   load_tile<T, BN, DP, THREADS>(sK, w.kr + (b * Hkv + hk) * S * D, D, n0, S, D, vec_rot);
@@ -388,8 +397,9 @@ __global__ void __launch_bounds__(Config<DP, SMALL>::BN * 2)
     load_tile<T, BM, DP, THREADS>(reinterpret_cast<T*>(p + C::kQueryTile), do_head, a.dout_stride[1], m0, S, D,
                                   vec_in);
     float* rows = reinterpret_cast<float*>(p + 2 * C::kQueryTile);
-    load_floats_async<BM, THREADS>(rows, w.lse2 + (b * Hq + h) * S_pad + m0);
-    load_floats_async<BM, THREADS>(rows + BM, w.delta + (b * Hq + h) * S_pad + m0);
+    load_floats_async<BM, THREADS>(rows, w.m2 + (b * Hq + h) * S_pad + m0);
+    load_floats_async<BM, THREADS>(rows + BM, w.log2l + (b * Hq + h) * S_pad + m0);
+    load_floats_async<BM, THREADS>(rows + 2 * BM, w.delta + (b * Hq + h) * S_pad + m0);
   };
   issue(0, 0);  // K and V travel in the same first group
   cp_async_commit();
@@ -413,8 +423,9 @@ __global__ void __launch_bounds__(Config<DP, SMALL>::BN * 2)
     const unsigned char* p = stage(item & 1);
     const T* sQ = reinterpret_cast<const T*>(p);
     const T* sDo = reinterpret_cast<const T*>(p + C::kQueryTile);
-    const float* sLse = reinterpret_cast<const float*>(p + 2 * C::kQueryTile);
-    const float* sDelta = sLse + BM;
+    const float* sM2 = reinterpret_cast<const float*>(p + 2 * C::kQueryTile);
+    const float* sLog2l = sM2 + BM;
+    const float* sDelta = sM2 + 2 * BM;
     const int64_t h = hk * group + item / per_head, m0 = (m_first + item % per_head) * BM;
 
     // S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys x BM queries.
@@ -422,7 +433,7 @@ __global__ void __launch_bounds__(Config<DP, SMALL>::BN * 2)
     two_products<T, DP, BM>(st, dpt, sK, sV, sQ, sDo, r0);
 
     // P^T and dS^T in place; a mask only where the block can hold masked or out-of-range entries.
-    probs_and_ds<false, BM>(st, dpt, sLse, sDelta, tile_mask<BM, BN>(m0, n0, S, a.causal), scale_log2, r0);
+    probs_and_ds<false, BM>(st, dpt, sM2, sLog2l, sDelta, tile_mask<BM, BN>(m0, n0, S, a.causal), scale_log2, r0);
 
     // Rounded to T as A operands (half the registers of the fp32 tiles), then dV += P^T dO and
     // dK += dS^T Q (queries are the reduction dimension).
@@ -501,7 +512,8 @@ __global__ void __launch_bounds__(Config<DP, SMALL>::BM * 2)
   extern __shared__ __align__(128) unsigned char smem[];
   T* sQ = reinterpret_cast<T*>(smem + C::kQ);
   T* sDo = reinterpret_cast<T*>(smem + C::kDo);
-  float* sLse = reinterpret_cast<float*>(smem + C::kLse);
+  float* sM2 = reinterpret_cast<float*>(smem + C::kM2);
+  float* sLog2l = reinterpret_cast<float*>(smem + C::kLog2l);
   float* sDelta = reinterpret_cast<float*>(smem + C::kDelta);
   auto stage = [&](int st) { return smem + C::kStages + st * C::kStage; };
 
@@ -510,13 +522,14 @@ __global__ void __launch_bounds__(Config<DP, SMALL>::BM * 2)
   const int64_t b = blockIdx.z, h = blockIdx.y, hk = h / (Hq / Hkv);
   const int64_t m0 = int64_t(gridDim.x - 1 - blockIdx.x) * BM;  // causal: the longest rows start first
   const int D = static_cast<int>(a.head_dim);
-  const float scale_log2 = rsqrtf(float(D)) * kLog2e;
+  const float scale_log2 = float(1.4426950408889634 / sqrt(double(D)));  // the forward's fp32 factor
   const bool vec_rot = D % 8 == 0;
 
   load_tile<T, BM, DP, THREADS>(sQ, w.qr + (b * Hq + h) * S * D, D, m0, S, D, vec_rot);
   const T* do_head = static_cast<const T*>(a.dout) + b * a.dout_stride[0] + h * a.dout_stride[2];
   load_tile<T, BM, DP, THREADS>(sDo, do_head, a.dout_stride[1], m0, S, D, vec_in);
-  load_floats_async<BM, THREADS>(sLse, w.lse2 + (b * Hq + h) * S_pad + m0);
+  load_floats_async<BM, THREADS>(sM2, w.m2 + (b * Hq + h) * S_pad + m0);
+  load_floats_async<BM, THREADS>(sLog2l, w.log2l + (b * Hq + h) * S_pad + m0);
   load_floats_async<BM, THREADS>(sDelta, w.delta + (b * Hq + h) * S_pad + m0);
 
   const T* k_head = w.kr + (b * Hkv + hk) * S * D;
@@ -529,7 +542,7 @@ __global__ void __launch_bounds__(Config<DP, SMALL>::BM * 2)
   // Causal: key blocks after this query block's last row are never loaded.
   const int64_t n_end = a.causal ? (m0 + BM < S ? m0 + BM : S) : S;
   const int64_t items = (n_end + BN - 1) / BN;
-  issue(0, 0);  // Q, dO, lse and delta travel in the same first group
+  issue(0, 0);  // Q, dO, m2, log2l and delta travel in the same first group
   cp_async_commit();
 
   float dq[DP / 8][4];
@@ -553,7 +566,7 @@ __global__ void __launch_bounds__(Config<DP, SMALL>::BM * 2)
     // S = Q K^T and dP = dO V^T for this warp's 16 queries x BN keys.
     float s[BN / 8][4], dp[BN / 8][4];
     two_products<T, DP, BN>(s, dp, sQ, sDo, sK, sV, r0);
-    probs_and_ds<true, BN>(s, dp, sLse, sDelta, tile_mask<BM, BN>(m0, n0, S, a.causal), scale_log2, r0);
+    probs_and_ds<true, BN>(s, dp, sM2, sLog2l, sDelta, tile_mask<BM, BN>(m0, n0, S, a.causal), scale_log2, r0);
     // dQ += dS K (keys are the reduction dimension).
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk) {
@@ -645,9 +658,9 @@ int launch_head_dim(const AttentionBackwardArgs& a, float* workspace, cudaStream
 }  // namespace
 
 int64_t attention_backward_cuda_workspace(const AttentionBackwardArgs& a) {
-  int64_t off[6];
+  int64_t off[7];
   workspace_layout(a, off);
-  return off[5];
+  return off[6];
 }
 
 int attention_backward_cuda(const AttentionBackwardArgs& a, float* workspace, void* stream_ptr) {

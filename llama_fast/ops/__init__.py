@@ -11,6 +11,7 @@ from .swiglu import swiglu
 
 # --- attention (issue 4) ---
 from .attention import attention
+from .attention_varlen import attention_varlen
 # --- end attention ---
 
 # --- selective recompute: a cheap op and the GEMM that consumes it (recompute="cheap") ---

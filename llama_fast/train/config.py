@@ -38,6 +38,9 @@ class DataSection:
     seq_len: int = 128  # tokens per sequence; 0: the model's max_seq_len
     val_fraction: float = 0.01
     cache_dir: str = ""  # where raw sources are prepared once; empty: <run_dir>/data
+    # true: attention stops at document boundaries (EOS): each document attends to itself, positions restart
+    # (LLaMA 3); false: the packed stream is one causal sequence per row, as the LLaMA paper trained.
+    document_mask: bool = False
 
 
 @dataclass
@@ -324,6 +327,8 @@ AUTO_HELP = {
     "data.tokenizer": "empty: one trained on the data, of the model's vocab_size",
     "data.seq_len": "0: the model's max_seq_len",
     "data.cache_dir": "empty: $LLAMA_FAST_CACHE, else ~/.cache/llama_fast, shared by every run",
+    "data.document_mask": "true: documents split at EOS attend to themselves only, positions restarting "
+                          "(LLaMA 3); false: one causal run per sequence, as the LLaMA paper",
     "optim.lr": "0: auto, the paper's rate for 7B to 65B, else 1e-3 below 100M parameters (small, tiny) "
                 "and 4e-4 above",
     "optim.warmup_steps": "-1: auto, min(2000, max_steps // 10), so 15 for 150 steps",

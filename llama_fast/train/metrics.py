@@ -113,6 +113,12 @@ class Metrics:
         else:
             print(message, flush=True)
 
+    def note(self, step: int, **values) -> None:
+        """A JSONL record of the run's settings (not a metric: no scalars, no console line)."""
+        if self.enabled:
+            self.file.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
+            self.file.flush()
+
     def log(self, step: int, console: bool = True, **values) -> None:
         """One JSONL record; TensorBoard and wandb scalars; a console line unless ``console`` is False."""
         if not self.enabled:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..data import TokenBatches, cache_key, default_cache_dir, parse_source, prepare, read_meta
-from ..model import sample
+from ..model import document_starts, sample
 from ..tokenizer import Tokenizer
 from . import checkpoint as ckpt
 from .config import TrainConfig, default_lr
@@ -182,6 +182,7 @@ class Trainer:
         _check_vocab(meta["vocab_size"], self.model_config.vocab_size, self.data_dir)
         self.tokenizer_path = self.data_dir / meta["tokenizer"]
         self.batches = TokenBatches(self.data_dir, self.seq_len, seed=t.seed)
+        self.eos_id = meta["eos_id"] if config.data.document_mask else None
 
         for seed in (random.seed, np.random.seed, torch.manual_seed):
             seed(t.seed)
@@ -224,7 +225,7 @@ class Trainer:
                            else contextlib.nullcontext())
                 with no_sync:  # entered once: a DDP no_sync() context cannot be entered twice
                     with self.autocast:
-                        _, loss = self.wrapped(inputs, targets)
+                        _, loss = self.wrapped(inputs, targets, documents=self._documents(inputs))
                     (loss / self.accum_steps).backward()
                 loss_sum += loss.detach()
 
@@ -244,6 +245,10 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return loss_value, grad_norm_value, lr
 
+    def _documents(self, inputs: torch.Tensor) -> torch.Tensor | None:
+        """cu_seqlens of the documents in a batch (data.document_mask), else None (one causal run per row)."""
+        return None if self.eos_id is None else document_starts(inputs, self.eos_id)
+
     @torch.no_grad()
     def evaluate(self) -> float | None:
         """Mean loss over a fixed set of validation batches (the same at every evaluation)."""
@@ -256,7 +261,7 @@ class Trainer:
             rows = slice(d.rank * mb, (d.rank + 1) * mb)
             tokens = torch.from_numpy(self.batches.read(source[rows], offset[rows], split="val")).to(d.device)
             with self.autocast:
-                _, loss = self.model(tokens[:, :-1], tokens[:, 1:])
+                _, loss = self.model(tokens[:, :-1], tokens[:, 1:], documents=self._documents(tokens[:, :-1]))
             total += loss.float()
         return all_reduce_mean(total / self.config.log.eval_batches, d).item()
 
@@ -356,6 +361,11 @@ class Trainer:
             f"run dir {self.run_dir}" + (f"; resumed at step {self.step}" if self.step else "")
         )
         metrics.print("auto: " + ", ".join(f"{k} {v}" for k, v in self.auto.items()))
+        attention = "documents" if self.eos_id is not None else "causal"
+        metrics.print("attention: " + ("each document (split at EOS) attends to itself, positions restarting "
+                                       "(data.document_mask true)" if attention == "documents" else
+                                       "one causal run per row across document boundaries (data.document_mask false)"))
+        metrics.note(self.step, attention=attention)
         metrics.print(f"logging: {self.run_dir / 'metrics.jsonl'}; " + "; ".join(metrics.loggers))
         for note in self.resume_notes:
             metrics.print(note)

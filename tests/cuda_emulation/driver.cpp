@@ -2,7 +2,7 @@
 // order its launcher runs them on a GPU: prep, kv, then q (deterministic) or dq_finish.
 //   attention_backward_emulated IN OUT B S Hq Hkv D causal deterministic dtype(1 = fp16, 2 = bf16) misalign small
 // IN holds, contiguous: q, dout, out [B, S, Hq, D] and k, v [B, S, Hkv, D] as 16-bit words (in the
-// order q, k, v, dout, out), then fp32 lse [B, Hq, S], cos and sin [S, D / 2].
+// order q, k, v, dout, out), then fp32 stats [2, B, Hq, S] (m2, log2l), cos and sin [S, D / 2].
 // misalign = 1 places v and dout one element past a 16-byte boundary, so the kernels must take their
 // plain-load path instead of cp.async for them. small = 1 runs the 32-row query-block variant that
 // GPUs with less shared memory per block get for head dims 65 to 128.
@@ -84,7 +84,7 @@ int main(int argc, char** argv) {
   const int dtype = atoi(argv[10]);
   const bool misalign = atoi(argv[11]), small = atoi(argv[12]);
   FILE* f = fopen(argv[1], "rb");
-  const size_t nq = B * S * Hq * D, nk = B * S * Hkv * D, nl = B * Hq * S, nc = S * (D / 2);
+  const size_t nq = B * S * Hq * D, nk = B * S * Hkv * D, nl = 2 * B * Hq * S, nc = S * (D / 2);
   // 16-byte aligned 16-bit buffers, optionally starting one element late.
   auto rd16 = [&](size_t n, bool shift) {
     auto v = std::make_shared<std::vector<uint16_t>>(n + 8);
@@ -95,7 +95,7 @@ int main(int argc, char** argv) {
   auto rd32 = [&](size_t n) { std::vector<float> v(n); if (fread(v.data(), 4, n, f) != n) std::abort(); return v; };
   auto q = rd16(nq, false), k = rd16(nk, false), v = rd16(nk, misalign), dout = rd16(nq, misalign),
        out = rd16(nq, false);
-  auto lse = rd32(nl), cs = rd32(nc), sn = rd32(nc);
+  auto stats = rd32(nl), cs = rd32(nc), sn = rd32(nc);
   fclose(f);
   std::vector<uint16_t> dq(nq, 0xffff), dk(nk, 0xffff), dv(nk, 0xffff);  // NaN: an unwritten element shows
   AttentionBackwardArgs a{};
@@ -108,16 +108,16 @@ int main(int argc, char** argv) {
   set(k.second, a.k, a.k_stride, Hkv, S, D);
   set(v.second, a.v, a.v_stride, Hkv, S, D);
   set(out.second, a.out, a.out_stride, Hq, S, D);
-  a.lse = lse.data();
+  a.stats = stats.data();
   a.cos = cs.data();
   a.sin = sn.data();
   a.cs_stride = D / 2;
   a.dq = dq.data(); a.dk = dk.data(); a.dv = dv.data();
   a.batch = B; a.seq_len = S; a.num_heads = Hq; a.num_kv_heads = Hkv; a.head_dim = D;
   a.causal = causal; a.deterministic = deterministic;
-  int64_t off[6];
+  int64_t off[7];
   workspace_layout(a, off);
-  std::vector<float> workspace(off[5], std::nanf(""));  // NaN: a workspace read before its write shows
+  std::vector<float> workspace(off[6], std::nanf(""));  // NaN: a workspace read before its write shows
   if (dtype == 1) dispatch<__half>(a, workspace.data(), small);
   else dispatch<__nv_bfloat16>(a, workspace.data(), small);
   FILE* o = fopen(argv[2], "wb");

@@ -45,6 +45,9 @@ inline void grid_sync() {
   emu_grid_barrier->arrive_and_wait();
 }
 inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
+// Round-to-nearest product and difference that a compiler may not fuse into a multiply-add.
+inline float __fmul_rn(float a, float b) { volatile float r = a * b; return r; }
+inline float __fsub_rn(float a, float b) { volatile float r = a - b; return r; }
 inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
 inline void __trap() { std::abort(); }
 constexpr int cudaErrorInvalidValue = 1;

@@ -1,0 +1,136 @@
+"""Packed (variable-length) causal attention with RoPE: documents end to end, attending within themselves.
+
+    out = attention(q, k, v, cos, sin, cu_seqlens=cu, max_seqlen=n)                    # llama_fast.ops
+    out, lse = attention(q, k, v, cos, sin, cu_seqlens=cu, max_seqlen=n, position_ids=pos, return_lse=True)
+
+The layout of flash-attention's varlen API: q [T, Hq, D], k and v [T, Hkv, D] (any strides), the
+documents' starts ``cu_seqlens`` int32 [N + 1] (0 first, T last, non-decreasing; empty documents
+allowed) on q's device, and ``max_seqlen``, at least the longest document. Token t is rotated by its
+offset in its document, or by ``position_ids[t]`` (integer [T]) when given; it attends causally to the
+tokens of its own document only. Returns O [T, Hq, D] and, with ``return_lse``, the LSE fp32 [Hq, T].
+Same math as ``llama_fast.reference.attention_varlen``; gradients flow to q, k and v.
+
+How it runs: the rotary rows are gathered per token (row t of the gathered tables rotates token t, so
+positions of any kind cost nothing in the kernels), and each document is one call of the fused
+batched attention (llama_fast::attention, with its compiled backward), documents of one length and
+implied positions batched together. The boundaries are read on the host: the call synchronises with
+the device and, under torch.compile, breaks the graph.
+"""
+from __future__ import annotations
+
+import torch
+
+from .attention import _attention_op, _check_inputs, lse_from_stats
+
+
+def _check_cu_seqlens(cu_seqlens, max_seqlen, total: int, device: torch.device) -> list[int]:
+    """Validates cu_seqlens and max_seqlen; returns the document starts as Python ints."""
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"attention: cu_seqlens must be a tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype != torch.int32:
+        raise TypeError(f"attention: cu_seqlens must be int32 (as flash-attention's), got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(
+            f"attention: cu_seqlens must be 1-D [documents + 1] (0 first, T last), got shape {tuple(cu_seqlens.shape)}"
+        )
+    if cu_seqlens.device != device:
+        raise ValueError(f"attention: cu_seqlens must be on the device of q ({device}), got {cu_seqlens.device}")
+    starts = cu_seqlens.tolist()
+    if starts[0] != 0:
+        raise ValueError(f"attention: cu_seqlens must start at 0, got {starts[0]}")
+    if starts[-1] != total:
+        raise ValueError(f"attention: cu_seqlens must end at T = q.shape[0] = {total}, got {starts[-1]}")
+    lengths = [e - s for s, e in zip(starts[:-1], starts[1:])]
+    if min(lengths) < 0:
+        i = min(range(len(lengths)), key=lengths.__getitem__)
+        raise ValueError(f"attention: cu_seqlens must not decrease, got {starts[i]} then {starts[i + 1]} at index {i}")
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int):
+        raise TypeError(f"attention: max_seqlen must be an int, got {max_seqlen!r}")
+    if max_seqlen < max(lengths):
+        raise ValueError(f"attention: max_seqlen ({max_seqlen}) is smaller than the longest document ({max(lengths)})")
+    return starts
+
+
+def attention_varlen(q, k, v, cos, sin, cu_seqlens, position_ids=None, *, return_lse: bool = False,
+                     max_seqlen: int | None = None, deterministic: bool | None = None):
+    """Packed documents with the signature of llama_fast.reference.attention_varlen (max_seqlen, when not
+    given, is read from cu_seqlens); the same as attention(..., cu_seqlens=...)."""
+    from .attention import attention
+
+    if max_seqlen is None and isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.numel() > 1:
+        max_seqlen = int(cu_seqlens.diff().max())
+    return attention(q, k, v, cos, sin, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, position_ids=position_ids,
+                     return_lse=return_lse, deterministic=deterministic)
+
+
+def _attention_varlen(q, k, v, cos, sin, cu_seqlens, max_seqlen, position_ids=None, *, deterministic: bool):
+    """(O [T, Hq, D], LSE fp32 [Hq, T]); see the module docstring. Called by llama_fast.ops.attention."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3:
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"attention: with cu_seqlens, {name} must be packed 3-D [tokens, heads, head_dim], got {shape}")
+    total = q.shape[0]
+    for name, t in (("k", k), ("v", v)):
+        if t.shape[0] != total:
+            raise ValueError(f"attention: {name} must have q's {total} tokens, got shape {tuple(t.shape)}")
+    starts = _check_cu_seqlens(cu_seqlens, max_seqlen, total, q.device)
+    for name, t in (("cos", cos), ("sin", sin)):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.dim() != 2:
+            raise TypeError(f"attention: {name} must be a float32 [positions, head_dim / 2] tensor, got "
+                            f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}")
+    table = min(cos.shape[0], sin.shape[0])
+    if position_ids is None:
+        if max_seqlen > table:
+            raise ValueError(f"attention: documents up to max_seqlen = {max_seqlen} tokens need rotary tables of at "
+                             f"least that many positions, got {table}")
+        # [T] offsets in the documents: t minus its document's start.
+        doc_start = torch.repeat_interleave(cu_seqlens[:-1], cu_seqlens.diff())
+        positions = torch.arange(total, device=q.device) - doc_start
+    else:
+        if not isinstance(position_ids, torch.Tensor) or position_ids.shape != (total,) \
+                or position_ids.dtype.is_floating_point or position_ids.dtype == torch.bool:
+            raise ValueError(f"attention: position_ids must be an integer tensor [T = {total}], got "
+                             f"{(position_ids.dtype, tuple(position_ids.shape)) if isinstance(position_ids, torch.Tensor) else position_ids!r}")
+        if position_ids.device != q.device:
+            raise ValueError(f"attention: position_ids must be on the device of q ({q.device}), got {position_ids.device}")
+        if total and (int(position_ids.min()) < 0 or int(position_ids.max()) >= table):
+            raise ValueError(f"attention: position_ids must lie in [0, {table}) (the rotary tables' rows), got "
+                             f"{int(position_ids.min())}..{int(position_ids.max())}")
+        positions = position_ids.long()
+    cos_tok = cos[positions].contiguous()
+    sin_tok = sin[positions].contiguous()
+    _check_inputs(q[None], k[None], v[None], cos_tok, sin_tok)
+
+    # Calls: (document starts, length, tables). Documents of one length with implied positions share
+    # the tables' first rows: one batched call each; explicit positions take one call per document.
+    calls: dict = {}
+    for s, e in zip(starts[:-1], starts[1:]):
+        if e > s:
+            calls.setdefault(e - s if position_ids is None else (s,), []).append((s, e))
+    pieces, lse_pieces, order = [], [], []
+    for docs in calls.values():
+        n = docs[0][1] - docs[0][0]
+        s = docs[0][0]
+        if position_ids is None:
+            tables = cos[:n].contiguous(), sin[:n].contiguous()
+        else:
+            tables = cos_tok[s:s + n], sin_tok[s:s + n]
+        if len(docs) == 1:
+            idx = torch.arange(s, s + n, device=q.device)
+            qs, ks, vs = q[None, s:s + n], k[None, s:s + n], v[None, s:s + n]
+        else:
+            idx = (torch.tensor([d[0] for d in docs], device=q.device)[:, None]
+                   + torch.arange(n, device=q.device)).flatten()
+            qs, ks, vs = (t[idx].unflatten(0, (len(docs), n)) for t in (q, k, v))
+        o, stats = _attention_op(qs, ks, vs, *tables, True, deterministic)  # [docs, n, Hq, D], [2, docs, Hq, n]
+        lse = lse_from_stats(stats)
+        pieces.append(o.flatten(0, 1))
+        lse_pieces.append(lse.float().transpose(0, 1).flatten(1, 2))  # [Hq, docs * n]
+        order.append(idx)
+    out = q.new_empty(q.shape)
+    lse = q.new_empty((q.shape[1], total), dtype=torch.float32)
+    if pieces:  # every token is in one non-empty document: the copies cover out and lse
+        idx = torch.cat(order)
+        out = out.index_copy(0, idx, torch.cat(pieces))
+        lse = lse.index_copy(1, idx, torch.cat(lse_pieces, dim=1))
+    return out, lse
