@@ -105,9 +105,16 @@ SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}  # opt-in shared memory per bloc
 # Bytes of ptxas stack frame tolerated at head dims <= 128: none for the backward's table entries
 # and its prep kernel (their comment in kernels/attention.py says zero, and this holds it to that),
 # a little for the forward's entries (16-144 B today) and for every fallback.
-SPILL_BUDGET = {"tuned": 256, "tuned backward": 0, "fallback": 256}
+# Packed documents (SEGMENTED) reuse the batched entries: their bound loads and masks cost a few registers
+# (backward kv D64 on sm_90 spilled 40 B under triton 3.9 when added); held to the fallbacks' budget.
+SPILL_BUDGET = {"tuned": 256, "tuned backward": 0, "fallback": 256, "packed": 256}
 FP32_POINTERS = {"stats_ptr", "delta_ptr", "cos_ptr", "sin_ptr"}
 FP32_SCALARS = {"qk_scale", "sm_scale"}
+INT32_POINTERS = {"seg_ptr", "seg_start_ptr", "seg_end_ptr"}  # packed documents' bounds
+# The batched launches: no document bounds (their pointer is None, a constexpr).
+UNSEGMENTED = {"forward": dict(SEGMENTED=False, seg_ptr=None),
+               "backward kv": dict(SEGMENTED=False, seg_end_ptr=None),
+               "backward q": dict(SEGMENTED=False, seg_start_ptr=None)}
 
 
 def _attention_cases() -> list:
@@ -125,7 +132,7 @@ def _attention_cases() -> list:
             entries += [("fallback ", 128, config, SPILL_BUDGET["fallback"]) for config in fallbacks]
             for kind, d_pad, (block_m, block_n, warps, stages), budget in entries:
                 constexprs = dict(GROUP=4, CAUSAL=True, BLOCK_M=block_m, BLOCK_N=block_n, D_PAD=d_pad,
-                                  HALF_PAD=d_pad // 2, PRECISION="tf32")
+                                  HALF_PAD=d_pad // 2, PRECISION="tf32", **UNSEGMENTED[label])
                 wants_wgmma = label == "forward" and not kind and arch == 90 and d_pad <= 128
                 cases.append((f"{label} {kind}D{d_pad} sm_{arch} {(block_m, block_n, warps, stages)}", kernel_name,
                               arch, constexprs, warps, stages, budget if d_pad <= 128 else None, wants_wgmma))
@@ -137,9 +144,16 @@ def _attention_cases() -> list:
                 for d_pad, table_d, group, causal in ((128, 128, 1, False), (32, 64, 4, True)):
                     block_m, block_n, warps, stages = table[row][table_d]
                     constexprs = dict(GROUP=group, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, D_PAD=d_pad,
-                                      HALF_PAD=d_pad // 2, PRECISION="tf32")
+                                      HALF_PAD=d_pad // 2, PRECISION="tf32", **UNSEGMENTED[label])
                     cases.append((f"{label} D{d_pad} sm_{arch} GROUP={group} causal={causal}", kernel_name, arch,
                                   constexprs, warps, stages, budget, label == "forward" and d_pad >= 64))
+                # Packed documents (ops.attention with cu_seqlens) run the same entries with SEGMENTED.
+                for d_pad in (64, 128):
+                    block_m, block_n, warps, stages = table[row][d_pad]
+                    constexprs = dict(GROUP=4, CAUSAL=True, SEGMENTED=True, BLOCK_M=block_m, BLOCK_N=block_n,
+                                      D_PAD=d_pad, HALF_PAD=d_pad // 2, PRECISION="tf32")
+                    cases.append((f"{label} D{d_pad} sm_{arch} packed documents", kernel_name, arch, constexprs,
+                                  warps, stages, SPILL_BUDGET["packed"], label == "forward"))
         for d_pad in (64, 128, 256):
             for delta in (True, False):
                 constexprs = dict(DELTA=delta, BLOCK_M=attn._prep_rows(d_pad), D_PAD=d_pad, HALF_PAD=d_pad // 2)
@@ -179,7 +193,7 @@ def compile_attention() -> dict:
             if arg in constexprs:
                 signature[arg] = "constexpr"
             elif arg.endswith("_ptr"):
-                signature[arg] = "*fp32" if arg in FP32_POINTERS else BF16
+                signature[arg] = "*fp32" if arg in FP32_POINTERS else "*i32" if arg in INT32_POINTERS else BF16
                 attrs[(i,)] = [["tt.divisibility", 16]]
             else:
                 signature[arg] = "fp32" if arg in FP32_SCALARS else "i32"
