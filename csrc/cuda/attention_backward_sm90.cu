@@ -46,7 +46,6 @@
 namespace llama_fast {
 namespace {
 
-constexpr float kLog2eSm90 = 1.4426950408889634f;
 constexpr int kBM = 64;           // query rows per item
 constexpr int kWgKeys = 64;       // key rows per MMA warpgroup
 constexpr int kMmaWgs = 2;        // MMA warpgroups
@@ -180,7 +179,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_backward_sm90_main(cons
   uint64_t* kv_bar = full + 2 * kStages;
   auto stage = [&](int st) { return smem + L::kStages0 + st * L::kStage; };
 
-  const int wg = threadIdx.x / 128, tid = threadIdx.x % 128;
+  const int wg = warpgroup_index(), tid = threadIdx.x % 128;
   const int64_t S = p.seq_len, S_pad = p.s_pad, Hq = p.num_heads, Hkv = p.num_kv_heads;
   const int64_t b = blockIdx.z, hk = blockIdx.y, nb = blockIdx.x, n0 = nb * kBN;
   const int64_t group = Hq / Hkv, m_blocks = S_pad / kBM, m_first = p.causal ? n0 / kBM : 0;
@@ -205,20 +204,25 @@ __global__ void __launch_bounds__(kThreads, 1) attention_backward_sm90_main(cons
       tma_load_4d(smem + L::kK + pn * kBN * 128, &p.tk, kv_bar, 64 * pn, int(n0), int(hk), int(b));
       tma_load_4d(smem + L::kV + pn * kBN * 128, &p.tv, kv_bar, 64 * pn, int(hk), int(n0), int(b));
     }
-    const int64_t plane = p.batch * Hq * S_pad;
-    for (int64_t item = 0; item < items; ++item) {
-      const int st = int(item % kStages);
+    // 32-bit indices here: this warpgroup runs on 24 registers.
+    const int plane = int(p.batch * Hq * S_pad), per_head32 = int(per_head), group32 = int(group);
+    const int h0 = int(hk) * group32, mf = int(m_first), bi = int(b), sp = int(S_pad);
+    const float* rows_b = p.rows + int64_t(bi) * int(Hq) * sp;
+    for (int item = 0; item < int(items); ++item) {
+      const int st = item % kStages;
       mbar_wait(empty + st, uint32_t((item / kStages) & 1) ^ 1);  // a fresh barrier counts as emptied
-      const int64_t h = hk * group + item / per_head, m0 = (m_first + item % per_head) * kBM;
+      const int hg = item / per_head32, h = h0 + hg, m0 = (mf + item - hg * per_head32) * kBM;
       unsigned char* s = stage(st);
       mbar_arrive_expect_tx(full + st, 2 * L::kQ + 3 * kBM * 4);
+#pragma unroll
       for (int pn = 0; pn < P; ++pn) {
-        tma_load_4d(s + pn * kBM * 128, &p.tq, full + st, 64 * pn, int(m0), int(h), int(b));
-        tma_load_4d(s + L::kQ + pn * kBM * 128, &p.tdo, full + st, 64 * pn, int(h), int(m0), int(b));
+        tma_load_4d(s + pn * kBM * 128, &p.tq, full + st, 64 * pn, m0, h, bi);
+        tma_load_4d(s + L::kQ + pn * kBM * 128, &p.tdo, full + st, 64 * pn, h, m0, bi);
       }
-      const float* rows = p.rows + (b * Hq + h) * S_pad + m0;
+      const float* rows = rows_b + h * sp + m0;
       float* srows = reinterpret_cast<float*>(s + 2 * L::kQ);
-      for (int r = 0; r < 3; ++r) bulk_load(srows + r * kBM, rows + r * plane, kBM * 4, full + st);
+#pragma unroll
+      for (int r = 0; r < 3; ++r) bulk_load(srows + r * kBM, rows + int64_t(r) * plane, kBM * 4, full + st);
     }
     return;
   }
@@ -229,7 +233,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_backward_sm90_main(cons
   constexpr bool kSplitDq = D == 128;  // dQ columns split over the warpgroups (else keys)
   // Consumer-wide barrier around the shared dS^T (D = 128 reads both warpgroups' rows).
   auto sync_ds = [&] { kSplitDq ? named_barrier_sync(1, kMmaWgs * 128) : named_barrier_sync(2 + cw, 128); };
-  const float scale_log2 = rsqrtf(float(D)) * kLog2eSm90;
+  const float scale_log2 = rsqrtf(float(D)) * 1.4426950408889634f;  // scale * log2(e)
   unsigned char* sK = smem + L::kK;
   unsigned char* sV = smem + L::kV;
   unsigned char* sDs = smem + L::kDs;
@@ -248,45 +252,59 @@ __global__ void __launch_bounds__(kThreads, 1) attention_backward_sm90_main(cons
     unsigned char* sDo = sQ + L::kQ;
     const float* srows = reinterpret_cast<const float*>(sQ + 2 * L::kQ);
 
-    // S^T = K Q^T and dP^T = V dO^T: this warpgroup's 64 keys x 64 queries, k over the head dim.
-    float s[32], dp[32];
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      const int panel = kk / 4, col = 32 * (kk % 4);
-      wgmma_ss_n64<T, 0, 0>(s, smem_desc(sK + panel * kBN * 128 + cw * kWgKeys * 128 + col, 16, 1024),
-                            smem_desc(sQ + panel * kBM * 128 + col, 16, 1024), kk > 0);
-    }
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      const int panel = kk / 4, col = 32 * (kk % 4);
-      wgmma_ss_n64<T, 0, 0>(dp, smem_desc(sV + panel * kBN * 128 + cw * kWgKeys * 128 + col, 16, 1024),
-                            smem_desc(sDo + panel * kBM * 128 + col, 16, 1024), kk > 0);
-    }
-    wgmma_commit();
-    wgmma_wait<0>();
-    fence_operand(s);
-    fence_operand(dp);
-
-    // P^T and dS^T: register i holds key row 16 warp + g + 8 ((i >> 1) & 1), query column 8 (i >> 2) + 2 t4 + (i & 1).
+    // S^T = K Q^T, then P^T; then dP^T = V dO^T, then dS^T: this warpgroup's 64 keys x 64 queries,
+    // k over the head dim. One after the other so that only one fp32 tile is live beside dK and dV
+    // (with D = 128 those hold 128 of the 240 registers).
+    // Register i holds key row 16 warp + g + 8 ((i >> 1) & 1), query column 8 (i >> 2) + 2 t4 + (i & 1).
     const bool any_mask = (p.causal && m0 < n0 + kBN) || m0 + kBM > S || n0 + kBN > S;
+    uint32_t ap[4][4], ads[4][4];  // P^T and dS^T as the A operands of the 4 query k-steps
+    {
+      float s[32];
+      wgmma_fence();
 #pragma unroll
-    for (int i = 0; i < 32; ++i) {
-      const int key = int(n0) + cw * kWgKeys + 16 * warp + g + 8 * ((i >> 1) & 1);
-      const int qc = 8 * (i >> 2) + 2 * t4 + (i & 1), query = int(m0) + qc;
-      float pr = fast_exp2((s[i] * scale_log2 - srows[qc]) - srows[kBM + qc]);
-      if (any_mask && (query >= S || key >= S || (p.causal && key > query))) pr = 0.f;
-      s[i] = pr;
-      dp[i] = pr * (dp[i] - srows[2 * kBM + qc]);
-    }
-    uint32_t ap[4][4], ads[4][4];  // A operands of the 4 query k-steps
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        ap[kk][e] = pack2<T>(s[8 * kk + 2 * e], s[8 * kk + 2 * e + 1]);
-        ads[kk][e] = pack2<T>(dp[8 * kk + 2 * e], dp[8 * kk + 2 * e + 1]);
+      for (int kk = 0; kk < D / 16; ++kk) {
+        const int panel = kk / 4, col = 32 * (kk % 4);
+        wgmma_ss_n64<T, 0, 0>(s, smem_desc(sK + panel * kBN * 128 + cw * kWgKeys * 128 + col, 16, 1024),
+                              smem_desc(sQ + panel * kBM * 128 + col, 16, 1024), kk > 0);
       }
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_operand(s);
+#pragma unroll
+      for (int i = 0; i < 32; ++i) {
+        const int key = int(n0) + cw * kWgKeys + 16 * warp + g + 8 * ((i >> 1) & 1);
+        const int qc = 8 * (i >> 2) + 2 * t4 + (i & 1), query = int(m0) + qc;
+        float pr = fast_exp2((s[i] * scale_log2 - srows[qc]) - srows[kBM + qc]);
+        if (any_mask && (query >= S || key >= S || (p.causal && key > query))) pr = 0.f;
+        s[i] = pr;
+      }
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) ap[kk][e] = pack2<T>(s[8 * kk + 2 * e], s[8 * kk + 2 * e + 1]);
+    }
+    {
+      float dp[32];
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        const int panel = kk / 4, col = 32 * (kk % 4);
+        wgmma_ss_n64<T, 0, 0>(dp, smem_desc(sV + panel * kBN * 128 + cw * kWgKeys * 128 + col, 16, 1024),
+                              smem_desc(sDo + panel * kBM * 128 + col, 16, 1024), kk > 0);
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_operand(dp);
+      // dS^T = P^T * (dP^T - delta), P^T taken back from its rounded registers (as dS uses P)
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int i = 8 * kk + 2 * e, qc = 8 * (i >> 2) + 2 * t4;
+          const float p0 = unpack_lo<T>(ap[kk][e]), p1 = unpack_hi<T>(ap[kk][e]);
+          ads[kk][e] = pack2<T>(p0 * (dp[i] - srows[2 * kBM + qc]), p1 * (dp[i + 1] - srows[2 * kBM + qc + 1]));
+        }
+    }
 
     // dS^T into shared memory, [128 keys][64 queries] swizzled: the MN-major A operand of dQ = dS K.
 #pragma unroll
@@ -304,6 +322,11 @@ __global__ void __launch_bounds__(kThreads, 1) attention_backward_sm90_main(cons
       wgmma_rs<T, D, 1>(dk, ads[kk], smem_desc(sQ + kk * 16 * 128, kBM * 128, 1024), 1);
     }
     wgmma_commit();
+    // Waited for here, not after dQ: the A-operand registers (P^T, dS^T) stay live until the wgmmas
+    // reading them complete, and holding them through dQ would not fit the register budget.
+    wgmma_wait<0>();
+    fence_operand(dk);
+    fence_operand(dv);
     fence_proxy_async_shared();  // dS^T written by this thread -> visible to wgmma (async proxy)
     sync_ds();
 

@@ -58,6 +58,10 @@ __device__ __forceinline__ void setmaxnreg_dec() {
   asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
 }
 
+// threadIdx.x / 128, made warp-uniform for the compiler (a branch on it is then not divergent,
+// which keeps ptxas from serializing the wgmmas behind it).
+__device__ __forceinline__ int warpgroup_index() { return __shfl_sync(0xffffffffu, int(threadIdx.x) / 128, 0); }
+
 // bar.sync on barrier `id` (1..15; 0 is __syncthreads') for `threads` threads, a multiple of 32.
 __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
@@ -66,6 +70,18 @@ __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
 // Generic-proxy shared-memory writes become visible to the async proxy (wgmma, TMA, bulk copies).
 __device__ __forceinline__ void fence_proxy_async_shared() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+// The low / high 16-bit value of a pack2 register as a float.
+template <typename T>
+__device__ __forceinline__ float unpack_lo(uint32_t r) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) return __uint_as_float(r << 16);
+  else return __half2float(__ushort_as_half(static_cast<unsigned short>(r & 0xffffu)));
+}
+template <typename T>
+__device__ __forceinline__ float unpack_hi(uint32_t r) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) return __uint_as_float(r & 0xffff0000u);
+  else return __half2float(__ushort_as_half(static_cast<unsigned short>(r >> 16)));
 }
 
 // ---- mbarrier ----------------------------------------------------------------------------------
@@ -94,9 +110,13 @@ __device__ __forceinline__ bool mbar_try_wait(uint64_t* bar, uint32_t parity) {
   return done != 0;
 }
 // Waits until the phase of parity `parity` has completed.
+// The retry loop is inside the asm, so the compiler sees no data-dependent (divergent) branch.
 __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
-  while (!mbar_try_wait(bar, parity)) {
-  }
+  asm volatile(
+      "{\n.reg .pred p;\nWAIT_%=:\nmbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n@!p bra WAIT_%=;\n}\n" ::"r"(
+          smem_addr(bar)),
+      "r"(parity)
+      : "memory");
 }
 
 // ---- TMA and bulk copies -----------------------------------------------------------------------

@@ -122,6 +122,8 @@ inline void emu_hopper_thread_exit() {
 template <int N> inline void setmaxnreg_inc() { static_assert(N >= 24 && N <= 256 && N % 8 == 0, "setmaxnreg: 24..256, a multiple of 8"); }
 template <int N> inline void setmaxnreg_dec() { static_assert(N >= 24 && N <= 256 && N % 8 == 0, "setmaxnreg: 24..256, a multiple of 8"); }
 
+inline int warpgroup_index() { return int(threadIdx.x) / 128; }
+
 inline void named_barrier_sync(int id, int threads) {
   if (id < 1 || id > 15 || threads <= 0 || threads % 32) emu_fail("named_barrier_sync: id 1..15, threads a multiple of 32");
   std::barrier<>* bar;
@@ -136,6 +138,9 @@ inline void named_barrier_sync(int id, int threads) {
 }
 
 inline void fence_proxy_async_shared() {}
+
+template <typename T> inline float unpack_lo(uint32_t r) { return emu_detail::to_float<T>(emu_detail::half_of(r, 0)); }
+template <typename T> inline float unpack_hi(uint32_t r) { return emu_detail::to_float<T>(emu_detail::half_of(r, 1)); }
 
 // ---- mbarrier ----------------------------------------------------------------------------------
 namespace emu_detail {
