@@ -39,9 +39,14 @@
 // sm_80 kernel and Triton). Known gaps to FlashAttention-3's design: no longest-first causal
 // schedule, and no overlap of one item's softmax with the next item's matmuls.
 #include <algorithm>
+#include <atomic>
 
 #include "common.cuh"
 #include "hopper.cuh"
+
+#if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#pragma nv_diag_suppress 177  // compiled for another architecture the main kernel is a stub: its helpers go unused
+#endif
 
 namespace llama_fast {
 namespace {
@@ -555,13 +560,47 @@ int sm90_launch(const AttentionBackwardArgs& a, const float* stats, float* works
   attention_backward_sm90_dq_finish<T><<<rows, 64, 0, stream>>>(a, w.dq_accum);
   return static_cast<int>(cudaGetLastError());
 }
+
+// Whether this build holds the sm_90a code of the main kernel for the current device (an sm_90
+// device, and the extension built with -gencode arch=compute_90a,code=sm_90a: otherwise the kernel
+// is the __trap() stub). Found out once per device by a one-thread probe kernel.
+__global__ void attention_backward_sm90_probe(int* out) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  *out = 1;
+#else
+  *out = 0;
+#endif
+}
+
+bool sm90a_code_loaded() {
+  static std::atomic<int> known[64];  // 0 unknown, 1 yes, 2 no
+  int device = 0, major = 0, minor = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) return false;
+  if (const int k = known[device].load()) return k == 1;
+  bool yes = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
+             cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) == cudaSuccess &&
+             major == 9 && minor == 0;
+  if (yes) {
+    int* flag = nullptr;
+    int host = 0;
+    yes = cudaMalloc(&flag, sizeof(int)) == cudaSuccess;
+    if (yes) {
+      attention_backward_sm90_probe<<<1, 1>>>(flag);
+      yes = cudaMemcpy(&host, flag, sizeof(int), cudaMemcpyDeviceToHost) == cudaSuccess && host == 1;
+      cudaFree(flag);
+    }
+    cudaGetLastError();  // a failed probe (e.g. no kernel image) leaves no sticky error behind
+  }
+  known[device].store(yes ? 1 : 2);
+  return yes;
+}
 #endif
 }  // namespace
 
 #ifndef LLAMA_FAST_CUDA_EMULATION
 int attention_backward_sm90(const AttentionBackwardArgs& a, const float* stats, float* workspace, void* stream_ptr) {
   if (a.batch * a.seq_len * a.num_heads * a.head_dim == 0) return 0;
-  if (!attention_backward_sm90_supported(a)) return static_cast<int>(cudaErrorNotSupported);
+  if (!attention_backward_sm90_supported(a) || !sm90a_code_loaded()) return static_cast<int>(cudaErrorNotSupported);
   if (reinterpret_cast<uintptr_t>(workspace) % 16) return static_cast<int>(cudaErrorMisalignedAddress);
   auto stream = static_cast<cudaStream_t>(stream_ptr);
   const bool f16 = a.dtype == DType::F16;
