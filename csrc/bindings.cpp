@@ -445,7 +445,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "llama_fast C++/CUDA kernels; the ops register themselves under torch.ops.llama_fast";
 #ifdef LLAMA_FAST_WITH_CUDA
   m.attr("with_cuda") = true;
+  // The opt-in Hopper attention backward (LLAMA_FAST_ATTENTION_BACKWARD=sm90) can run on the current device.
+  m.def("attention_backward_sm90_available", [] { return llama_fast::attention_backward_sm90_available(); });
 #else
+  m.def("attention_backward_sm90_available", [] { return false; });
   m.attr("with_cuda") = false;
 #endif
 }

@@ -136,6 +136,8 @@ int attention_backward_cuda(const AttentionBackwardArgs& args, float* workspace,
 // Returns cudaErrorNotSupported (nothing launched) where a tensor cannot be a TMA tensor map (16-byte
 // aligned base and strides); callers then run attention_backward_cuda.
 bool attention_backward_sm90_supported(const AttentionBackwardArgs& args);
+// Whether the current device is sm_90 and this build holds the kernel's sm_90a code (probed once per device).
+bool attention_backward_sm90_available();
 int64_t attention_backward_sm90_workspace(const AttentionBackwardArgs& args);
 int attention_backward_sm90(const AttentionBackwardArgs& args, const float* stats, float* workspace, void* stream);
 

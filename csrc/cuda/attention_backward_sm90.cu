@@ -598,6 +598,8 @@ bool sm90a_code_loaded() {
 }  // namespace
 
 #ifndef LLAMA_FAST_CUDA_EMULATION
+bool attention_backward_sm90_available() { return sm90a_code_loaded(); }
+
 int attention_backward_sm90(const AttentionBackwardArgs& a, const float* stats, float* workspace, void* stream_ptr) {
   if (a.batch * a.seq_len * a.num_heads * a.head_dim == 0) return 0;
   if (!attention_backward_sm90_supported(a) || !sm90a_code_loaded()) return static_cast<int>(cudaErrorNotSupported);
