@@ -321,6 +321,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_backward_sm90_main(cons
       }
 
     // dV += P^T dO and dK += dS^T Q (queries are the reduction dimension; dO and Q read MN-major).
+    wgmma_fence();  // the A-operand registers were just written
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
       wgmma_rs<T, D, 1>(dv, ap[kk], smem_desc(sDo + kk * 16 * 128, kBM * 128, 1024), 1);
@@ -337,6 +338,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_backward_sm90_main(cons
 
     // dQ tile [64 queries][64 columns] = dS K.
     float dq[32];
+    wgmma_fence();
     if constexpr (kSplitDq) {
 #pragma unroll
       for (int kk = 0; kk < kBN / 16; ++kk)
@@ -374,6 +376,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_backward_sm90_main(cons
         const int turn = int(nb) * kMmaWgs + cw;  // key blocks 0.. add in order, then warpgroups
         while (ld_acquire(sem) != turn) {
         }
+        fence_proxy_async_global();  // the bulk reduction (async proxy) after the acquire
       }
       bulk_reduce_add_f32(dst, sDq, kBM * 64 * 4);
       bulk_commit();

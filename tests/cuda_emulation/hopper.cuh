@@ -138,6 +138,7 @@ inline void named_barrier_sync(int id, int threads) {
 }
 
 inline void fence_proxy_async_shared() {}
+inline void fence_proxy_async_global() {}
 
 template <typename T> inline float unpack_lo(uint32_t r) { return emu_detail::to_float<T>(emu_detail::half_of(r, 0)); }
 template <typename T> inline float unpack_hi(uint32_t r) { return emu_detail::to_float<T>(emu_detail::half_of(r, 1)); }
@@ -329,11 +330,15 @@ found:
   float a[2][16];
   for (int h = 0; h < 2; ++h)
     for (int k = 0; k < 16; ++k) a[h][k] = to_float<T>(A(16 * w + g + 8 * h, k));
+  float b[N / 4][16];  // this thread's columns 8 c + 2 q + j (index 2 c + j) of B
+  for (int c = 0; c < N / 8; ++c)
+    for (int j = 0; j < 2; ++j)
+      for (int k = 0; k < 16; ++k) b[2 * c + j][k] = to_float<T>(B(k, 8 * c + 2 * q + j));
   std::vector<float> out(N / 2);
   for (int i = 0; i < N / 2; ++i) {
-    const int h = (i >> 1) & 1, col = 8 * (i >> 2) + 2 * q + (i & 1);
+    const int h = (i >> 1) & 1, bc = 2 * (i >> 2) + (i & 1);
     float acc = accumulate ? base[i] : 0.f;
-    for (int k = 0; k < 16; ++k) acc += a[h][k] * to_float<T>(B(k, col));
+    for (int k = 0; k < 16; ++k) acc += a[h][k] * b[bc][k];
     out[i] = acc;
   }
   th.open.push_back({d, N / 2, std::move(out)});
