@@ -47,7 +47,7 @@ def row_stats(q, k, cos, sin, causal):
     return torch.stack((m2, log2l)).contiguous()
 
 
-def run_emulated(exe, tmp_path, q, k, v, dout, out, stats, cos, sin, causal, deterministic):
+def run_emulated(exe, tmp_path, q, k, v, dout, out, stats, cos, sin, causal, deterministic, bhsd=False):
     import subprocess
 
     B, S, Hq, D = q.shape
@@ -59,7 +59,8 @@ def run_emulated(exe, tmp_path, q, k, v, dout, out, stats, cos, sin, causal, det
             f.write(t.float().contiguous().numpy().tobytes())
     dtype_code = "1" if q.dtype == torch.float16 else "2"
     args = [str(x) for x in (B, S, Hq, k.shape[2], D, int(causal), int(deterministic))]
-    done = subprocess.run([str(exe), str(inp), str(outp), *args, dtype_code], capture_output=True, text=True,
+    done = subprocess.run([str(exe), str(inp), str(outp), *args, dtype_code, str(int(bhsd))], capture_output=True,
+                          text=True,
                           env={**os.environ, "LLAMA_FAST_EMU_WAIT_TIMEOUT": "120"}, timeout=1800)
     assert done.returncode == 0, done.stderr[-3000:]
     raw = torch.from_numpy(np.fromfile(outp, dtype=np.int16))
@@ -68,7 +69,7 @@ def run_emulated(exe, tmp_path, q, k, v, dout, out, stats, cos, sin, causal, det
             raw[nq + nk:].view(v.dtype).view(v.shape))
 
 
-def check(driver, tmp_path, shape, causal, deterministic, dtype, seed=0):
+def check(driver, tmp_path, shape, causal, deterministic, dtype, seed=0, bhsd=False):
     B, S, Hq, Hkv, D = shape
     gen = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(B, S, h, D, generator=gen).to(dtype) for h in (Hq, Hkv, Hkv))
@@ -76,7 +77,7 @@ def check(driver, tmp_path, shape, causal, deterministic, dtype, seed=0):
     out = reference.attention(q, k, v, cos, sin, causal)
     dout = torch.randn(out.shape, generator=gen).to(dtype)
     stats = row_stats(q, k, cos, sin, causal)
-    got = run_emulated(driver, tmp_path, q, k, v, dout, out, stats, cos, sin, causal, deterministic)
+    got = run_emulated(driver, tmp_path, q, k, v, dout, out, stats, cos, sin, causal, deterministic, bhsd)
     grads = {}
     for dt in (torch.float64, dtype):
         leaves = [t.to(dt).requires_grad_() for t in (q, k, v)]
@@ -107,6 +108,12 @@ def test_sm90_backward_emulated_matches_reference(driver, tmp_path, shape, causa
                                                          ((1, 130, 2, 1, 64), False, False)], ids=_id)
 def test_sm90_backward_emulated_fp16_and_batches(driver, tmp_path, shape, causal, deterministic):
     check(driver, tmp_path, shape, causal, deterministic, torch.float16)
+
+
+def test_sm90_backward_emulated_strided_v_and_dout(driver, tmp_path):
+    """v and dout as [B, H, S, D] storage seen through transpose(1, 2): the tensor maps take their strides."""
+    check(driver, tmp_path, (2, 77, 4, 2, 64), True, False, torch.bfloat16, bhsd=True)
+    check(driver, tmp_path, (1, 150, 2, 1, 128), False, True, torch.bfloat16, bhsd=True)
 
 
 def test_sm90_deterministic_mode_is_bitwise_reproducible(driver, tmp_path):

@@ -1,6 +1,8 @@
 // Runs csrc/cuda/attention_backward_sm90.cu's kernels under the host emulation (emu.h, mma.cuh,
 // hopper.cuh), in the order its launcher runs them on a GPU: prep, main, dq_finish.
-//   attention_backward_sm90_emulated IN OUT B S Hq Hkv D causal deterministic dtype(1 = fp16, 2 = bf16)
+//   attention_backward_sm90_emulated IN OUT B S Hq Hkv D causal deterministic dtype(1 = fp16, 2 = bf16) [bhsd]
+// bhsd = 1 stores v and dout as [B, H, S, D] and passes them as strided [B, S, H, D] views (the TMA
+// tensor maps' strides), as transpose(1, 2) views come from a model.
 // IN holds, contiguous: q, k, v, dout, out as 16-bit words ([B, S, H, D]), then fp32 stats
 // [2, B, Hq, S] (the row max m2 and log2 of the row sum, base-2 units), cos and sin [S, D / 2].
 // OUT receives dq, dk, dv as 16-bit words. kernel_emu.cpp is the .cu with its host launcher cut off
@@ -66,7 +68,8 @@ void run(const AttentionBackwardArgs& a, const float* stats, float* workspace) {
 }
 
 int main(int argc, char** argv) {
-  if (argc != 11) return 2;
+  if (argc != 11 && argc != 12) return 2;
+  const bool bhsd = argc == 12 && atoi(argv[11]);
   const int64_t B = atol(argv[3]), S = atol(argv[4]), Hq = atol(argv[5]), Hkv = atol(argv[6]), D = atol(argv[7]);
   const bool causal = atoi(argv[8]), deterministic = atoi(argv[9]);
   const int dtype = atoi(argv[10]);
@@ -92,6 +95,19 @@ int main(int argc, char** argv) {
   set(k, a.k, a.k_stride, Hkv, D); a.k_stride[0] = S * Hkv * D;
   set(v, a.v, a.v_stride, Hkv, D); a.v_stride[0] = S * Hkv * D;
   set(out, a.out, a.out_stride, Hq, D); a.out_stride[0] = S * Hq * D;
+  std::vector<uint16_t> v_t, dout_t;  // [B, H, S, D] copies, seen as [B, S, H, D] through strides
+  auto to_bhsd = [&](const std::vector<uint16_t>& src, std::vector<uint16_t>& dst, const void*& ptr, int64_t (&st)[4], int64_t H) {
+    dst.resize(B * H * S * D);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t s_ = 0; s_ < S; ++s_)
+        for (int64_t h = 0; h < H; ++h)
+          for (int64_t d = 0; d < D; ++d) dst[((b * H + h) * S + s_) * D + d] = src[((b * S + s_) * H + h) * D + d];
+    ptr = dst.data(); st[0] = H * S * D; st[1] = D; st[2] = S * D; st[3] = 1;
+  };
+  if (bhsd) {
+    to_bhsd(*v, v_t, a.v, a.v_stride, Hkv);
+    to_bhsd(*dout, dout_t, a.dout, a.dout_stride, Hq);
+  }
   a.cos = cs.data(); a.sin = sn.data(); a.cs_stride = D / 2;
   a.dq = dq.data(); a.dk = dk.data(); a.dv = dv.data();
   a.batch = B; a.seq_len = S; a.num_heads = Hq; a.num_kv_heads = Hkv; a.head_dim = D;
