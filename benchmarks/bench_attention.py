@@ -8,7 +8,8 @@ provider's time: ours rotates inside the kernel; the others rotate q and k first
 Providers, forward: llama_fast (Triton), reference, sdpa-flash, sdpa-cudnn, sdpa-efficient.
 Backward: llama_fast-cuda (csrc, the sm_80 kernel, dQ with atomics), llama_fast-cuda-deterministic,
 llama_fast-cuda-sm90 and llama_fast-cuda-sm90-deterministic (the opt-in Hopper kernel,
-LLAMA_FAST_ATTENTION_BACKWARD=sm90; skipped where it cannot run), llama_fast-triton, reference, and the SDPA backends (autograd through RoPE + SDPA; the forward is not timed).
+LLAMA_FAST_ATTENTION_BACKWARD=sm90; skipped where it cannot run), llama_fast-triton, reference, and the
+SDPA backends (autograd through RoPE + SDPA; the forward is not timed).
 
 Before timing, each provider's result on the first batch element and four heads is checked against
 the reference with the 2x rule (fp32 reference as high, the bf16 reference as low). The reference

@@ -19,11 +19,14 @@
 //       the stage's `full` mbarrier (transaction bytes); it waits on the stage's `empty` mbarrier
 //       before refilling it. Causal: only the query blocks from the diagonal down.
 //     - warpgroups 1 and 2 are the MMA warpgroups (setmaxnreg up to 240), each owning 64 key rows.
-//       Per item: S^T = K Q^T and dP^T = V dO^T (wgmma, both operands from shared memory), P^T and
-//       dS^T in registers (masked: causal, past the end), dV += P^T dO and dK += dS^T Q (wgmma with
-//       the A operand from registers), dS^T to shared memory, then dQ = dS K (wgmma from shared
-//       memory, dS^T read MN-major): for D = 128 each warpgroup computes 64 of the 128 columns
-//       over all 128 keys, for D = 64 each its own 64 keys over all columns. The dQ tile (fp32)
+//       Per item: S^T = K Q^T (wgmma, both operands from shared memory), P^T in registers (masked:
+//       causal, past the end), rounded to the input dtype as the A operand of dV; then dP^T = V dO^T
+//       and dS^T = P^T (dP^T - delta) from that rounded P^T (one fp32 tile live at a time beside
+//       dK and dV: with D = 128 the 240 registers hold no more without spilling); dV += P^T dO and
+//       dK += dS^T Q (wgmma with the A operand from registers), dS^T to shared memory, then
+//       dQ = dS K (wgmma from shared memory, dS^T read MN-major): for D = 128 each warpgroup
+//       computes 64 of the 128 columns over all 128 keys, for D = 64 each its own 64 keys over all
+//       columns. The dQ tile (fp32)
 //       goes to shared memory and one thread adds it to the fp32 accumulator in global memory with
 //       one cp.reduce.async.bulk (16 KB). Deterministic mode: the additions to each dQ tile are
 //       ordered by a global semaphore (key block, then warpgroup), so every bit is reproducible.
@@ -36,8 +39,12 @@
 // row statistics 66 KB, dS^T 16 KB, two dQ tiles 32 KB: 178 KB, one CTA per SM.
 //
 // Expected speed: not yet measured on a GPU (benchmarks/bench_attention.py times it beside the
-// sm_80 kernel and Triton). Known gaps to FlashAttention-3's design: no longest-first causal
-// schedule, and no overlap of one item's softmax with the next item's matmuls.
+// sm_80 kernel and Triton). Causal work is longest first already (key block 0 sees every query
+// block and starts first). Known gaps to FlashAttention-3's design: the two fp32 tiles are formed
+// one after the other and each item's matmuls wait for the previous step (no overlap of one item's
+// softmax with the next item's wgmmas), and dS^T goes through shared memory once per item.
+// Verified only in the host emulation (tests/test_cuda_emulation_sm90.py) and by ptxas so far:
+// no spills, 168 registers at launch (24 / 240 after setmaxnreg).
 #include <algorithm>
 #include <atomic>
 
