@@ -12,23 +12,22 @@ import llama_fast._extension as ext
 from llama_fast.ops import attention
 from test_attention import GPU, check_all, make_inputs, reference_run
 
-pytestmark = pytest.mark.gpu
-
 SHAPES = [(B, S, Hq, Hkv, D) for (B, S) in ((1, 1), (2, 17), (1, 113), (1, 1023), (2, 2049))
           for (Hq, Hkv) in ((4, 4), (8, 2), (8, 1)) for D in (64, 128)]
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture
 def sm90(monkeypatch):
     if not (ext.WITH_CUDA and torch.cuda.is_available() and ext._C.attention_backward_sm90_available()):
         pytest.skip("needs an sm_90 GPU and an extension built with sm_90a code")
     monkeypatch.setenv("LLAMA_FAST_ATTENTION_BACKWARD", "sm90")
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}_S{}_Hq{}_Hkv{}_D{}".format(*s))
-def test_sm90_backward_matches_reference(shape, causal, deterministic):
+def test_sm90_backward_matches_reference(sm90, shape, causal, deterministic):
     B, S, Hq, Hkv, D = shape
     q, k, v, cos, sin = make_inputs(B, S, Hq, Hkv, D, torch.bfloat16, device=GPU, layout="bhsd")
     dout = torch.randn(B, S, Hq, D, dtype=torch.bfloat16, device=GPU)
@@ -39,10 +38,27 @@ def test_sm90_backward_matches_reference(shape, causal, deterministic):
     check_all(f"sm90 backward deterministic={deterministic}", (out, lse) + grads, high, low, torch.bfloat16, S)
 
 
-def test_sm90_deterministic_backward_is_bitwise_reproducible():
+@pytest.mark.gpu
+def test_sm90_deterministic_backward_is_bitwise_reproducible(sm90):
     q, k, v, cos, sin = make_inputs(2, 1000, 8, 2, 128, torch.bfloat16, device=GPU)
     out, lse = attention(q, k, v, cos, sin, return_lse=True)
     dout = torch.randn_like(out)
     runs = [torch.ops.llama_fast.attention_backward(dout, q, k, v, out, lse, cos, sin, True, True) for _ in range(3)]
     for run in runs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(runs[0], run))
+
+
+def test_the_opt_in_changes_nothing_where_the_kernel_cannot_run(monkeypatch):
+    """On the CPU (or without sm_90a code) LLAMA_FAST_ATTENTION_BACKWARD=sm90 leaves the backward as it was."""
+    if not ext.AVAILABLE:
+        pytest.skip("llama_fast._C is not built")
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU path")
+    assert ext._C.attention_backward_sm90_available() is False
+    q, k, v, cos, sin = make_inputs(1, 33, 4, 2, 64, torch.float32)
+    out, lse = attention(q, k, v, cos, sin, True, return_lse=True)
+    dout = torch.randn_like(out)
+    before = torch.ops.llama_fast.attention_backward(dout, q, k, v, out, lse, cos, sin, True, True)
+    monkeypatch.setenv("LLAMA_FAST_ATTENTION_BACKWARD", "sm90")
+    after = torch.ops.llama_fast.attention_backward(dout, q, k, v, out, lse, cos, sin, True, True)
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
