@@ -125,13 +125,18 @@ def test_sm90_deterministic_mode_is_bitwise_reproducible(driver, tmp_path):
 
 # S = 1023: 8 key blocks and 16 query blocks per head, the longest emulation runs (25-55 s each on
 # two cores). The whole GQA x D x causal x deterministic product is marked slow except four cases
-# that cover every axis; S = 2049 runs only on a GPU (tests/test_attention_sm90.py).
+# that cover every axis. S = 2049 (17 key blocks, a partial last one): two slow cases here, the whole
+# matrix on a GPU (tests/test_attention_sm90.py).
 LONG_DEFAULT = {((1, 1023, 4, 1, 128), True, False), ((1, 1023, 4, 1, 128), False, True),
                 ((1, 1023, 8, 1, 64), True, True), ((1, 1023, 2, 2, 64), False, False)}
 LONG = [pytest.param(shape, causal, det, marks=() if (shape, causal, det) in LONG_DEFAULT else pytest.mark.slow,
                      id=f"{_id(shape)}-{'causal' if causal else 'full'}-{'deterministic' if det else 'atomic'}")
         for shape in [(1, 1023, Hq, Hkv, D) for (Hq, Hkv) in ((2, 2), (4, 1), (8, 1)) for D in (64, 128)]
         for causal in (True, False) for det in (False, True)]
+LONG += [pytest.param((1, 2049, 4, 1, 128), True, True, marks=pytest.mark.slow,
+                      id="B1_S2049_Hq4_Hkv1_D128-causal-deterministic"),
+         pytest.param((1, 2049, 8, 2, 64), True, False, marks=pytest.mark.slow,
+                      id="B1_S2049_Hq8_Hkv2_D64-causal-atomic")]
 
 
 @pytest.mark.parametrize("shape, causal, deterministic", LONG)
