@@ -3,7 +3,8 @@
     pip install -e . --no-build-isolation      # torch must already be installed
 
 The extension is built with CUDA when torch has CUDA and nvcc is found, CPU-only otherwise.
-Environment: TORCH_CUDA_ARCH_LIST (e.g. "8.0;9.0"), MAX_JOBS (parallel compile jobs),
+Environment: TORCH_CUDA_ARCH_LIST (e.g. "8.0;9.0"; with 9.0 the build adds sm_90a code, which the Hopper
+attention backward needs), MAX_JOBS (parallel compile jobs),
 LLAMA_FAST_SKIP_CUDA_BUILD=1 (CPU-only extension even where CUDA exists),
 LLAMA_FAST_SKIP_BUILD=1 (no extension at all: the ops fall back to Triton/PyTorch backwards).
 """
@@ -22,6 +23,17 @@ def csrc_sources() -> list[str]:
     return [f"csrc/{line.strip()}" for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
+def builds_for_sm90(torch) -> bool:
+    """Whether the CUDA build targets compute capability 9.0: TORCH_CUDA_ARCH_LIST, else the visible GPUs
+    (what torch.utils.cpp_extension itself chooses from)."""
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if archs:
+        return any(a.split("+")[0].strip().startswith("9.0") for a in archs.replace(" ", ";").split(";") if a.strip())
+    return torch.cuda.is_available() and any(
+        torch.cuda.get_device_capability(i) == (9, 0) for i in range(torch.cuda.device_count())
+    )
+
+
 def extensions():
     if os.environ.get("LLAMA_FAST_SKIP_BUILD") == "1":
         return [], {}
@@ -36,13 +48,18 @@ def extensions():
         and os.environ.get("LLAMA_FAST_SKIP_CUDA_BUILD") != "1"
     )
     if with_cuda:
+        nvcc_flags = ["-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr"]
+        if builds_for_sm90(torch):
+            # csrc/cuda/*_sm90.cu (the Hopper attention backward) needs sm_90a code (wgmma, setmaxnreg); the
+            # other files hold the same code for it. Elsewhere that file's main kernel is a stub it never launches.
+            nvcc_flags.append("-gencode=arch=compute_90a,code=sm_90a")
         ext = CUDAExtension(
             "llama_fast._C",
             sources,
             define_macros=[("LLAMA_FAST_WITH_CUDA", None)],
             extra_compile_args={
                 "cxx": cxx_flags,
-                "nvcc": ["-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr"],
+                "nvcc": nvcc_flags,
             },
         )
     else:

@@ -6,14 +6,18 @@ provider's time: ours rotates inside the kernel; the others rotate q and k first
 (llama_fast.ops.rope, or torch.compile of reference.rope) and then call their attention.
 
 Providers, forward: llama_fast (Triton), reference, sdpa-flash, sdpa-cudnn, sdpa-efficient.
-Backward: llama_fast-cuda (csrc, dQ with atomics), llama_fast-cuda-deterministic, llama_fast-triton,
-reference, and the SDPA backends (autograd through RoPE + SDPA; the forward is not timed).
+Backward: llama_fast-cuda (csrc, the sm_80 kernel, dQ with atomics), llama_fast-cuda-deterministic,
+llama_fast-cuda-sm90 and llama_fast-cuda-sm90-deterministic (the opt-in Hopper kernel,
+LLAMA_FAST_ATTENTION_BACKWARD=sm90; skipped where it cannot run), llama_fast-triton, reference, and the
+SDPA backends (autograd through RoPE + SDPA; the forward is not timed).
 
 Before timing, each provider's result on the first batch element and four heads is checked against
 the reference with the 2x rule (fp32 reference as high, the bf16 reference as low). The reference
 provider is timed only up to S = 4096 (its S^2 score matrices would not fit beyond).
 """
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -27,7 +31,8 @@ SHAPES = [(8, 32, 2048, 128), (4, 32, 4096, 128), (2, 32, 8192, 128), (8, 32, 20
           (2, 32, 8192, 64)]
 SDPA_BACKENDS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-cudnn": "CUDNN_ATTENTION", "sdpa-efficient": "EFFICIENT_ATTENTION"}
 FORWARD_PROVIDERS = ["llama_fast", "reference", *SDPA_BACKENDS]
-BACKWARD_PROVIDERS = ["llama_fast-cuda", "llama_fast-cuda-deterministic", "llama_fast-triton", "reference", *SDPA_BACKENDS]
+BACKWARD_PROVIDERS = ["llama_fast-cuda", "llama_fast-cuda-deterministic", "llama_fast-cuda-sm90",
+                      "llama_fast-cuda-sm90-deterministic", "llama_fast-triton", "reference", *SDPA_BACKENDS]
 REFERENCE_MAX_SEQ = 4096
 CHECK_HEADS = 4
 
@@ -104,7 +109,21 @@ def backward_fn(provider, q, k, v, cos, sin, dout):
         if provider == "llama_fast-triton":
             return lambda: triton_backward(dout, q, k, v, out, stats, cos, sin, True)
         deterministic = provider.endswith("deterministic")
-        return lambda: torch.ops.llama_fast.attention_backward(dout, q, k, v, out, stats, cos, sin, True, deterministic)
+        kernel = "sm90" if provider.startswith("llama_fast-cuda-sm90") else "sm80"
+
+        def run():
+            # csrc/bindings.cpp reads the variable at every call: sm90 picks the Hopper kernel
+            previous = os.environ.get("LLAMA_FAST_ATTENTION_BACKWARD")
+            os.environ["LLAMA_FAST_ATTENTION_BACKWARD"] = kernel
+            try:
+                return torch.ops.llama_fast.attention_backward(dout, q, k, v, out, stats, cos, sin, True, deterministic)
+            finally:
+                if previous is None:
+                    del os.environ["LLAMA_FAST_ATTENTION_BACKWARD"]
+                else:
+                    os.environ["LLAMA_FAST_ATTENTION_BACKWARD"] = previous
+
+        return run
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
     if provider == "reference":
         out = reference.attention(*leaves, cos, sin)
@@ -138,6 +157,8 @@ def _skip_unavailable(provider, S):
         pytest.skip(f"the reference's S^2 score matrices do not fit beyond S={REFERENCE_MAX_SEQ}")
     if provider.startswith("llama_fast-cuda") and not ext.WITH_CUDA:
         pytest.skip("llama_fast._C was built without CUDA kernels")
+    if provider.startswith("llama_fast-cuda-sm90") and not ext._C.attention_backward_sm90_available():
+        pytest.skip("the sm_90a attention backward needs an sm_90 GPU and a build with sm_90a code")
 
 
 def flops_forward(B, H, S, D) -> float:

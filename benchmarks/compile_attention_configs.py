@@ -33,6 +33,7 @@ SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
 FP32_POINTERS = {"lse_ptr", "stats_ptr", "delta_ptr", "cos_ptr", "sin_ptr"}
 FP32_SCALARS = {"qk_scale", "sm_scale"}
 HEAD_COUNTS = {"num_heads", "num_kv_heads"}
+INT32_POINTERS = {"seg_ptr", "seg_start_ptr", "seg_end_ptr"}  # packed documents' bounds
 
 
 def grid(kernel: str) -> list[tuple[int, int, int, int]]:
@@ -64,7 +65,8 @@ def compile_config(kernel_name: str, arch: int, d_pad: int, layout: str, heads_a
     kernel = getattr(attention, kernel_name)
     block_m, block_n, warps, stages = config
     constexprs = dict(GROUP=4, CAUSAL=True, BLOCK_M=block_m, BLOCK_N=block_n, D_PAD=d_pad, HALF_PAD=d_pad // 2,
-                      PRECISION="tf32")
+                      PRECISION="tf32", SEGMENTED=False)  # batched, not packed documents: no bounds pointer
+    constexprs.update({arg: None for arg in kernel.arg_names if arg in INT32_POINTERS})
     contiguous = layout == "contiguous"
     signature, attrs = {}, {}
     for i, arg in enumerate(kernel.arg_names):

@@ -22,8 +22,9 @@
 # next session replaces these numbers with measured ones):
 #   env.json             ~5 s     torch import, nvidia-smi
 #   build              ~90-150 s  9 translation units (5 host C++ files, 4 .cu) compiled in parallel
-#                                 (MAX_JOBS = all cores, 16 there) for the one arch present (sm_90a on
-#                                 Hopper: one device-code pass per .cu instead of two for "8.0;9.0"), so
+#                                 (MAX_JOBS = all cores, 16 there) for the one arch present (9.0a on
+#                                 Hopper: one device-code pass per .cu; "9.0" would compile sm_90 and,
+#                                 as setup.py adds it for the Hopper backward, sm_90a: two), so
 #                                 the build takes about as long as its slowest file: bindings.cpp
 #                                 (torch/extension.h and torch.library, ~45-90 s) or attention_backward.cu
 #                                 (nvcc -O3 for sm_90a alone: 60 s measured on a 2-core machine at load

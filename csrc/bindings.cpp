@@ -3,6 +3,8 @@
 // implementations that torch.compile traces with are registered in Python, in llama_fast/_extension.py.
 // The kernels themselves live in cuda/*.cu and cpu/*.cpp behind llama_fast.h and know nothing of torch.
 #include <torch/extension.h>
+#include <cstdlib>
+#include <string>
 #include <torch/library.h>
 
 #ifdef LLAMA_FAST_WITH_CUDA
@@ -377,6 +379,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda_impl(
   a.head_dim = q.size(3);
   a.causal = causal;
   a.deterministic = deterministic;
+  // Opt-in Hopper backward (issue 18): LLAMA_FAST_ATTENTION_BACKWARD=sm90 on an sm_90 device for head
+  // dims 64 and 128; it answers cudaErrorNotSupported (nothing launched) elsewhere, and the sm_80
+  // kernel below runs. It takes the forward's row statistics (m2, log2l) as they were saved.
+  const char* backward = std::getenv("LLAMA_FAST_ATTENTION_BACKWARD");
+  if (backward && std::string(backward) == "sm90" && attention_backward_sm90_supported(a)) {
+    at::Tensor ws =
+        at::empty({std::max<int64_t>(1, attention_backward_sm90_workspace(a))}, q.options().dtype(at::kFloat));
+    const int err = attention_backward_sm90(a, stats_c.data_ptr<float>(), ws.data_ptr<float>(),
+                                            at::cuda::getCurrentCUDAStream().stream());
+    if (err != static_cast<int>(cudaErrorNotSupported)) {
+      check_cuda(err, "attention_backward (sm90)");
+      return {dq, dk, dv};
+    }
+  }
   at::Tensor workspace =
       at::empty({std::max<int64_t>(1, attention_backward_cuda_workspace(a))}, q.options().dtype(at::kFloat));
   check_cuda(attention_backward_cuda(a, workspace.data_ptr<float>(), at::cuda::getCurrentCUDAStream().stream()),
@@ -428,7 +444,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "llama_fast C++/CUDA kernels; the ops register themselves under torch.ops.llama_fast";
 #ifdef LLAMA_FAST_WITH_CUDA
   m.attr("with_cuda") = true;
+  // The opt-in Hopper attention backward (LLAMA_FAST_ATTENTION_BACKWARD=sm90) can run on the current device.
+  m.def("attention_backward_sm90_available", [] { return llama_fast::attention_backward_sm90_available(); });
 #else
+  m.def("attention_backward_sm90_available", [] { return false; });
   m.attr("with_cuda") = false;
 #endif
 }

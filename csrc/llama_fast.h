@@ -133,6 +133,17 @@ int64_t attention_backward_cuda_workspace(const AttentionBackwardArgs& args);
 // CUDA: head_dim even and <= 256. Returns 0 or a cudaError_t value.
 int attention_backward_cuda(const AttentionBackwardArgs& args, float* workspace, void* stream);
 
+// CUDA, Hopper (sm_90a, csrc/cuda/attention_backward_sm90.cu; issue 18), opt-in: the same backward
+// from the saved row statistics `stats` (fp32 [2, B, Hq, S]: m2, the row max of the scores in base-2
+// units, and log2 of the row sum) instead of the LSE. supported: head dims 64 and 128, fp16 / bf16.
+// Returns cudaErrorNotSupported (nothing launched) where a tensor cannot be a TMA tensor map (16-byte
+// aligned base and strides); callers then run attention_backward_cuda.
+bool attention_backward_sm90_supported(const AttentionBackwardArgs& args);
+// Whether the current device is sm_90 and this build holds the kernel's sm_90a code (probed once per device).
+bool attention_backward_sm90_available();
+int64_t attention_backward_sm90_workspace(const AttentionBackwardArgs& args);
+int attention_backward_sm90(const AttentionBackwardArgs& args, const float* stats, float* workspace, void* stream);
+
 // CPU: fp32, every tensor contiguous ([B, S, H, D] and stats [2, B, Hq, S]); cos / sin rows cs_stride
 // apart; `input`: the dtype q and k came in (the scores round rot(q), rot(k) to it, as the forward).
 // Accumulates in double, in a fixed order: deterministic.

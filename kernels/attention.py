@@ -266,6 +266,7 @@ def _forward_block(
     MASK: tl.constexpr,  # apply the causal / sequence-end mask (diagonal and tail blocks only)
     CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, HALF_PAD: tl.constexpr, D, D_PAD: tl.constexpr,
     PRECISION: tl.constexpr,
+    seg_m=None,  # packed documents: [BLOCK_M] first token of each query row's document (MASK blocks only)
 ):
     offs_n = start_n + tl.arange(0, BLOCK_N).to(tl.int64)
     kr1, kr2 = _load_rotated(k_base, stride_ks, stride_kd, cos_ptr, sin_ptr, stride_cs, offs_n, seq_len, HALF, HALF_PAD)
@@ -276,10 +277,15 @@ def _forward_block(
         keep = offs_n[None, :] < seq_len
         if CAUSAL:
             keep = keep & (offs_n[None, :] <= offs_m[:, None])
+        if seg_m is not None:
+            keep = keep & (offs_n[None, :] >= seg_m[:, None])
         qk = tl.where(keep, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
-    alpha = tl.math.exp2(m_i - m_new)
-    p = tl.math.exp2(qk - m_new[:, None])
+    m_use = m_new
+    if seg_m is not None and MASK:  # a row may have seen no key yet: keep exp2 away from -inf - -inf
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2(m_i - m_use)
+    p = tl.math.exp2(qk - m_use[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     offs_d = tl.arange(0, D_PAD)
     v_mask = (offs_n < seq_len)[:, None] & (offs_d[None, :] < D)
@@ -302,8 +308,10 @@ def _attention_forward_kernel(
     stride_cs,  # row stride of cos and sin
     num_heads, seq_len, D, HALF,  # Hq, S, head dim, head dim / 2
     qk_scale,  # softmax scale times log2(e)
+    seg_ptr,  # packed documents (SEGMENTED): int32 [S], the first token of each token's document
     GROUP: tl.constexpr,  # Hq // Hkv
     CAUSAL: tl.constexpr,
+    SEGMENTED: tl.constexpr,  # B = 1 and S tokens of packed documents, each attending causally to itself
     BLOCK_M: tl.constexpr,  # query rows per program
     BLOCK_N: tl.constexpr,  # key rows per inner step; BLOCK_M % BLOCK_N == 0
     D_PAD: tl.constexpr,  # head dim padded to a power of two
@@ -334,7 +342,23 @@ def _attention_forward_kernel(
         unmasked_end = start_m
     else:
         unmasked_end = (seq_len // BLOCK_N) * BLOCK_N
-    for start_n in range(0, unmasked_end, BLOCK_N):
+    unmasked_start = 0
+    seg_m = None
+    if SEGMENTED:
+        # Rows see keys from their document's first token on: key blocks before the last row's document
+        # start straddle a boundary (masked); none before the first row's document start is loaded. Many
+        # short documents in one query block cost their key blocks once, not once per document.
+        seg_m = tl.load(seg_ptr + offs_m, mask=offs_m < seq_len, other=seq_len)
+        first_doc = tl.load(seg_ptr + start_m)
+        last_doc = tl.load(seg_ptr + tl.minimum(start_m + BLOCK_M, seq_len) - 1)
+        unmasked_start = tl.minimum(tl.cdiv(last_doc, BLOCK_N) * BLOCK_N, unmasked_end)
+        for start_n in range((first_doc // BLOCK_N) * BLOCK_N, unmasked_start, BLOCK_N):
+            acc, m_i, l_i = _forward_block(
+                acc, m_i, l_i, qr1, qr2, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
+                cos_ptr, sin_ptr, stride_cs, offs_m, start_n, seq_len, qk_scale, HALF,
+                True, CAUSAL, BLOCK_N, HALF_PAD, D, D_PAD, PRECISION, seg_m,
+            )
+    for start_n in range(unmasked_start, unmasked_end, BLOCK_N):
         acc, m_i, l_i = _forward_block(
             acc, m_i, l_i, qr1, qr2, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
             cos_ptr, sin_ptr, stride_cs, offs_m, start_n, seq_len, qk_scale, HALF,
@@ -350,7 +374,7 @@ def _attention_forward_kernel(
         acc, m_i, l_i = _forward_block(
             acc, m_i, l_i, qr1, qr2, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
             cos_ptr, sin_ptr, stride_cs, offs_m, start_n, seq_len, qk_scale, HALF,
-            True, CAUSAL, BLOCK_N, HALF_PAD, D, D_PAD, PRECISION,
+            True, CAUSAL, BLOCK_N, HALF_PAD, D, D_PAD, PRECISION, seg_m,
         )
 
     acc = acc / l_i[:, None]
@@ -373,11 +397,12 @@ def _refuse_interpreted_bf16(q: torch.Tensor, what: str) -> None:
         )
 
 
-def attention_forward(q, k, v, cos, sin, causal: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def attention_forward(q, k, v, cos, sin, causal: bool = True, doc_start=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Launches the forward: returns (O [B, S, Hq, D] contiguous in q.dtype, stats fp32 [2, B, Hq, S]:
     the row max m2 of the base-2 scores and log2 of the row sum; natural LSE = (m2 + log2l) * ln 2).
 
-    Inputs are assumed validated (llama_fast.ops.attention checks them)."""
+    ``doc_start`` (int32 [S], with B = 1 and causal): packed documents; token s attends to tokens
+    doc_start[s]..s. Inputs are assumed validated (llama_fast.ops.attention checks them)."""
     _refuse_interpreted_bf16(q, "forward")
     B, S, Hq, D = q.shape
     Hkv = k.shape[2]
@@ -391,8 +416,8 @@ def attention_forward(q, k, v, cos, sin, causal: bool = True) -> tuple[torch.Ten
         _attention_forward_kernel[(triton.cdiv(S, block_m), B * Hq)](
             q, k, v, out, stats, B * Hq * S, cos, sin,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), cos.stride(0),
-            Hq, S, D, D // 2, _qk_scale(D),
-            GROUP=Hq // Hkv, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, D_PAD=d_pad, HALF_PAD=half_pad,
+            Hq, S, D, D // 2, _qk_scale(D), doc_start,
+            GROUP=Hq // Hkv, CAUSAL=causal, SEGMENTED=doc_start is not None, BLOCK_M=block_m, BLOCK_N=block_n, D_PAD=d_pad, HALF_PAD=half_pad,
             PRECISION=_precision(q), num_warps=warps, num_stages=stages,
         )
 
@@ -538,6 +563,7 @@ def _backward_kv_block(
     offs_n, start_m, seq_len, qk_scale, D,
     MASK: tl.constexpr, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr, HALF_PAD: tl.constexpr,
     PRECISION: tl.constexpr,
+    seg_end_n=None,  # packed documents: [BLOCK_N] end (exclusive) of each key's document (MASK blocks only)
 ):
     offs_m = start_m + tl.arange(0, BLOCK_M).to(tl.int64)
     q1, q2 = _load_halves(qr_base, offs_m, seq_len, HALF_PAD)
@@ -545,8 +571,11 @@ def _backward_kv_block(
     m2, log2l, delta = _load_row_stats(stats_base, stats_half, delta_base, offs_m, seq_len)
     # Transposed: keys along rows, queries along columns, [BLOCK_N, BLOCK_M]. Rows past the
     # sequence end need no mask: their P is 0 (queries) or their dK, dV are not stored (keys).
-    pt, dst = _probs_and_ds(k1, k2, q1, q2, v, do, m2[None, :], log2l[None, :], delta[None, :],
-                            offs_m[None, :] >= offs_n[:, None], qk_scale, MASK, PRECISION)
+    keep = offs_m[None, :] >= offs_n[:, None]
+    if seg_end_n is not None:
+        keep = keep & (offs_m[None, :] < seg_end_n[:, None])
+    pt, dst = _probs_and_ds(k1, k2, q1, q2, v, do, m2[None, :], log2l[None, :], delta[None, :], keep, qk_scale,
+                            MASK, PRECISION)
     dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PRECISION)
     dst = dst.to(q1.dtype)
     dk1 = tl.dot(dst, q1, dk1, input_precision=PRECISION)
@@ -567,7 +596,8 @@ def _attention_backward_kv_kernel(
     stride_gb, stride_gs, stride_gh, stride_gd,  # strides of dk and dv (same layout)
     stride_cs,
     num_kv_heads, seq_len, D, HALF, qk_scale, sm_scale,
-    GROUP: tl.constexpr, CAUSAL: tl.constexpr,
+    seg_end_ptr,  # packed documents (SEGMENTED): int32 [S], the end (exclusive) of each token's document
+    GROUP: tl.constexpr, CAUSAL: tl.constexpr, SEGMENTED: tl.constexpr,
     BLOCK_M: tl.constexpr,  # query rows per inner step
     BLOCK_N: tl.constexpr,  # key rows per program; BLOCK_N % BLOCK_M == 0
     D_PAD: tl.constexpr, HALF_PAD: tl.constexpr, PRECISION: tl.constexpr,
@@ -591,6 +621,16 @@ def _attention_backward_kv_kernel(
     else:
         masked_end = 0
         first_m = 0
+    unmasked_end = seq_len
+    straddle_end = seq_len
+    seg_end_n = None
+    if SEGMENTED:
+        # Queries see a key up to its document's end: query blocks from the first key's document end
+        # (rounded down) to the last key's straddle a boundary (masked); none past that is loaded.
+        seg_end_n = tl.load(seg_end_ptr + offs_n, mask=offs_n < seq_len, other=0)
+        first_end = tl.load(seg_end_ptr + start_n)
+        straddle_end = tl.load(seg_end_ptr + tl.minimum(start_n + BLOCK_N, seq_len) - 1)
+        unmasked_end = tl.maximum((first_end // BLOCK_M) * BLOCK_M, masked_end)
     for g in range(GROUP):
         bh = pid_bh * GROUP + g  # b * Hq + query head
         qr_base = qr_ptr + bh * seq_len * D_PAD
@@ -600,15 +640,22 @@ def _attention_backward_kv_kernel(
             dk1, dk2, dv = _backward_kv_block(
                 dk1, dk2, dv, k1, k2, v, qr_base, do_base, stats_ptr + bh * seq_len, stats_half,
                 delta_ptr + bh * seq_len, stride_ds, stride_dd, offs_n, start_m, seq_len, qk_scale, D,
-                True, BLOCK_M, D_PAD, HALF_PAD, PRECISION,
+                True, BLOCK_M, D_PAD, HALF_PAD, PRECISION, seg_end_n,
             )
         # Query blocks below the diagonal (or all of them, not causal): no mask.
-        for start_m in range(tl.maximum(masked_end, first_m), seq_len, BLOCK_M):
+        for start_m in range(tl.maximum(masked_end, first_m), unmasked_end, BLOCK_M):
             dk1, dk2, dv = _backward_kv_block(
                 dk1, dk2, dv, k1, k2, v, qr_base, do_base, stats_ptr + bh * seq_len, stats_half,
                 delta_ptr + bh * seq_len, stride_ds, stride_dd, offs_n, start_m, seq_len, qk_scale, D,
                 False, BLOCK_M, D_PAD, HALF_PAD, PRECISION,
             )
+        if SEGMENTED:  # query blocks that straddle the end of a key's document: masked
+            for start_m in range(tl.maximum(unmasked_end, first_m), straddle_end, BLOCK_M):
+                dk1, dk2, dv = _backward_kv_block(
+                    dk1, dk2, dv, k1, k2, v, qr_base, do_base, stats_ptr + bh * seq_len, stats_half,
+                    delta_ptr + bh * seq_len, stride_ds, stride_dd, offs_n, start_m, seq_len, qk_scale, D,
+                    True, BLOCK_M, D_PAD, HALF_PAD, PRECISION, seg_end_n,
+                )
 
     g_off = b * stride_gb + kv_h * stride_gh
     _store_unrotated(dk_ptr + g_off, stride_gs, stride_gd, cos_ptr, sin_ptr, stride_cs, offs_n, seq_len,
@@ -625,6 +672,7 @@ def _backward_q_block(
     offs_m, start_n, seq_len, qk_scale, D,
     MASK: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
     HALF_PAD: tl.constexpr, PRECISION: tl.constexpr,
+    seg_m=None,  # packed documents: [BLOCK_M] first token of each query row's document (MASK blocks only)
 ):
     offs_n = start_n + tl.arange(0, BLOCK_N).to(tl.int64)
     k1, k2 = _load_halves(kr_base, offs_n, seq_len, HALF_PAD)
@@ -632,6 +680,8 @@ def _backward_q_block(
     keep = offs_n[None, :] < seq_len
     if CAUSAL:
         keep = keep & (offs_n[None, :] <= offs_m[:, None])
+    if seg_m is not None:
+        keep = keep & (offs_n[None, :] >= seg_m[:, None])
     p, ds = _probs_and_ds(q1, q2, k1, k2, do, v, m2[:, None], log2l[:, None], delta[:, None], keep, qk_scale,
                           MASK, PRECISION)
     ds = ds.to(k1.dtype)
@@ -653,7 +703,8 @@ def _attention_backward_q_kernel(
     stride_gb, stride_gs, stride_gh, stride_gd,  # strides of dq
     stride_cs,
     num_heads, seq_len, D, HALF, qk_scale, sm_scale,
-    GROUP: tl.constexpr, CAUSAL: tl.constexpr,
+    seg_start_ptr,  # packed documents (SEGMENTED): int32 [S], the first token of each token's document
+    GROUP: tl.constexpr, CAUSAL: tl.constexpr, SEGMENTED: tl.constexpr,
     BLOCK_M: tl.constexpr,  # query rows per program
     BLOCK_N: tl.constexpr,  # key rows per inner step; BLOCK_M % BLOCK_N == 0
     D_PAD: tl.constexpr, HALF_PAD: tl.constexpr, PRECISION: tl.constexpr,
@@ -681,7 +732,19 @@ def _attention_backward_q_kernel(
     else:
         unmasked_end = (seq_len // BLOCK_N) * BLOCK_N
         masked_end = seq_len
-    for start_n in range(0, unmasked_end, BLOCK_N):
+    unmasked_start = 0
+    seg_m = None
+    if SEGMENTED:  # as the forward: key blocks before the last row's document start straddle a boundary
+        seg_m = tl.load(seg_start_ptr + offs_m, mask=offs_m < seq_len, other=seq_len)
+        first_doc = tl.load(seg_start_ptr + start_m)
+        last_doc = tl.load(seg_start_ptr + tl.minimum(start_m + BLOCK_M, seq_len) - 1)
+        unmasked_start = tl.minimum(tl.cdiv(last_doc, BLOCK_N) * BLOCK_N, unmasked_end)
+        for start_n in range((first_doc // BLOCK_N) * BLOCK_N, unmasked_start, BLOCK_N):
+            dq1, dq2 = _backward_q_block(
+                dq1, dq2, q1, q2, do, m2, log2l, delta, kr_base, v_base, stride_vs, stride_vd, offs_m, start_n,
+                seq_len, qk_scale, D, True, CAUSAL, BLOCK_N, D_PAD, HALF_PAD, PRECISION, seg_m,
+            )
+    for start_n in range(unmasked_start, unmasked_end, BLOCK_N):
         dq1, dq2 = _backward_q_block(
             dq1, dq2, q1, q2, do, m2, log2l, delta, kr_base, v_base, stride_vs, stride_vd, offs_m, start_n,
             seq_len, qk_scale, D, False, CAUSAL, BLOCK_N, D_PAD, HALF_PAD, PRECISION,
@@ -689,7 +752,7 @@ def _attention_backward_q_kernel(
     for start_n in range(unmasked_end, masked_end, BLOCK_N):
         dq1, dq2 = _backward_q_block(
             dq1, dq2, q1, q2, do, m2, log2l, delta, kr_base, v_base, stride_vs, stride_vd, offs_m, start_n,
-            seq_len, qk_scale, D, True, CAUSAL, BLOCK_N, D_PAD, HALF_PAD, PRECISION,
+            seq_len, qk_scale, D, True, CAUSAL, BLOCK_N, D_PAD, HALF_PAD, PRECISION, seg_m,
         )
     _store_unrotated(dq_ptr + b * stride_gb + h * stride_gh, stride_gs, stride_gd, cos_ptr, sin_ptr, stride_cs,
                      offs_m, seq_len, HALF, HALF_PAD, dq1 * sm_scale, dq2 * sm_scale)
@@ -708,11 +771,12 @@ def check_stats(stats: torch.Tensor, q: torch.Tensor) -> None:
         raise ValueError(f"attention backward: stats must be on the device of q ({q.device}), got {stats.device}")
 
 
-def attention_backward(dout, q, k, v, out, stats, cos, sin, causal: bool = True):
+def attention_backward(dout, q, k, v, out, stats, cos, sin, causal: bool = True, doc_start=None, doc_end=None):
     """Launches the backward: returns (dq, dk, dv), contiguous, in the dtypes and shapes of q, k, v.
 
     Saved tensors are the unrotated q, k, v, the output O and the forward's row statistics
-    (fp32 [2, B, Hq, S]: m2 and log2l)."""
+    (fp32 [2, B, Hq, S]: m2 and log2l). Packed documents (B = 1, causal): ``doc_start`` and ``doc_end``,
+    int32 [S], each token's document's first token and end (exclusive)."""
     _refuse_interpreted_bf16(q, "backward")
     check_stats(stats, q)
     stats = stats.contiguous()
@@ -737,18 +801,19 @@ def attention_backward(dout, q, k, v, out, stats, cos, sin, causal: bool = True)
     sm_scale = 1.0 / math.sqrt(D)
     args = (cos, sin, *v.stride(), *dout.stride())
     scalars = (S, D, D // 2, _qk_scale(D), sm_scale)
-    common = dict(GROUP=Hq // Hkv, CAUSAL=causal, D_PAD=d_pad, HALF_PAD=half_pad, PRECISION=_precision(q))
+    common = dict(GROUP=Hq // Hkv, CAUSAL=causal, SEGMENTED=doc_start is not None, D_PAD=d_pad, HALF_PAD=half_pad,
+                  PRECISION=_precision(q))
 
     def launch_kv(block_m, block_n, warps, stages):
         _attention_backward_kv_kernel[(triton.cdiv(S, block_n), B * Hkv)](
             qr, kr, v, dout, stats, B * Hq * S, delta, dk, dv, *args, *dk.stride(), cos.stride(0), Hkv, *scalars,
-            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **common,
+            doc_end, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **common,
         )
 
     def launch_q(block_m, block_n, warps, stages):
         _attention_backward_q_kernel[(triton.cdiv(S, block_m), B * Hq)](
             qr, kr, v, dout, stats, B * Hq * S, delta, dq, *args, *dq.stride(), cos.stride(0), Hq, *scalars,
-            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **common,
+            doc_start, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **common,
         )
 
     device = q.device

@@ -67,6 +67,16 @@ def test_matches_reference_per_document(lengths, Hq, Hkv, D, dtype):
     torch.testing.assert_close(high[0][s:e], alone[0], rtol=0, atol=0)
 
 
+def test_many_short_documents():
+    """Lengths 1 to 16, many per query and key block (one launch: blocks straddle several boundaries)."""
+    gen = torch.Generator().manual_seed(3)
+    lengths = torch.randint(1, 17, (24,), generator=gen).tolist()
+    q, k, v, cu, cos, sin = packed(lengths, 4, 1, 64, torch.float32)
+    dout = torch.randn(q.shape)
+    got, high, low = both(q, k, v, cu, cos, sin, dout, torch.float32)
+    check(got, high, low, torch.float32)
+
+
 @pytest.mark.slow
 def test_long_document_among_short_ones():
     q, k, v, cu, cos, sin = packed([1023, 3, 1, 40], 4, 1, 64, torch.float32)
@@ -153,7 +163,7 @@ def test_bad_input_names_the_argument():
     with pytest.raises(ValueError, match="documents up to max_seqlen = 9 tokens need rotary tables"):
         attention(torch.randn(9, 2, 16), torch.randn(9, 1, 16), torch.randn(9, 1, 16), cos, sin,
                   cu_seqlens=torch.tensor([0, 9], dtype=torch.int32), max_seqlen=9)
-    with pytest.raises(ValueError, match="pass cu_seqlens and max_seqlen"):
+    with pytest.raises(ValueError, match="a packed q .* needs cu_seqlens and max_seqlen"):
         attention(q, k, v, cos, sin)
     with pytest.raises(ValueError, match="position_ids is for packed documents"):
         attention(q[None], k[None], v[None], cos, sin, position_ids=torch.arange(7))

@@ -109,10 +109,22 @@ SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}  # opt-in shared memory per bloc
 # Bytes of ptxas stack frame tolerated at head dims <= 128: none for the backward's table entries
 # and its prep kernel (their comment in kernels/attention.py says zero, and this holds it to that),
 # a little for the forward's entries (16-144 B today) and for every fallback.
-SPILL_BUDGET = {"tuned": 256, "tuned backward": 0, "fallback": 256}
+# Packed documents (SEGMENTED) reuse the batched entries: their bound loads and masks cost a few registers
+# (backward kv D64 on sm_90 spilled 40 B under triton 3.9 when added); held to the fallbacks' budget.
+SPILL_BUDGET = {"tuned": 256, "tuned backward": 0, "fallback": 256, "packed": 256}
 FP32_POINTERS = {"stats_ptr", "delta_ptr", "cos_ptr", "sin_ptr"}
 FP32_SCALARS = {"qk_scale", "sm_scale"}
 HEAD_COUNTS = {"num_heads", "num_kv_heads"}
+INT32_POINTERS = {"seg_ptr", "seg_start_ptr", "seg_end_ptr"}  # packed documents' bounds
+# The batched launches: no document bounds (their pointer is None, a constexpr).
+UNSEGMENTED = {"forward": dict(SEGMENTED=False, seg_ptr=None),
+               "backward kv": dict(SEGMENTED=False, seg_end_ptr=None),
+               "backward q": dict(SEGMENTED=False, seg_start_ptr=None)}
+
+
+def _base(label: str) -> str:
+    """The kernel of a case label: "backward kv contiguous" -> "backward kv"."""
+    return label.removesuffix(" contiguous")
 
 
 def _contiguous_strides(kernel_name: str) -> dict:
@@ -143,7 +155,7 @@ def _attention_cases() -> list:
             entries += [("fallback ", 128, config, SPILL_BUDGET["fallback"]) for config in fallbacks]
             for kind, d_pad, (block_m, block_n, warps, stages), budget in entries:
                 constexprs = dict(GROUP=4, CAUSAL=True, BLOCK_M=block_m, BLOCK_N=block_n, D_PAD=d_pad,
-                                  HALF_PAD=d_pad // 2, PRECISION="tf32")
+                                  HALF_PAD=d_pad // 2, PRECISION="tf32", **UNSEGMENTED[_base(label)])
                 if contiguous:
                     constexprs.update(_contiguous_strides(kernel_name))
                 # wgmma on Hopper at head dims 64 and 128: the forward, and the backward's contiguous entries.
@@ -159,12 +171,21 @@ def _attention_cases() -> list:
                 for d_pad, table_d, group, causal in ((128, 128, 1, False), (32, 64, 4, True)):
                     block_m, block_n, warps, stages = table[row][table_d]
                     constexprs = dict(GROUP=group, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, D_PAD=d_pad,
-                                      HALF_PAD=d_pad // 2, PRECISION="tf32")
+                                      HALF_PAD=d_pad // 2, PRECISION="tf32", **UNSEGMENTED[_base(label)])
                     if contiguous:
                         constexprs.update(_contiguous_strides(kernel_name))
                     cases.append((f"{label} D{d_pad} sm_{arch} GROUP={group} causal={causal}", kernel_name, arch,
                                   constexprs, warps, stages, budget, (label == "forward" or contiguous) and d_pad >= 64,
                                   contiguous))
+                # Packed documents (ops.attention with cu_seqlens) run the same entries with SEGMENTED.
+                for d_pad in (64, 128):
+                    block_m, block_n, warps, stages = table[row][d_pad]
+                    constexprs = dict(GROUP=4, CAUSAL=True, SEGMENTED=True, BLOCK_M=block_m, BLOCK_N=block_n,
+                                      D_PAD=d_pad, HALF_PAD=d_pad // 2, PRECISION="tf32")
+                    if contiguous:
+                        constexprs.update(_contiguous_strides(kernel_name))
+                    cases.append((f"{label} D{d_pad} sm_{arch} packed documents", kernel_name, arch, constexprs,
+                                  warps, stages, SPILL_BUDGET["packed"], label == "forward", contiguous))
         for d_pad in (64, 128, 256):
             for delta in (True, False):
                 constexprs = dict(DELTA=delta, BLOCK_M=attn._prep_rows(d_pad), D_PAD=d_pad, HALF_PAD=d_pad // 2)
@@ -210,7 +231,7 @@ def _compile_attention_kernel(kernel_name: str, arch: int, constexprs: dict, war
         if arg in constexprs:
             signature[arg] = "constexpr"
         elif arg.endswith("_ptr"):
-            signature[arg] = "*fp32" if arg in FP32_POINTERS else BF16
+            signature[arg] = "*fp32" if arg in FP32_POINTERS else "*i32" if arg in INT32_POINTERS else BF16
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             signature[arg] = "fp32" if arg in FP32_SCALARS else "i32"
@@ -259,7 +280,7 @@ def prove_backward_wgmma() -> dict:
         block_m, block_n, warps, stages = table[9][128]
         for group, causal in ((4, True), (1, False)):
             constexprs = dict(GROUP=group, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, D_PAD=128, HALF_PAD=64,
-                              PRECISION="tf32", **_contiguous_strides(kernel_name))
+                              PRECISION="tf32", **UNSEGMENTED[f"backward {label}"], **_contiguous_strides(kernel_name))
             compiled = _compile_attention_kernel(kernel_name, 90, constexprs, warps, stages, True)
             sass = _cuobjdump(compiled.asm["cubin"], "-sass")
             results[f"backward {label} GROUP={group} causal={causal}"] = {

@@ -285,8 +285,8 @@ def attention(
         if value is not None:
             raise ValueError(f"attention: {name} is for packed documents and needs cu_seqlens (got cu_seqlens=None)")
     if isinstance(q, torch.Tensor) and q.dim() == 3:
-        raise ValueError(f"attention: q of shape {tuple(q.shape)} is packed [tokens, heads, head_dim]: pass "
-                         "cu_seqlens and max_seqlen (or give q as [batch, seq, heads, head_dim])")
+        raise ValueError(f"attention: q must be 4-D [batch, seq, heads, head_dim], got shape {tuple(q.shape)}; "
+                         "a packed q [tokens, heads, head_dim] needs cu_seqlens and max_seqlen")
     _check_inputs(q, k, v, cos, sin)
     # The kernels take contiguous rotary tables ([S, D/2] fp32: a copy is small). Row-strided views, such
     # as the first half of a [S, D] table, gave NaN under the CPU interpreter (triton 3.9) when passed

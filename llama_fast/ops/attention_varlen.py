@@ -11,16 +11,68 @@ tokens of its own document only. Returns O [T, Hq, D] and, with ``return_lse``, 
 Same math as ``llama_fast.reference.attention_varlen``; gradients flow to q, k and v.
 
 How it runs: the rotary rows are gathered per token (row t of the gathered tables rotates token t, so
-positions of any kind cost nothing in the kernels), and each document is one call of the fused
-batched attention (llama_fast::attention, with its compiled backward), documents of one length and
-implied positions batched together. The boundaries are read on the host: the call synchronises with
-the device and, under torch.compile, breaks the graph.
+positions of any kind cost nothing in the kernels). Where the Triton kernels run (CUDA; the CPU
+interpreter), all documents go in one launch of each kernel (llama_fast::attention_packed): the tokens
+form one sequence, and each token's document bounds decide which key (query) blocks a query (key) block
+loads: blocks wholly outside the document are skipped, blocks inside it run unmasked, only blocks that
+straddle a boundary or the diagonal are masked, so many short documents cost their tokens, not a block
+each. Its backward is the Triton one (the CUDA and C++ backwards do not take documents yet).
+Elsewhere each document is one call of the batched op, documents of one length with implied
+positions batched together. The boundaries are read on the host (validation, and the per-document
+calls): the call synchronises with the device and, under torch.compile, breaks the graph.
 """
 from __future__ import annotations
 
 import torch
 
+from ._common import triton_runs_on
 from .attention import _attention_op, _check_inputs, lse_from_stats
+
+
+# ------------------------------------------------------------------------------------------------
+# One launch for all documents: the Triton kernels with each token's document bounds (CUDA, or the
+# CPU interpreter in fp32 / fp16). Tokens are a batch of one: q [1, T, Hq, D]; row t of the tables
+# rotates token t.
+# ------------------------------------------------------------------------------------------------
+@torch.library.custom_op("llama_fast::attention_packed", mutates_args=())
+def _packed_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    doc_start: torch.Tensor, doc_end: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from llama_fast.kernels.attention import attention_forward
+
+    return attention_forward(q, k, v, cos, sin, True, doc_start)
+
+
+@_packed_op.register_fake
+def _packed_fake(q, k, v, cos, sin, doc_start, doc_end):
+    B, S, Hq, D = q.shape
+    return q.new_empty((B, S, Hq, D)), q.new_empty((2, B, Hq, S), dtype=torch.float32)
+
+
+def _packed_setup_context(ctx, inputs, output):
+    q, k, v, cos, sin, doc_start, doc_end = inputs
+    out, stats = output
+    ctx.save_for_backward(q, k, v, cos, sin, doc_start, doc_end, out, stats)
+    ctx.mark_non_differentiable(stats)
+
+
+def _packed_backward(ctx, dout, dstats):
+    from llama_fast.kernels.attention import attention_backward
+
+    q, k, v, cos, sin, doc_start, doc_end, out, stats = ctx.saved_tensors
+    dq, dk, dv = attention_backward(dout, q, k, v, out, stats, cos, sin, True, doc_start, doc_end)
+    return dq, dk, dv, None, None, None, None
+
+
+_packed_op.register_autograd(_packed_backward, setup_context=_packed_setup_context)
+
+
+def _one_launch(q) -> bool:
+    """Whether the Triton kernels take all documents in one launch here (not bf16 in the interpreter,
+    whose bf16 dot is broken, nor fp64)."""
+    interpreted_bf16 = q.device.type == "cpu" and q.dtype == torch.bfloat16
+    return triton_runs_on(q.device) and q.dtype != torch.float64 and not interpreted_bf16
 
 
 def _check_cu_seqlens(cu_seqlens, max_seqlen, total: int, device: torch.device) -> list[int]:
@@ -101,7 +153,14 @@ def _attention_varlen(q, k, v, cos, sin, cu_seqlens, max_seqlen, position_ids=No
     sin_tok = sin[positions].contiguous()
     _check_inputs(q[None], k[None], v[None], cos_tok, sin_tok)
 
-    # Calls: (document starts, length, tables). Documents of one length with implied positions share
+    if _one_launch(q):
+        lengths = cu_seqlens.diff()
+        doc_start = torch.repeat_interleave(cu_seqlens[:-1], lengths).to(torch.int32)
+        doc_end = torch.repeat_interleave(cu_seqlens[1:], lengths).to(torch.int32)
+        out, stats = _packed_op(q[None], k[None], v[None], cos_tok, sin_tok, doc_start, doc_end)
+        return out[0], lse_from_stats(stats)[0]
+    # Elsewhere (the CPU without the interpreter, fp64, bf16 in the interpreter): one call of the batched
+    # op per document. Calls: (document starts, length, tables). Documents of one length with implied positions share
     # the tables' first rows: one batched call each; explicit positions take one call per document.
     calls: dict = {}
     for s, e in zip(starts[:-1], starts[1:]):
