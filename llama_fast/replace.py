@@ -143,15 +143,18 @@ class FusedRotaryAttention:
         q = self.q_proj(hidden_states).view(B, S, -1, self.head_dim)  # (B, S, Hq, D)
         k = self.k_proj(hidden_states).view(B, S, -1, self.head_dim)  # (B, S, Hkv, D)
         v = self.v_proj(hidden_states).view(B, S, -1, self.head_dim)
-        if cache is not None:  # a first, empty-cache call: fill the cache as the original would
-            cos, sin = position_embeddings
-            k_rot = k.transpose(1, 2) * cos[:, None] + _rotate_half(k.transpose(1, 2)) * sin[:, None]
-            cache.update(k_rot.to(k.dtype), v.transpose(1, 2), self.layer_idx)
         if plan is None:
             # Row s of the call's own tables rotates token s; the halves are equal (verified at replace time).
             cos, sin = (t[0, :, : self.head_dim // 2].float() for t in position_embeddings)  # (S, D/2) each
+            if cache is not None:  # a first, empty-cache call: fill the cache as the original would
+                _, k_rot = ops.rope(q, k, cos, sin)
+                cache.update(k_rot.transpose(1, 2), v.transpose(1, 2), self.layer_idx)
             out = ops.attention(q, k, v, cos, sin, causal=True)  # (B, S, Hq, D)
         else:
+            if cache is not None:  # per-token tables: rotate k for the cache as the original does
+                cos, sin = position_embeddings
+                k_rot = k.transpose(1, 2) * cos[:, None] + _rotate_half(k.transpose(1, 2)) * sin[:, None]
+                cache.update(k_rot.to(k.dtype), v.transpose(1, 2), self.layer_idx)
             out = _attention_by_plan(plan, q, k, v, position_embeddings)
         out = self.o_proj(out.reshape(B, S, -1))
         return (out, None, cache) if self._returns_cache else (out, None)

@@ -207,6 +207,8 @@ for cap in (80, 90):
         constexprs = dict(GROUP=4, CAUSAL=True, BLOCK_M=block_m, BLOCK_N=block_n, D_PAD=128, HALF_PAD=64,
                           PRECISION="tf32")
         names = list(inspect.signature(kernel.fn).parameters)
+        constexprs["SEGMENTED"] = False  # batched launches: no document bounds (their pointer is None)
+        constexprs.update({n: None for n in ("seg_ptr", "seg_start_ptr", "seg_end_ptr") if n in names})
         signature = {n: "constexpr" if n in constexprs else ("*fp32" if n in fp32_ptrs else "*bf16")
                      if n.endswith("_ptr") else "fp32" if n.endswith("scale") else "i32" for n in names}
         src = ASTSource(fn=kernel, signature=signature,

@@ -114,16 +114,6 @@ Workspace<T> carve(const AttentionBackwardArgs& a, float* base) {
 // are query rows (padding rows get zeros), the following B*Hkv*S rows are key rows.
 // ---------------------------------------------------------------------------------------------
 template <typename T>
-__device__ __forceinline__ void rotate_row(T* dst, const T* src, const float* cos, const float* sin, int half,
-                                           int lane) {
-  for (int d = lane; d < half; d += 32) {
-    const float x1 = to_float(src[d]), x2 = to_float(src[d + half]), c = cos[d], s = sin[d];
-    dst[d] = from_float<T>(x1 * c - x2 * s);
-    dst[d + half] = from_float<T>(x2 * c + x1 * s);
-  }
-}
-
-template <typename T>
 __global__ void attention_backward_prep(AttentionBackwardArgs a, Workspace<T> w) {
   const int64_t row = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;

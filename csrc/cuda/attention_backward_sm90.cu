@@ -128,16 +128,6 @@ struct Sm90Params {
 // 1. prep: rows [0, B*Hq*S_pad) are query rows (padding rows get zeros), then B*Hkv*S key rows.
 // ---------------------------------------------------------------------------------------------
 template <typename T>
-__device__ __forceinline__ void sm90_rotate_row(T* dst, const T* src, const float* cos, const float* sin, int half,
-                                                int lane) {
-  for (int d = lane; d < half; d += 32) {
-    const float x1 = to_float(src[d]), x2 = to_float(src[d + half]), c = cos[d], s = sin[d];
-    dst[d] = from_float<T>(x1 * c - x2 * s);
-    dst[d + half] = from_float<T>(x2 * c + x1 * s);
-  }
-}
-
-template <typename T>
 __global__ void attention_backward_sm90_prep(AttentionBackwardArgs a, const float* stats, Sm90Workspace<T> w) {
   const int64_t row = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -161,14 +151,14 @@ __global__ void attention_backward_sm90_prep(AttentionBackwardArgs a, const floa
       w.rows[2 * plane + row] = sum;                          // delta
     }
     const T* q = static_cast<const T*>(a.q) + b * a.q_stride[0] + s * a.q_stride[1] + h * a.q_stride[2];
-    sm90_rotate_row(w.qr + (bh * S + s) * D, q, a.cos + s * a.cs_stride, a.sin + s * a.cs_stride, int(half), lane);
+    rotate_row(w.qr + (bh * S + s) * D, q, a.cos + s * a.cs_stride, a.sin + s * a.cs_stride, int(half), lane);
     return;
   }
   const int64_t krow = row - q_rows;
   if (krow >= a.batch * a.num_kv_heads * S) return;
   const int64_t bh = krow / S, s = krow % S, b = bh / a.num_kv_heads, h = bh % a.num_kv_heads;
   const T* k = static_cast<const T*>(a.k) + b * a.k_stride[0] + s * a.k_stride[1] + h * a.k_stride[2];
-  sm90_rotate_row(w.kr + krow * D, k, a.cos + s * a.cs_stride, a.sin + s * a.cs_stride, int(half), lane);
+  rotate_row(w.kr + krow * D, k, a.cos + s * a.cs_stride, a.sin + s * a.cs_stride, int(half), lane);
 }
 
 // Byte offset of element (r, c) (c < 64) in a [rows][64] panel with the 128-byte swizzle.

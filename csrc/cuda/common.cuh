@@ -26,6 +26,18 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(f
   return __float2bfloat16_rn(v);
 }
 
+// Rotates one row of 2 * half elements by RoPE (one warp; `lane` of 32): dst = rot(src), rounded to T.
+// The attention backwards' prep: rot(q) and rot(k) as the forward feeds them to its matmuls.
+template <typename T>
+__device__ __forceinline__ void rotate_row(T* dst, const T* src, const float* cos, const float* sin, int half,
+                                           int lane) {
+  for (int d = lane; d < half; d += 32) {
+    const float x1 = to_float(src[d]), x2 = to_float(src[d + half]), c = cos[d], s = sin[d];
+    dst[d] = from_float<T>(x1 * c - x2 * s);
+    dst[d + half] = from_float<T>(x2 * c + x1 * s);
+  }
+}
+
 // N elements of T moved as one access of up to 16 bytes (a 32-byte pack becomes two 16-byte
 // accesses, so callers only ever need 16-byte alignment).
 constexpr int pack_align(int bytes) { return bytes < 16 ? bytes : 16; }
