@@ -71,6 +71,9 @@ ELEMENTWISE_COLUMNS = {"ours": "llama_fast", "torch_eager": "eager reference", "
                        "liger": "Liger"}
 SDPA_COLUMNS = {"sdpa-flash": "SDPA flash", "sdpa-cudnn": "SDPA cuDNN", "sdpa-efficient": "SDPA efficient"}
 SHAPE_ROWS = None  # Table.tests value: one row per params["shape"]
+MIX_ROWS = "<mix>"  # Table.tests value: one row per params["mix"] (packed-document mixtures)
+VARLEN_COLUMNS = {"llama_fast": "llama_fast packed (Triton)", "sdpa-blockdiag": "SDPA block-diagonal mask",
+                  "flex": "FlexAttention document mask", "flash-varlen": "flash_attn_varlen_func"}
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,14 @@ TABLES = [
            "llama_fast-triton": "llama_fast Triton", "reference": "eager reference", **SDPA_COLUMNS},
           ("llama_fast-cuda", "llama_fast-cuda-deterministic", "llama_fast-cuda-sm90",
            "llama_fast-cuda-sm90-deterministic", "llama_fast-triton"), metric("TFLOP/s")),
+    Table("Packed documents (varlen) attention forward, 16k tokens, H32 D128, RoPE included, bf16, TFLOP/s over "
+          "each document's causal half",
+          {"bench_attention_varlen.py::test_varlen_forward": MIX_ROWS,
+           "bench_attention_varlen.py::test_uniform_yardstick_forward": "8x2048"},
+          {**VARLEN_COLUMNS, None: "uniform B8 S2048, batched op (95% target)"}, ("llama_fast",), metric("TFLOP/s")),
+    Table("Packed documents (varlen) attention backward, 16k tokens, H32 D128, RoPE included, bf16, TFLOP/s",
+          {"bench_attention_varlen.py::test_varlen_backward": MIX_ROWS},
+          VARLEN_COLUMNS, ("llama_fast",), metric("TFLOP/s")),
     Table("Attention peak memory, forward + backward, B1 H32 S16384 D128 bf16",
           {"bench_attention.py::test_attention_peak_memory_16k": "B1_H32_S16384_D128"},
           {None: "llama_fast"}, (None,), peak_memory_cell),
@@ -184,6 +195,10 @@ def place(bench: dict) -> tuple[Table, str, str | None] | None:
             if "shape" not in params:
                 return None
             row = shape_id(params["shape"])
+        elif row == MIX_ROWS:
+            if "mix" not in params:
+                return None
+            row = params["mix"]
         return table, row, provider
     return None
 

@@ -83,7 +83,7 @@ def extra_info(case: dict, value: float) -> dict:
                 "first_loss": 10.4, "formula": "tokens/s = B*S/step"}
     if "test_attention_peak_memory" in name:
         return {"peak_extra_mib": value, "activation_mib": 128.0, **recorded, "flops": 1e12, "TFLOP/s": 300.0}
-    if "bench_attention.py" in name:
+    if "bench_attention.py" in name or "bench_attention_varlen.py" in name:
         return {**recorded, "flops": 1e12, "TFLOP/s": value}
     if "bench_cross_entropy.py" in name:
         return {**recorded, "flops": 1e12, "TFLOP/s": value, "peak_extra_mib": 300.0}
