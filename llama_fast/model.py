@@ -326,9 +326,12 @@ class Llama(nn.Module):
             if cache is not None:
                 raise ValueError("documents and cache cannot be combined: sampling continues one sequence")
             if (not isinstance(documents, torch.Tensor) or documents.dim() != 1 or documents.numel() < B + 1
-                    or documents.device != tokens.device):
+                    or documents.device != tokens.device or documents.dtype != torch.int32):
                 raise ValueError(f"documents must be 1-D int32 cu_seqlens over the {B} x {S} tokens on {tokens.device}, "
-                                 f"got {documents if not isinstance(documents, torch.Tensor) else tuple(documents.shape)}")
+                                 f"got {documents if not isinstance(documents, torch.Tensor) else (documents.dtype, tuple(documents.shape))}")
+            if not torch.isin(torch.arange(0, B * S + 1, S, device=documents.device, dtype=torch.int32), documents).all():
+                raise ValueError(f"documents must start a document at every row start (0, {S}, ..., {B * S}): a "
+                                 f"document cannot span two rows; got {documents.tolist()[:20]}")
         x = self.embed(tokens)  # (B, S, dim)
         cos, sin = self.rope_cos, self.rope_sin
         if cache is None:

@@ -164,7 +164,9 @@ def _plan_for(module, attention_mask, table_rows: int, shape, kwargs):
     """None (the plain batched call), a _VarlenPlan, or the reason for falling back."""
     cu_q = kwargs.get("cu_seq_lens_q")
     if (cu_q is None and attention_mask is None and HF_ATTENTION == getattr(module.config, "_attn_implementation", None)
-            and shape[0] == 1):  # as flash_attention_2: restarting positions in one row separate documents
+            and shape[0] == 1 and not torch.compiler.is_compiling()):
+        # As flash_attention_2: position ids restarting in a one-row batch separate documents (one sync to
+        # look; under torch.compile they are not looked at: pass cu_seq_lens_q/k, or run eagerly).
         cu_q = _documents_from_positions(kwargs.get("position_ids"))
         if cu_q is not None:
             return _varlen_plan(None, cu_q, cu_q, *shape)
@@ -297,12 +299,20 @@ def _masked_rows(plan: _VarlenPlan, qf, kf, vf, cos, sin, S: int) -> torch.Tenso
         return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
 
     qr = rotate(qf[idx], cos[idx], sin[idx])  # [R, Hq, D]
-    kr = rotate(kf, cos, sin).view(-1, S, *kf.shape[1:])  # [B, S, Hkv, D]
-    keys = kr[rows].repeat_interleave(group, dim=2)  # [R, S, Hq, D]
-    values = vf.float().view(-1, S, *vf.shape[1:])[rows].repeat_interleave(group, dim=2)
-    scores = torch.einsum("rhd,rshd->rhs", qr, keys) / math.sqrt(D)
-    scores = scores + plan.rows[:, None, :].to(scores.device)
-    return torch.einsum("rhs,rshd->rhd", scores.softmax(-1), values).to(qf.dtype)
+    bias = plan.rows.to(qr.device)  # [R, S]
+    out = []
+    # One batch row at a time: [R_b, Hq, S] scores against that row's keys, never [R, S, Hq, D] copies.
+    for b in rows.unique(sorted=True).tolist():
+        pick = (rows == b).nonzero()[:, 0]
+        keys = rotate(kf[b * S:(b + 1) * S], cos[b * S:(b + 1) * S], sin[b * S:(b + 1) * S])  # [S, Hkv, D]
+        keys = keys.repeat_interleave(group, dim=1)  # [S, Hq, D]
+        values = vf[b * S:(b + 1) * S].float().repeat_interleave(group, dim=1)
+        scores = torch.einsum("rhd,shd->rhs", qr[pick], keys) / math.sqrt(D) + bias[pick][:, None, :]
+        out.append((pick, torch.einsum("rhs,shd->rhd", scores.softmax(-1), values)))
+    result = qr.new_empty(qr.shape)
+    for pick, rows_out in out:
+        result = result.index_copy(0, pick, rows_out)
+    return result.to(qf.dtype)
 
 
 # The keyword arguments the fused path knows it honours. Anything else (a renamed argument, a new mask
@@ -397,6 +407,13 @@ def register_hf_attention() -> None:
     ALL_MASK_ATTENTION_FUNCTIONS.register(HF_ATTENTION, sdpa_mask)
 
 
+# Keywords transformers passes to attention functions that hf_attention_forward understands; any other one
+# (attention sinks, a new option) sends the call to SDPA's function.
+_HF_ATTENTION_KWARGS = {"position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k",
+                        "use_cache", "cache_position", "output_attentions", "is_causal", "softcap",
+                        "sliding_window", "num_items_in_batch", "cache", "past_key_values", "past_key_value"}
+
+
 def hf_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """transformers' attention-function contract: query [B, Hq, S, D], key and value [B, Hkv, S', D], rotated
     already; returns (output [B, S, Hq, D], None). Calls our kernels where they compute exactly this
@@ -406,10 +423,12 @@ def hf_attention_forward(module, query, key, value, attention_mask, dropout=0.0,
 
     B, Hq, S, D = query.shape
     plan = None
-    if (key.shape[2] != S or (dropout and module.training) or kwargs.get("softcap") is not None
+    is_causal = kwargs.get("is_causal")
+    unknown = [n for n, value in kwargs.items() if value is not None and n not in _HF_ATTENTION_KWARGS]
+    if (unknown or key.shape[2] != S or (dropout and module.training) or kwargs.get("softcap") is not None
             or kwargs.get("sliding_window") is not None or kwargs.get("output_attentions")
             or (scaling is not None and not math.isclose(scaling, D**-0.5, rel_tol=1e-6)) or D % 2 or D > 256
-            or not getattr(module, "is_causal", True)):
+            or not (getattr(module, "is_causal", True) if is_causal is None else is_causal)):
         plan = "unsupported"
     elif not torch.compiler.is_compiling():
         plan = _plan_for(module, attention_mask, 1, (B, S), kwargs)

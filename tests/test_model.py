@@ -150,3 +150,12 @@ def test_documents_attend_to_themselves_with_restarting_positions(backend, recom
         torch.testing.assert_close(packed[name], alone[name], rtol=1e-4, atol=floor, msg=name)
     plain, _ = model(tokens)  # without documents the later documents see the earlier ones
     assert not torch.allclose(plain[0, 5:], logits[0, 5:].detach(), atol=1e-3)
+
+
+def test_documents_must_split_at_every_row():
+    model = Llama(LlamaConfig.from_name("tiny", vocab_size=64, n_layers=1))
+    tokens = torch.randint(0, 64, (2, 4))
+    with pytest.raises(ValueError, match="a document cannot span two rows"):
+        model(tokens, documents=torch.tensor([0, 3, 7, 8], dtype=torch.int32))
+    with pytest.raises(ValueError, match="documents must be 1-D int32"):
+        model(tokens, documents=torch.tensor([0, 4, 8]))

@@ -738,3 +738,30 @@ def test_llama_fast_attention_function_uses_the_kernels_and_hands_over_the_rest(
         assert torch.equal(ours.generate(prompt, **kw), base.generate(prompt, **kw))
     assert replace_module._documents_from_positions(torch.arange(6)[None]) is None
     assert replace_module._documents_from_positions(torch.tensor([[0, 1, 0, 1, 2]])).tolist() == [0, 2, 5]
+
+
+@needs_interface
+def test_llama_fast_attention_function_hands_over_what_it_does_not_know():
+    """is_causal=False and unknown keywords go to SDPA's function (its result exactly)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from llama_fast.replace import hf_attention_forward
+
+    module = hf_model().model.layers[0].self_attn
+    q, k, v = torch.randn(1, 4, 6, 16), torch.randn(1, 2, 6, 16), torch.randn(1, 2, 6, 16)
+    for extra in (dict(is_causal=False), dict(s_aux=torch.zeros(4))):
+        want = sdpa_attention_forward(module, q, k, v, None, scaling=0.25, **extra)[0]
+        got = hf_attention_forward(module, q, k, v, None, scaling=0.25, **extra)[0]
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    causal = hf_attention_forward(module, q, k, v, None, scaling=0.25, is_causal=True)[0]
+    assert not torch.allclose(causal, sdpa_attention_forward(module, q, k, v, None, scaling=0.25, is_causal=False)[0])
+
+
+@needs_interface
+def test_one_row_batches_compile_without_graph_breaks_under_llama_fast():
+    """The packed-row check (restarting position ids) reads values: it is skipped while compiling."""
+    llama_fast.register_hf_attention()
+    model = hf_model(attn_implementation="llama_fast")
+    replace_modules(model, cross_entropy=False)
+    explanation = torch._dynamo.explain(model)(torch.randint(0, 256, (1, 12)))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
