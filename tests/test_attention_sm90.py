@@ -10,6 +10,7 @@ import torch
 
 import llama_fast._extension as ext
 from llama_fast.ops import attention
+from llama_fast.ops.attention import _attention_op
 from test_attention import GPU, check_all, make_inputs, reference_run
 
 SHAPES = [(B, S, Hq, Hkv, D) for (B, S) in ((1, 1), (2, 17), (1, 113), (1, 1023), (2, 2049))
@@ -56,9 +57,9 @@ def test_the_opt_in_changes_nothing_where_the_kernel_cannot_run(monkeypatch):
         pytest.skip("checks the CPU path")
     assert ext._C.attention_backward_sm90_available() is False
     q, k, v, cos, sin = make_inputs(1, 33, 4, 2, 64, torch.float32)
-    out, lse = attention(q, k, v, cos, sin, True, return_lse=True)
+    out, stats = _attention_op(q, k, v, cos, sin, True, False)  # O and the row statistics it saves
     dout = torch.randn_like(out)
-    before = torch.ops.llama_fast.attention_backward(dout, q, k, v, out, lse, cos, sin, True, True)
+    before = torch.ops.llama_fast.attention_backward(dout, q, k, v, out, stats, cos, sin, True, True)
     monkeypatch.setenv("LLAMA_FAST_ATTENTION_BACKWARD", "sm90")
-    after = torch.ops.llama_fast.attention_backward(dout, q, k, v, out, lse, cos, sin, True, True)
+    after = torch.ops.llama_fast.attention_backward(dout, q, k, v, out, stats, cos, sin, True, True)
     assert all(torch.equal(a, b) for a, b in zip(before, after))

@@ -540,8 +540,9 @@ def test_a_record_cut_short_in_the_metrics_log_does_not_stop_the_run(tmp_path, d
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"step": 3, "loss": 6.1, "l')
     with pytest.warns(UserWarning, match=f"{tmp_path / 'metrics.jsonl'}: skipped 1 line\\(s\\) that are not JSON "
-                                         "records \\(line 4\\)"):
-        assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 2]  # loss, val_loss
+                                         "records \\(line 5\\)"):
+        # the run's attention-mode note, then loss, loss, val_loss
+        assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [0, 1, 2, 2]
     with pytest.warns(UserWarning, match="metrics.jsonl: skipped 1 line"):
         summary = run(tmp_path, data, "--steps", "4")
     assert summary["step"] == 4 and sorted(losses(tmp_path)) == [1, 2, 3, 4]
