@@ -36,9 +36,10 @@
 //
 // Shared-memory tiles are [rows, DP] (head dim padded with zeros to DP in {64, 128, 256}) with an
 // XOR swizzle of the 16-byte chunks of a row, so ldmatrix and cp.async are free of bank conflicts
-// without padding. Blocks of 64 rows (32 for DP = 256, and 32 query rows for DP = 128 on GPUs that
-// allow a block under ~105 KB of shared memory): two CTAs per SM on an H100. Grids run the blocks
-// of a head side by side so its tiles are shared in L2.
+// without padding. Blocks of 64 rows (32 for DP = 256; the kv kernel's query blocks 32 for DP >= 128,
+// and the q kernel's 32 for DP = 128 on GPUs that allow a block under ~97 KB of shared memory; at
+// DP = 256 two kv warps per 16 key rows, one per half of dK's and dV's columns; see Config): no
+// kernel spills a register. Grids run the blocks of a head side by side so its tiles are shared in L2.
 //
 // Expected speed (a model, not yet measured): each warp owns 16 rows, so every warp reads the
 // whole of the other operand from shared memory (~13 FLOP per byte); that caps this design near
@@ -64,13 +65,24 @@ __device__ __forceinline__ int swz(int row, int col) {
 }
 
 // Tile shapes per padded head dim: BM query rows and BN key rows per block, 16 rows per warp.
-// SMALL: 32-row query blocks for GPUs that allow a block under the ~105 KB the DP = 128 kernels
-// need otherwise (sm_86, sm_89, sm_120: 99 KB); launch() picks it from the device's limit.
+// SMALL: 32-row query blocks in the q kernel for GPUs that allow a block under the 96.75 KB its DP = 128
+// tiles need otherwise (the kv kernel needs 68.75 KB there); launch() picks it from the device's limit
+// (sm_86, sm_89 and sm_120 allow 99 KB, so today only smaller limits take it).
+// The kv kernel holds dK and dV for its 16 key rows per warp in registers (DP / 2 floats each per thread):
+// beside them only 32-query blocks leave room without spills for DP >= 128 (KV_BM), and at DP = 256 the
+// two accumulators alone are 256 registers, so two warps share each 16 key rows there, one per half of
+// dK's and dV's columns (KV_SPLIT), both forming the same S^T and dP^T (1.4x the tensor work of D = 256,
+// instead of ~1.1 KB of stack a thread). 0 spill bytes for every kernel on sm_80 and sm_90:
+// tests/test_build.py::test_attention_backward_kernels_never_spill.
 template <int DP, bool SMALL>
 struct Config {
-  static constexpr int BM = DP == 256 || SMALL ? 32 : 64;
+  static constexpr int BM = DP == 256 || SMALL ? 32 : 64;  // q kernel
   static constexpr int BN = DP == 256 ? 32 : 64;
-  static_assert(BM % 16 == 0 && BN % 16 == 0 && DP % 16 == 0, "tiles are made of 16 x 16 mma operands");
+  static constexpr int KV_BM = DP >= 128 ? 32 : 64;  // kv kernel's query blocks
+  static constexpr int KV_SPLIT = DP == 256 ? 2 : 1;  // warps per 16 key rows in the kv kernel
+  static constexpr int KV_THREADS = BN / 16 * KV_SPLIT * 32;
+  static_assert(BM % 16 == 0 && BN % 16 == 0 && KV_BM % 16 == 0 && DP % 16 == 0,
+                "tiles are made of 16 x 16 mma operands");
 };
 
 // The workspace, carved out of one fp32 buffer (attention_backward_cuda_workspace).
@@ -318,7 +330,8 @@ __device__ __forceinline__ void store_grad(T* head, int64_t row_stride, const fl
 // Shared memory of the kv kernel: K, V, two stages of (Q, dO, m2, log2l, delta), dS^T.
 template <typename T, int DP, bool SMALL>
 struct KvSmem {
-  static constexpr int BM = Config<DP, SMALL>::BM, BN = Config<DP, SMALL>::BN;
+  static constexpr int BM = Config<DP, SMALL>::KV_BM, BN = Config<DP, SMALL>::BN;
+  static constexpr int SPLIT = Config<DP, SMALL>::KV_SPLIT, THREADS = Config<DP, SMALL>::KV_THREADS;
   static constexpr size_t kKeyTile = size_t(BN) * DP * sizeof(T);
   static constexpr size_t kQueryTile = size_t(BM) * DP * sizeof(T);
   static constexpr size_t kStage = 2 * kQueryTile + 3 * BM * sizeof(float);
@@ -354,10 +367,11 @@ inline bool rows_vectorizable(const void* p, const int64_t (&stride)[4], int64_t
 // side and share its query tiles in L2.
 // ---------------------------------------------------------------------------------------------
 template <typename T, int DP, bool SMALL, bool ATOMIC_DQ>
-__global__ void __launch_bounds__(Config<DP, SMALL>::BN * 2)
+__global__ void __launch_bounds__(Config<DP, SMALL>::KV_THREADS)
     attention_backward_kv(AttentionBackwardArgs a, Workspace<T> w, bool vec_in) {
   using C = KvSmem<T, DP, SMALL>;
-  constexpr int BM = C::BM, BN = C::BN, WARPS = BN / 16, THREADS = WARPS * 32;
+  constexpr int BM = C::BM, BN = C::BN, WARPS = BN / 16 * C::SPLIT, THREADS = WARPS * 32;
+  constexpr int NCOL = DP / C::SPLIT;  // columns of dK and dV a warp accumulates
   extern __shared__ __align__(128) unsigned char smem[];
   T* sK = reinterpret_cast<T*>(smem + C::kK);
   T* sV = reinterpret_cast<T*>(smem + C::kV);
@@ -394,12 +408,13 @@ __global__ void __launch_bounds__(Config<DP, SMALL>::BN * 2)
   issue(0, 0);  // K and V travel in the same first group
   cp_async_commit();
 
-  float dk[DP / 8][4], dv[DP / 8][4];
+  float dk[NCOL / 8][4], dv[NCOL / 8][4];
 #pragma unroll
-  for (int n = 0; n < DP / 8; ++n)
+  for (int n = 0; n < NCOL / 8; ++n)
 #pragma unroll
     for (int e = 0; e < 4; ++e) dk[n][e] = dv[n][e] = 0.f;
-  const int r0 = warp * 16;  // this warp's key rows within the block
+  const int r0 = warp % (BN / 16) * 16;  // this warp's key rows within the block
+  const int c_lo = warp / (BN / 16) * NCOL;  // and its first column of dK and dV
 
   for (int64_t item = 0; item < items; ++item) {
     cp_async_wait<0>();
@@ -435,44 +450,51 @@ __global__ void __launch_bounds__(Config<DP, SMALL>::BN * 2)
     }
 #pragma unroll
     for (int kk = 0; kk < BM / 16; ++kk) {
-      mma_rows_of<T, DP, DP>(dv, ap[kk], sDo, kk * 16, 0);
-      mma_rows_of<T, DP, DP>(dk, ads[kk], sQ, kk * 16, 0);
+      mma_rows_of<T, DP, NCOL>(dv, ap[kk], sDo, kk * 16, c_lo);
+      mma_rows_of<T, DP, NCOL>(dk, ads[kk], sQ, kk * 16, c_lo);
     }
 
     if constexpr (ATOMIC_DQ) {
       // dS^T to shared memory (the A-operand registers are its rows g and g + 8 in column pairs),
       // then dQ[BM, DP] += dS K split over the warps: row groups of 16 queries, each with
-      // DP / COL_GROUPS columns.
+      // DP / COL_GROUPS columns. Of two warps with the same key rows (KV_SPLIT), the first writes.
+      if (c_lo == 0) {
 #pragma unroll
-      for (int kk = 0; kk < BM / 16; ++kk)
+        for (int kk = 0; kk < BM / 16; ++kk)
 #pragma unroll
-        for (int e = 0; e < 4; ++e)
-          *reinterpret_cast<uint32_t*>(sDs + swz<BM>(r0 + g + 8 * (e & 1), kk * 16 + 8 * (e >> 1) + 2 * t)) =
-              ads[kk][e];
+          for (int e = 0; e < 4; ++e)
+            *reinterpret_cast<uint32_t*>(sDs + swz<BM>(r0 + g + 8 * (e & 1), kk * 16 + 8 * (e >> 1) + 2 * t)) =
+                ads[kk][e];
+      }
       __syncthreads();
       constexpr int ROW_GROUPS = BM / 16, COL_GROUPS = WARPS / ROW_GROUPS, DC = DP / COL_GROUPS;
       static_assert(WARPS % ROW_GROUPS == 0 && DC % 16 == 0, "dQ tiles must split evenly over the warps");
-      const int q0 = (warp % ROW_GROUPS) * 16, c0 = (warp / ROW_GROUPS) * DC;
+      // In chunks of at most 64 columns (32 registers beside dK and dV; DP = 256 spilled with 128 at once).
+      constexpr int DQC = DC < 64 ? DC : 64;
+      const int q0 = (warp % ROW_GROUPS) * 16;
       const int i = lane % 8, j = lane / 8;
-      float dq[DC / 8][4];
-#pragma unroll
-      for (int n = 0; n < DC / 8; ++n)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) dq[n][e] = 0.f;
-#pragma unroll
-      for (int kk = 0; kk < BN / 16; ++kk) {
-        uint32_t ads[4];  // A = dS [queries, keys] read from dS^T [keys, queries]
-        ldmatrix_x4_trans(ads, sDs + swz<BM>(kk * 16 + i + 8 * (j >> 1), q0 + 8 * (j & 1)));
-        mma_rows_of<T, DP, DC>(dq, ads, sK, kk * 16, c0);
-      }
       float* dq_rows = w.dq_accum + ((b * S + m0) * Hq + h) * int64_t(D);
+#pragma unroll 1
+      for (int c0 = (warp / ROW_GROUPS) * DC; c0 < (warp / ROW_GROUPS + 1) * DC; c0 += DQC) {
+        float dq[DQC / 8][4];
 #pragma unroll
-      for (int n = 0; n < DC / 8; ++n)
+        for (int n = 0; n < DQC / 8; ++n)
 #pragma unroll
-        for (int e = 0; e < 4; e += 2) {  // column pairs (d, d + 1); D is even
-          const int r = q0 + g + 4 * e, d = c0 + n * 8 + 2 * t;
-          if (m0 + r < S && d < D) atomic_add2(dq_rows + int64_t(r) * Hq * D + d, dq[n][e], dq[n][e + 1]);
+          for (int e = 0; e < 4; ++e) dq[n][e] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) {
+          uint32_t ads[4];  // A = dS [queries, keys] read from dS^T [keys, queries]
+          ldmatrix_x4_trans(ads, sDs + swz<BM>(kk * 16 + i + 8 * (j >> 1), q0 + 8 * (j & 1)));
+          mma_rows_of<T, DP, DQC>(dq, ads, sK, kk * 16, c0);
         }
+#pragma unroll
+        for (int n = 0; n < DQC / 8; ++n)
+#pragma unroll
+          for (int e = 0; e < 4; e += 2) {  // column pairs (d, d + 1); D is even
+            const int r = q0 + g + 4 * e, d = c0 + n * 8 + 2 * t;
+            if (m0 + r < S && d < D) atomic_add2(dq_rows + int64_t(r) * Hq * D + d, dq[n][e], dq[n][e + 1]);
+          }
+      }
     }
   }
 
@@ -481,8 +503,8 @@ __global__ void __launch_bounds__(Config<DP, SMALL>::BN * 2)
   float* sdK = reinterpret_cast<float*>(smem);
   float* sdV = sdK + BN * LDA;
   __syncthreads();
-  spill_acc<DP, LDA>(sdK, dk, r0);
-  spill_acc<DP, LDA>(sdV, dv, r0);
+  spill_acc<NCOL, LDA>(sdK + c_lo, dk, r0);
+  spill_acc<NCOL, LDA>(sdV + c_lo, dv, r0);
   __syncthreads();
   T* dk_head = static_cast<T*>(a.dk) + (b * S * Hkv + hk) * D;
   T* dv_head = static_cast<T*>(a.dv) + (b * S * Hkv + hk) * D;
@@ -614,7 +636,7 @@ int launch(const AttentionBackwardArgs& a, float* workspace, cudaStream_t stream
   int err;
   if (a.deterministic) {
     if ((err = set_smem(attention_backward_kv<T, DP, SMALL, false>, KV::kBytes))) return err;
-    attention_backward_kv<T, DP, SMALL, false><<<kv_grid, KV::BN * 2, KV::kBytes, stream>>>(a, w, vec_in);
+    attention_backward_kv<T, DP, SMALL, false><<<kv_grid, KV::THREADS, KV::kBytes, stream>>>(a, w, vec_in);
     using QS = QSmem<T, DP, SMALL>;
     if ((err = set_smem(attention_backward_q<T, DP, SMALL>, QS::kBytes))) return err;
     const unsigned query_blocks = static_cast<unsigned>((a.seq_len + QS::BM - 1) / QS::BM);
@@ -625,7 +647,7 @@ int launch(const AttentionBackwardArgs& a, float* workspace, cudaStream_t stream
                                stream)))
       return err;
     if ((err = set_smem(attention_backward_kv<T, DP, SMALL, true>, KV::kBytes))) return err;
-    attention_backward_kv<T, DP, SMALL, true><<<kv_grid, KV::BN * 2, KV::kBytes, stream>>>(a, w, vec_in);
+    attention_backward_kv<T, DP, SMALL, true><<<kv_grid, KV::THREADS, KV::kBytes, stream>>>(a, w, vec_in);
     const unsigned rows = static_cast<unsigned>(a.batch * a.seq_len * a.num_heads);
     attention_backward_dq_finish<T><<<rows, 64, 0, stream>>>(a, w.dq_accum);
   }
