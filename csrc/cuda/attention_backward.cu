@@ -123,7 +123,19 @@ Workspace<T> carve(const AttentionBackwardArgs& a, float* base) {
 
 // ---------------------------------------------------------------------------------------------
 // Step 1: delta, m2 and log2l and the rotated q and k. One warp per row; rows [0, B*Hq*S_pad)
-// are query rows (padding rows get zeros), the following B*Hkv*S rows are key rows.
+// are query rows (padding rows get zeros), the following B*Hkv*S rows are key rows. In the
+// non-deterministic mode a query row also zeroes its row of dq_accum (once a cudaMemsetAsync of its own).
+// HBM bytes of the work outside the main loop at B8 H32 (Hkv 32) S2048 D128 bf16, 1 MB = 1e6 B;
+// n = 8 * 2048 * 32 * 128 = 67,108,864 elements of q (and of k, v, o, dO, dq), rows = 524,288:
+//   prep: read o, dO, q, k 4 * 2n = 536.9 MB, write rot(q), rot(k) 2 * 2n = 268.4 MB, read the stats
+//     2 * rows * 4 = 4.2 MB, write delta, m2, log2l 3 * rows * 4 = 6.3 MB: 815.8 MB
+//     (+ cos / sin 2048 * 64 * 4 * 2 = 1 MB, L2-resident).
+//   zeroing dq_accum: 4n = 268.4 MB written. Before: its own memset launch; now in prep's pass
+//     (1,084.2 MB with prep): the same bytes, one launch fewer. Not written at all would need the first
+//     adder of each dQ element known, and the kv CTAs that add to one query block run in no set order.
+//   dq_finish (below): read 4n, write 2n: 402.7 MB (+ 1 MB cos / sin).
+//   In all 1,487.9 MB before and after (issue 16's target of 0.45 GB needs rot(k) in the kv kernel's
+//   prologue and rot(q) out of the workspace too; not done here).
 // ---------------------------------------------------------------------------------------------
 template <typename T>
 __global__ void attention_backward_prep(AttentionBackwardArgs a, Workspace<T> w) {
@@ -146,6 +158,14 @@ __global__ void attention_backward_prep(AttentionBackwardArgs a, Workspace<T> w)
       w.delta[row] = sum;
       w.m2[row] = a.stats[bh * S + s];
       w.log2l[row] = a.stats[a.batch * a.num_heads * S + bh * S + s];
+    }
+    if (w.dq_accum != nullptr) {  // non-deterministic mode: zero this row's fp32 dQ accumulator
+      float* acc = w.dq_accum + ((b * S + s) * a.num_heads + h) * D;
+      if (D % 4 == 0) {  // 16-byte aligned rows (the workspace's parts are)
+        for (int64_t d = 4 * lane; d < D; d += 128) *reinterpret_cast<Pack<float, 4>*>(acc + d) = Pack<float, 4>{};
+      } else {
+        for (int64_t d = lane; d < D; d += 32) acc[d] = 0.f;
+      }
     }
     const T* q = static_cast<const T*>(a.q) + b * a.q_stride[0] + s * a.q_stride[1] + h * a.q_stride[2];
     rotate_row(w.qr + (bh * S + s) * D, q, a.cos + s * a.cs_stride, a.sin + s * a.cs_stride, int(half), lane);
@@ -598,22 +618,69 @@ __global__ void __launch_bounds__(Config<DP, SMALL>::BM * 2)
                                         a.cs_stride);
 }
 
-// Non-deterministic mode: dq = rot^-1(dq_accum * scale). One block per (b, s, h) row (grid.x).
-template <typename T>
+// Non-deterministic mode: dq = rot^-1(dq_accum * scale), a grid-stride loop over (row, column group)
+// items, rows (b, s, h) flattened as in the contiguous dq. VEC (dq_finish_vectorizable): a group is 8
+// columns d .. d+7 of the first half and the same of the second, loaded as 16-byte fp32 quads and
+// stored as 16-byte packs of 8 outputs; otherwise one column pair (d, d + half) an item.
+// HBM bytes at B8 H32 S2048 D128 bf16 (rows = 8 * 2048 * 32 = 524,288; 128 columns):
+//   before (one 64-thread CTA per row, scalar): 524,288 * 128 * (4 read + 2 written) = 402.7 MB in
+//   524,288 CTAs, + cos / sin 2048 * 64 * 4 * 2 = 1 MB (L2-resident).
+//   now: the same 402.7 MB + 1 MB, all 16-byte accesses, in SMs * 8 CTAs of 256 threads.
+template <typename T, bool VEC>
 __global__ void attention_backward_dq_finish(AttentionBackwardArgs a, const float* dq_accum) {
-  const int half = static_cast<int>(a.head_dim / 2);
-  const int64_t row = blockIdx.x;  // (b, s, h) flattened, as in the contiguous dq
-  const int64_t pos = (row / a.num_heads) % a.seq_len;
-  const float scale = rsqrtf(float(a.head_dim));
-  const float* acc = dq_accum + row * a.head_dim;
-  const float* cos = a.cos + pos * a.cs_stride;
-  const float* sin = a.sin + pos * a.cs_stride;
-  T* out = static_cast<T*>(a.dq) + row * a.head_dim;
-  for (int d = threadIdx.x; d < half; d += blockDim.x) {
-    const float g1 = acc[d] * scale, g2 = acc[d + half] * scale;
-    out[d] = from_float<T>(g1 * cos[d] + g2 * sin[d]);
-    out[d + half] = from_float<T>(g2 * cos[d] - g1 * sin[d]);
+  constexpr int CPI = VEC ? 8 : 1;  // columns of each half an item covers
+  const int D = static_cast<int>(a.head_dim), half = D / 2, per_row = half / CPI;
+  const int64_t items = a.batch * a.seq_len * a.num_heads * per_row;
+  const float scale = rsqrtf(float(D));
+  T* dq = static_cast<T*>(a.dq);
+  for (int64_t item = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; item < items;
+       item += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t row = item / per_row;
+    const int d = int(item % per_row) * CPI;
+    const int64_t pos = (row / a.num_heads) % a.seq_len;
+    const float* acc = dq_accum + row * D + d;
+    const float* cos = a.cos + pos * a.cs_stride + d;
+    const float* sin = a.sin + pos * a.cs_stride + d;
+    T* out = dq + row * D + d;
+    if constexpr (VEC) {
+      float g1[8], g2[8], c[8], s[8];
+#pragma unroll
+      for (int k = 0; k < 8; k += 4) {
+        const Pack<float, 4> x1 = *reinterpret_cast<const Pack<float, 4>*>(acc + k);
+        const Pack<float, 4> x2 = *reinterpret_cast<const Pack<float, 4>*>(acc + half + k);
+        const Pack<float, 4> xc = *reinterpret_cast<const Pack<float, 4>*>(cos + k);
+        const Pack<float, 4> xs = *reinterpret_cast<const Pack<float, 4>*>(sin + k);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          g1[k + e] = x1.v[e] * scale;
+          g2[k + e] = x2.v[e] * scale;
+          c[k + e] = xc.v[e];
+          s[k + e] = xs.v[e];
+        }
+      }
+      Pack<uint32_t, 4> lo, hi;
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        lo.v[e] = pack2<T>(g1[2 * e] * c[2 * e] + g2[2 * e] * s[2 * e],
+                           g1[2 * e + 1] * c[2 * e + 1] + g2[2 * e + 1] * s[2 * e + 1]);
+        hi.v[e] = pack2<T>(g2[2 * e] * c[2 * e] - g1[2 * e] * s[2 * e],
+                           g2[2 * e + 1] * c[2 * e + 1] - g1[2 * e + 1] * s[2 * e + 1]);
+      }
+      *reinterpret_cast<Pack<uint32_t, 4>*>(out) = lo;
+      *reinterpret_cast<Pack<uint32_t, 4>*>(out + half) = hi;
+    } else {
+      const float g1 = acc[0] * scale, g2 = acc[half] * scale;
+      out[0] = from_float<T>(g1 * cos[0] + g2 * sin[0]);
+      out[half] = from_float<T>(g2 * cos[0] - g1 * sin[0]);
+    }
   }
+}
+
+// Whether dq_finish can take 16-byte steps: 8-column groups per half, 16-byte aligned rows of dq (its
+// own rows are D * 2 bytes) and of the cos / sin tables. dq_accum is 16-byte aligned in the workspace.
+inline bool dq_finish_vectorizable(const AttentionBackwardArgs& a) {
+  return a.head_dim % 16 == 0 && a.cs_stride % 4 == 0 && reinterpret_cast<uintptr_t>(a.dq) % 16 == 0 &&
+         reinterpret_cast<uintptr_t>(a.cos) % 16 == 0 && reinterpret_cast<uintptr_t>(a.sin) % 16 == 0;
 }
 
 template <typename Kernel>
@@ -643,13 +710,18 @@ int launch(const AttentionBackwardArgs& a, float* workspace, cudaStream_t stream
     const dim3 q_grid(query_blocks, static_cast<unsigned>(a.num_heads), static_cast<unsigned>(a.batch));
     attention_backward_q<T, DP, SMALL><<<q_grid, QS::BM * 2, QS::kBytes, stream>>>(a, w, vec_in);
   } else {
-    if ((err = cudaMemsetAsync(w.dq_accum, 0, sizeof(float) * a.batch * a.seq_len * a.num_heads * a.head_dim,
-                               stream)))
-      return err;
     if ((err = set_smem(attention_backward_kv<T, DP, SMALL, true>, KV::kBytes))) return err;
     attention_backward_kv<T, DP, SMALL, true><<<kv_grid, KV::THREADS, KV::kBytes, stream>>>(a, w, vec_in);
-    const unsigned rows = static_cast<unsigned>(a.batch * a.seq_len * a.num_heads);
-    attention_backward_dq_finish<T><<<rows, 64, 0, stream>>>(a, w.dq_accum);
+    const bool vec = dq_finish_vectorizable(a);
+    const int64_t items = a.batch * a.seq_len * a.num_heads * (a.head_dim / 2) / (vec ? 8 : 1);
+    int device = 0, sms = 0;
+    if ((err = cudaGetDevice(&device))) return err;
+    if ((err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device))) return err;
+    const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((items + 255) / 256, int64_t(sms) * 8));
+    if (vec)
+      attention_backward_dq_finish<T, true><<<blocks, 256, 0, stream>>>(a, w.dq_accum);
+    else
+      attention_backward_dq_finish<T, false><<<blocks, 256, 0, stream>>>(a, w.dq_accum);
   }
   return static_cast<int>(cudaGetLastError());
 }
@@ -678,7 +750,7 @@ int64_t attention_backward_cuda_workspace(const AttentionBackwardArgs& a) {
 int attention_backward_cuda(const AttentionBackwardArgs& a, float* workspace, void* stream_ptr) {
   if (a.batch * a.seq_len * a.num_heads * a.head_dim == 0) return 0;
   if (a.head_dim % 2 || a.num_kv_heads <= 0 || a.num_heads % a.num_kv_heads) return static_cast<int>(cudaErrorInvalidValue);
-  // Grid limits: heads and batch are grid.y / grid.z (<= 65535), rows of dq_finish grid.x (< 2^31).
+  // Grid limits: heads and batch are grid.y / grid.z (<= 65535), rows (b, s, h) < 2^31.
   if (a.batch > 65535 || a.num_heads > 65535 || a.batch * a.seq_len * a.num_heads >= (int64_t(1) << 31))
     return static_cast<int>(cudaErrorInvalidConfiguration);
   if (reinterpret_cast<uintptr_t>(workspace) % 16) return static_cast<int>(cudaErrorMisalignedAddress);
