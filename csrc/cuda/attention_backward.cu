@@ -21,7 +21,8 @@
 //     multiple of 64 with zeros), and rot(q), rot(k) rounded to the input dtype, [B, H, S, D], in the
 //     workspace. The main loops then stream plain tiles with cp.async instead of rotating each tile
 //     every time it is loaded (a q tile is loaded once per key block).
-//  2. kv kernel, one CTA per (batch, kv head, key block): WARPS warps, each owning 16 key rows. K
+//  2. kv kernel, one CTA per (batch, kv head, key block): WARPS warps, each owning 16 key rows (at
+//     DP = 256 two warps own them, each half of dK's and dV's columns). K
 //     and V stay in shared memory; the group's query heads and the query blocks that can see the key
 //     block (causal: from the diagonal down, blocks above it are never loaded) stream through a
 //     two-stage cp.async pipeline. Per query block each warp forms S^T = K Q^T and dP^T = V dO^T in
