@@ -21,7 +21,8 @@
 //     multiple of 64 with zeros), and rot(q), rot(k) rounded to the input dtype, [B, H, S, D], in the
 //     workspace. The main loops then stream plain tiles with cp.async instead of rotating each tile
 //     every time it is loaded (a q tile is loaded once per key block).
-//  2. kv kernel, one CTA per (batch, kv head, key block): WARPS warps, each owning 16 key rows. K
+//  2. kv kernel, one CTA per (batch, kv head, key block): WARPS warps, each owning 16 key rows (at
+//     DP = 256 two warps own them, each half of dK's and dV's columns). K
 //     and V stay in shared memory; the group's query heads and the query blocks that can see the key
 //     block (causal: from the diagonal down, blocks above it are never loaded) stream through a
 //     two-stage cp.async pipeline. Per query block each warp forms S^T = K Q^T and dP^T = V dO^T in
@@ -36,9 +37,10 @@
 //
 // Shared-memory tiles are [rows, DP] (head dim padded with zeros to DP in {64, 128, 256}) with an
 // XOR swizzle of the 16-byte chunks of a row, so ldmatrix and cp.async are free of bank conflicts
-// without padding. Blocks of 64 rows (32 for DP = 256, and 32 query rows for DP = 128 on GPUs that
-// allow a block under ~105 KB of shared memory): two CTAs per SM on an H100. Grids run the blocks
-// of a head side by side so its tiles are shared in L2.
+// without padding. Blocks of 64 rows (32 for DP = 256; the kv kernel's query blocks 32 for DP >= 128,
+// and the q kernel's 32 for DP = 128 on GPUs that allow a block under ~97 KB of shared memory; at
+// DP = 256 two kv warps per 16 key rows, one per half of dK's and dV's columns; see Config): no
+// kernel spills a register. Grids run the blocks of a head side by side so its tiles are shared in L2.
 //
 // Expected speed (a model, not yet measured): each warp owns 16 rows, so every warp reads the
 // whole of the other operand from shared memory (~13 FLOP per byte); that caps this design near
@@ -64,13 +66,24 @@ __device__ __forceinline__ int swz(int row, int col) {
 }
 
 // Tile shapes per padded head dim: BM query rows and BN key rows per block, 16 rows per warp.
-// SMALL: 32-row query blocks for GPUs that allow a block under the ~105 KB the DP = 128 kernels
-// need otherwise (sm_86, sm_89, sm_120: 99 KB); launch() picks it from the device's limit.
+// SMALL: 32-row query blocks in the q kernel for GPUs that allow a block under the 96.75 KB its DP = 128
+// tiles need otherwise (the kv kernel needs 68.75 KB there); launch() picks it from the device's limit
+// (sm_86, sm_89 and sm_120 allow 99 KB, so today only smaller limits take it).
+// The kv kernel holds dK and dV for its 16 key rows per warp in registers (DP / 2 floats each per thread):
+// beside them only 32-query blocks leave room without spills for DP >= 128 (KV_BM), and at DP = 256 the
+// two accumulators alone are 256 registers, so two warps share each 16 key rows there, one per half of
+// dK's and dV's columns (KV_SPLIT), both forming the same S^T and dP^T (1.4x the tensor work of D = 256,
+// instead of ~1.1 KB of stack a thread). 0 spill bytes for every kernel on sm_80 and sm_90:
+// tests/test_build.py::test_attention_backward_kernels_never_spill.
 template <int DP, bool SMALL>
 struct Config {
-  static constexpr int BM = DP == 256 || SMALL ? 32 : 64;
+  static constexpr int BM = DP == 256 || SMALL ? 32 : 64;  // q kernel
   static constexpr int BN = DP == 256 ? 32 : 64;
-  static_assert(BM % 16 == 0 && BN % 16 == 0 && DP % 16 == 0, "tiles are made of 16 x 16 mma operands");
+  static constexpr int KV_BM = DP >= 128 ? 32 : 64;  // kv kernel's query blocks
+  static constexpr int KV_SPLIT = DP == 256 ? 2 : 1;  // warps per 16 key rows in the kv kernel
+  static constexpr int KV_THREADS = BN / 16 * KV_SPLIT * 32;
+  static_assert(BM % 16 == 0 && BN % 16 == 0 && KV_BM % 16 == 0 && DP % 16 == 0,
+                "tiles are made of 16 x 16 mma operands");
 };
 
 // The workspace, carved out of one fp32 buffer (attention_backward_cuda_workspace).
@@ -111,7 +124,19 @@ Workspace<T> carve(const AttentionBackwardArgs& a, float* base) {
 
 // ---------------------------------------------------------------------------------------------
 // Step 1: delta, m2 and log2l and the rotated q and k. One warp per row; rows [0, B*Hq*S_pad)
-// are query rows (padding rows get zeros), the following B*Hkv*S rows are key rows.
+// are query rows (padding rows get zeros), the following B*Hkv*S rows are key rows. In the
+// non-deterministic mode a query row also zeroes its row of dq_accum (once a cudaMemsetAsync of its own).
+// HBM bytes of the work outside the main loop at B8 H32 (Hkv 32) S2048 D128 bf16, 1 MB = 1e6 B;
+// n = 8 * 2048 * 32 * 128 = 67,108,864 elements of q (and of k, v, o, dO, dq), rows = 524,288:
+//   prep: read o, dO, q, k 4 * 2n = 536.9 MB, write rot(q), rot(k) 2 * 2n = 268.4 MB, read the stats
+//     2 * rows * 4 = 4.2 MB, write delta, m2, log2l 3 * rows * 4 = 6.3 MB: 815.8 MB
+//     (+ cos / sin 2048 * 64 * 4 * 2 = 1 MB, L2-resident).
+//   zeroing dq_accum: 4n = 268.4 MB written. Before: its own memset launch; now in prep's pass
+//     (1,084.2 MB with prep): the same bytes, one launch fewer. Not written at all would need the first
+//     adder of each dQ element known, and the kv CTAs that add to one query block run in no set order.
+//   dq_finish (below): read 4n, write 2n: 402.7 MB (+ 1 MB cos / sin).
+//   In all 1,487.9 MB before and after (issue 16's target of 0.45 GB needs rot(k) in the kv kernel's
+//   prologue and rot(q) out of the workspace too; not done here).
 // ---------------------------------------------------------------------------------------------
 template <typename T>
 __global__ void attention_backward_prep(AttentionBackwardArgs a, Workspace<T> w) {
@@ -134,6 +159,14 @@ __global__ void attention_backward_prep(AttentionBackwardArgs a, Workspace<T> w)
       w.delta[row] = sum;
       w.m2[row] = a.stats[bh * S + s];
       w.log2l[row] = a.stats[a.batch * a.num_heads * S + bh * S + s];
+    }
+    if (w.dq_accum != nullptr) {  // non-deterministic mode: zero this row's fp32 dQ accumulator
+      float* acc = w.dq_accum + ((b * S + s) * a.num_heads + h) * D;
+      if (D % 4 == 0) {  // 16-byte aligned rows (the workspace's parts are)
+        for (int64_t d = 4 * lane; d < D; d += 128) *reinterpret_cast<Pack<float, 4>*>(acc + d) = Pack<float, 4>{};
+      } else {
+        for (int64_t d = lane; d < D; d += 32) acc[d] = 0.f;
+      }
     }
     const T* q = static_cast<const T*>(a.q) + b * a.q_stride[0] + s * a.q_stride[1] + h * a.q_stride[2];
     rotate_row(w.qr + (bh * S + s) * D, q, a.cos + s * a.cs_stride, a.sin + s * a.cs_stride, int(half), lane);
@@ -318,7 +351,8 @@ __device__ __forceinline__ void store_grad(T* head, int64_t row_stride, const fl
 // Shared memory of the kv kernel: K, V, two stages of (Q, dO, m2, log2l, delta), dS^T.
 template <typename T, int DP, bool SMALL>
 struct KvSmem {
-  static constexpr int BM = Config<DP, SMALL>::BM, BN = Config<DP, SMALL>::BN;
+  static constexpr int BM = Config<DP, SMALL>::KV_BM, BN = Config<DP, SMALL>::BN;
+  static constexpr int SPLIT = Config<DP, SMALL>::KV_SPLIT, THREADS = Config<DP, SMALL>::KV_THREADS;
   static constexpr size_t kKeyTile = size_t(BN) * DP * sizeof(T);
   static constexpr size_t kQueryTile = size_t(BM) * DP * sizeof(T);
   static constexpr size_t kStage = 2 * kQueryTile + 3 * BM * sizeof(float);
@@ -354,10 +388,11 @@ inline bool rows_vectorizable(const void* p, const int64_t (&stride)[4], int64_t
 // side and share its query tiles in L2.
 // ---------------------------------------------------------------------------------------------
 template <typename T, int DP, bool SMALL, bool ATOMIC_DQ>
-__global__ void __launch_bounds__(Config<DP, SMALL>::BN * 2)
+__global__ void __launch_bounds__(Config<DP, SMALL>::KV_THREADS)
     attention_backward_kv(AttentionBackwardArgs a, Workspace<T> w, bool vec_in) {
   using C = KvSmem<T, DP, SMALL>;
-  constexpr int BM = C::BM, BN = C::BN, WARPS = BN / 16, THREADS = WARPS * 32;
+  constexpr int BM = C::BM, BN = C::BN, WARPS = BN / 16 * C::SPLIT, THREADS = WARPS * 32;
+  constexpr int NCOL = DP / C::SPLIT;  // columns of dK and dV a warp accumulates
   extern __shared__ __align__(128) unsigned char smem[];
   T* sK = reinterpret_cast<T*>(smem + C::kK);
   T* sV = reinterpret_cast<T*>(smem + C::kV);
@@ -394,12 +429,13 @@ __global__ void __launch_bounds__(Config<DP, SMALL>::BN * 2)
   issue(0, 0);  // K and V travel in the same first group
   cp_async_commit();
 
-  float dk[DP / 8][4], dv[DP / 8][4];
+  float dk[NCOL / 8][4], dv[NCOL / 8][4];
 #pragma unroll
-  for (int n = 0; n < DP / 8; ++n)
+  for (int n = 0; n < NCOL / 8; ++n)
 #pragma unroll
     for (int e = 0; e < 4; ++e) dk[n][e] = dv[n][e] = 0.f;
-  const int r0 = warp * 16;  // this warp's key rows within the block
+  const int r0 = warp % (BN / 16) * 16;  // this warp's key rows within the block
+  const int c_lo = warp / (BN / 16) * NCOL;  // and its first column of dK and dV
 
   for (int64_t item = 0; item < items; ++item) {
     cp_async_wait<0>();
@@ -435,44 +471,51 @@ __global__ void __launch_bounds__(Config<DP, SMALL>::BN * 2)
     }
 #pragma unroll
     for (int kk = 0; kk < BM / 16; ++kk) {
-      mma_rows_of<T, DP, DP>(dv, ap[kk], sDo, kk * 16, 0);
-      mma_rows_of<T, DP, DP>(dk, ads[kk], sQ, kk * 16, 0);
+      mma_rows_of<T, DP, NCOL>(dv, ap[kk], sDo, kk * 16, c_lo);
+      mma_rows_of<T, DP, NCOL>(dk, ads[kk], sQ, kk * 16, c_lo);
     }
 
     if constexpr (ATOMIC_DQ) {
       // dS^T to shared memory (the A-operand registers are its rows g and g + 8 in column pairs),
       // then dQ[BM, DP] += dS K split over the warps: row groups of 16 queries, each with
-      // DP / COL_GROUPS columns.
+      // DP / COL_GROUPS columns. Of two warps with the same key rows (KV_SPLIT), the first writes.
+      if (c_lo == 0) {
 #pragma unroll
-      for (int kk = 0; kk < BM / 16; ++kk)
+        for (int kk = 0; kk < BM / 16; ++kk)
 #pragma unroll
-        for (int e = 0; e < 4; ++e)
-          *reinterpret_cast<uint32_t*>(sDs + swz<BM>(r0 + g + 8 * (e & 1), kk * 16 + 8 * (e >> 1) + 2 * t)) =
-              ads[kk][e];
+          for (int e = 0; e < 4; ++e)
+            *reinterpret_cast<uint32_t*>(sDs + swz<BM>(r0 + g + 8 * (e & 1), kk * 16 + 8 * (e >> 1) + 2 * t)) =
+                ads[kk][e];
+      }
       __syncthreads();
       constexpr int ROW_GROUPS = BM / 16, COL_GROUPS = WARPS / ROW_GROUPS, DC = DP / COL_GROUPS;
       static_assert(WARPS % ROW_GROUPS == 0 && DC % 16 == 0, "dQ tiles must split evenly over the warps");
-      const int q0 = (warp % ROW_GROUPS) * 16, c0 = (warp / ROW_GROUPS) * DC;
+      // In chunks of at most 64 columns (32 registers beside dK and dV; DP = 256 spilled with 128 at once).
+      constexpr int DQC = DC < 64 ? DC : 64;
+      const int q0 = (warp % ROW_GROUPS) * 16;
       const int i = lane % 8, j = lane / 8;
-      float dq[DC / 8][4];
-#pragma unroll
-      for (int n = 0; n < DC / 8; ++n)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) dq[n][e] = 0.f;
-#pragma unroll
-      for (int kk = 0; kk < BN / 16; ++kk) {
-        uint32_t ads[4];  // A = dS [queries, keys] read from dS^T [keys, queries]
-        ldmatrix_x4_trans(ads, sDs + swz<BM>(kk * 16 + i + 8 * (j >> 1), q0 + 8 * (j & 1)));
-        mma_rows_of<T, DP, DC>(dq, ads, sK, kk * 16, c0);
-      }
       float* dq_rows = w.dq_accum + ((b * S + m0) * Hq + h) * int64_t(D);
+#pragma unroll 1
+      for (int c0 = (warp / ROW_GROUPS) * DC; c0 < (warp / ROW_GROUPS + 1) * DC; c0 += DQC) {
+        float dq[DQC / 8][4];
 #pragma unroll
-      for (int n = 0; n < DC / 8; ++n)
+        for (int n = 0; n < DQC / 8; ++n)
 #pragma unroll
-        for (int e = 0; e < 4; e += 2) {  // column pairs (d, d + 1); D is even
-          const int r = q0 + g + 4 * e, d = c0 + n * 8 + 2 * t;
-          if (m0 + r < S && d < D) atomic_add2(dq_rows + int64_t(r) * Hq * D + d, dq[n][e], dq[n][e + 1]);
+          for (int e = 0; e < 4; ++e) dq[n][e] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) {
+          uint32_t ads[4];  // A = dS [queries, keys] read from dS^T [keys, queries]
+          ldmatrix_x4_trans(ads, sDs + swz<BM>(kk * 16 + i + 8 * (j >> 1), q0 + 8 * (j & 1)));
+          mma_rows_of<T, DP, DQC>(dq, ads, sK, kk * 16, c0);
         }
+#pragma unroll
+        for (int n = 0; n < DQC / 8; ++n)
+#pragma unroll
+          for (int e = 0; e < 4; e += 2) {  // column pairs (d, d + 1); D is even
+            const int r = q0 + g + 4 * e, d = c0 + n * 8 + 2 * t;
+            if (m0 + r < S && d < D) atomic_add2(dq_rows + int64_t(r) * Hq * D + d, dq[n][e], dq[n][e + 1]);
+          }
+      }
     }
   }
 
@@ -481,8 +524,8 @@ __global__ void __launch_bounds__(Config<DP, SMALL>::BN * 2)
   float* sdK = reinterpret_cast<float*>(smem);
   float* sdV = sdK + BN * LDA;
   __syncthreads();
-  spill_acc<DP, LDA>(sdK, dk, r0);
-  spill_acc<DP, LDA>(sdV, dv, r0);
+  spill_acc<NCOL, LDA>(sdK + c_lo, dk, r0);
+  spill_acc<NCOL, LDA>(sdV + c_lo, dv, r0);
   __syncthreads();
   T* dk_head = static_cast<T*>(a.dk) + (b * S * Hkv + hk) * D;
   T* dv_head = static_cast<T*>(a.dv) + (b * S * Hkv + hk) * D;
@@ -576,22 +619,69 @@ __global__ void __launch_bounds__(Config<DP, SMALL>::BM * 2)
                                         a.cs_stride);
 }
 
-// Non-deterministic mode: dq = rot^-1(dq_accum * scale). One block per (b, s, h) row (grid.x).
-template <typename T>
+// Non-deterministic mode: dq = rot^-1(dq_accum * scale), a grid-stride loop over (row, column group)
+// items, rows (b, s, h) flattened as in the contiguous dq. VEC (dq_finish_vectorizable): a group is 8
+// columns d .. d+7 of the first half and the same of the second, loaded as 16-byte fp32 quads and
+// stored as 16-byte packs of 8 outputs; otherwise one column pair (d, d + half) an item.
+// HBM bytes at B8 H32 S2048 D128 bf16 (rows = 8 * 2048 * 32 = 524,288; 128 columns):
+//   before (one 64-thread CTA per row, scalar): 524,288 * 128 * (4 read + 2 written) = 402.7 MB in
+//   524,288 CTAs, + cos / sin 2048 * 64 * 4 * 2 = 1 MB (L2-resident).
+//   now: the same 402.7 MB + 1 MB, all 16-byte accesses, in SMs * 8 CTAs of 256 threads.
+template <typename T, bool VEC>
 __global__ void attention_backward_dq_finish(AttentionBackwardArgs a, const float* dq_accum) {
-  const int half = static_cast<int>(a.head_dim / 2);
-  const int64_t row = blockIdx.x;  // (b, s, h) flattened, as in the contiguous dq
-  const int64_t pos = (row / a.num_heads) % a.seq_len;
-  const float scale = rsqrtf(float(a.head_dim));
-  const float* acc = dq_accum + row * a.head_dim;
-  const float* cos = a.cos + pos * a.cs_stride;
-  const float* sin = a.sin + pos * a.cs_stride;
-  T* out = static_cast<T*>(a.dq) + row * a.head_dim;
-  for (int d = threadIdx.x; d < half; d += blockDim.x) {
-    const float g1 = acc[d] * scale, g2 = acc[d + half] * scale;
-    out[d] = from_float<T>(g1 * cos[d] + g2 * sin[d]);
-    out[d + half] = from_float<T>(g2 * cos[d] - g1 * sin[d]);
+  constexpr int CPI = VEC ? 8 : 1;  // columns of each half an item covers
+  const int D = static_cast<int>(a.head_dim), half = D / 2, per_row = half / CPI;
+  const int64_t items = a.batch * a.seq_len * a.num_heads * per_row;
+  const float scale = rsqrtf(float(D));
+  T* dq = static_cast<T*>(a.dq);
+  for (int64_t item = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; item < items;
+       item += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t row = item / per_row;
+    const int d = int(item % per_row) * CPI;
+    const int64_t pos = (row / a.num_heads) % a.seq_len;
+    const float* acc = dq_accum + row * D + d;
+    const float* cos = a.cos + pos * a.cs_stride + d;
+    const float* sin = a.sin + pos * a.cs_stride + d;
+    T* out = dq + row * D + d;
+    if constexpr (VEC) {
+      float g1[8], g2[8], c[8], s[8];
+#pragma unroll
+      for (int k = 0; k < 8; k += 4) {
+        const Pack<float, 4> x1 = *reinterpret_cast<const Pack<float, 4>*>(acc + k);
+        const Pack<float, 4> x2 = *reinterpret_cast<const Pack<float, 4>*>(acc + half + k);
+        const Pack<float, 4> xc = *reinterpret_cast<const Pack<float, 4>*>(cos + k);
+        const Pack<float, 4> xs = *reinterpret_cast<const Pack<float, 4>*>(sin + k);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          g1[k + e] = x1.v[e] * scale;
+          g2[k + e] = x2.v[e] * scale;
+          c[k + e] = xc.v[e];
+          s[k + e] = xs.v[e];
+        }
+      }
+      Pack<uint32_t, 4> lo, hi;
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        lo.v[e] = pack2<T>(g1[2 * e] * c[2 * e] + g2[2 * e] * s[2 * e],
+                           g1[2 * e + 1] * c[2 * e + 1] + g2[2 * e + 1] * s[2 * e + 1]);
+        hi.v[e] = pack2<T>(g2[2 * e] * c[2 * e] - g1[2 * e] * s[2 * e],
+                           g2[2 * e + 1] * c[2 * e + 1] - g1[2 * e + 1] * s[2 * e + 1]);
+      }
+      *reinterpret_cast<Pack<uint32_t, 4>*>(out) = lo;
+      *reinterpret_cast<Pack<uint32_t, 4>*>(out + half) = hi;
+    } else {
+      const float g1 = acc[0] * scale, g2 = acc[half] * scale;
+      out[0] = from_float<T>(g1 * cos[0] + g2 * sin[0]);
+      out[half] = from_float<T>(g2 * cos[0] - g1 * sin[0]);
+    }
   }
+}
+
+// Whether dq_finish can take 16-byte steps: 8-column groups per half, 16-byte aligned rows of dq (its
+// own rows are D * 2 bytes) and of the cos / sin tables. dq_accum is 16-byte aligned in the workspace.
+inline bool dq_finish_vectorizable(const AttentionBackwardArgs& a) {
+  return a.head_dim % 16 == 0 && a.cs_stride % 4 == 0 && reinterpret_cast<uintptr_t>(a.dq) % 16 == 0 &&
+         reinterpret_cast<uintptr_t>(a.cos) % 16 == 0 && reinterpret_cast<uintptr_t>(a.sin) % 16 == 0;
 }
 
 template <typename Kernel>
@@ -614,20 +704,25 @@ int launch(const AttentionBackwardArgs& a, float* workspace, cudaStream_t stream
   int err;
   if (a.deterministic) {
     if ((err = set_smem(attention_backward_kv<T, DP, SMALL, false>, KV::kBytes))) return err;
-    attention_backward_kv<T, DP, SMALL, false><<<kv_grid, KV::BN * 2, KV::kBytes, stream>>>(a, w, vec_in);
+    attention_backward_kv<T, DP, SMALL, false><<<kv_grid, KV::THREADS, KV::kBytes, stream>>>(a, w, vec_in);
     using QS = QSmem<T, DP, SMALL>;
     if ((err = set_smem(attention_backward_q<T, DP, SMALL>, QS::kBytes))) return err;
     const unsigned query_blocks = static_cast<unsigned>((a.seq_len + QS::BM - 1) / QS::BM);
     const dim3 q_grid(query_blocks, static_cast<unsigned>(a.num_heads), static_cast<unsigned>(a.batch));
     attention_backward_q<T, DP, SMALL><<<q_grid, QS::BM * 2, QS::kBytes, stream>>>(a, w, vec_in);
   } else {
-    if ((err = cudaMemsetAsync(w.dq_accum, 0, sizeof(float) * a.batch * a.seq_len * a.num_heads * a.head_dim,
-                               stream)))
-      return err;
     if ((err = set_smem(attention_backward_kv<T, DP, SMALL, true>, KV::kBytes))) return err;
-    attention_backward_kv<T, DP, SMALL, true><<<kv_grid, KV::BN * 2, KV::kBytes, stream>>>(a, w, vec_in);
-    const unsigned rows = static_cast<unsigned>(a.batch * a.seq_len * a.num_heads);
-    attention_backward_dq_finish<T><<<rows, 64, 0, stream>>>(a, w.dq_accum);
+    attention_backward_kv<T, DP, SMALL, true><<<kv_grid, KV::THREADS, KV::kBytes, stream>>>(a, w, vec_in);
+    const bool vec = dq_finish_vectorizable(a);
+    const int64_t items = a.batch * a.seq_len * a.num_heads * (a.head_dim / 2) / (vec ? 8 : 1);
+    int device = 0, sms = 0;
+    if ((err = cudaGetDevice(&device))) return err;
+    if ((err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device))) return err;
+    const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((items + 255) / 256, int64_t(sms) * 8));
+    if (vec)
+      attention_backward_dq_finish<T, true><<<blocks, 256, 0, stream>>>(a, w.dq_accum);
+    else
+      attention_backward_dq_finish<T, false><<<blocks, 256, 0, stream>>>(a, w.dq_accum);
   }
   return static_cast<int>(cudaGetLastError());
 }
@@ -656,7 +751,7 @@ int64_t attention_backward_cuda_workspace(const AttentionBackwardArgs& a) {
 int attention_backward_cuda(const AttentionBackwardArgs& a, float* workspace, void* stream_ptr) {
   if (a.batch * a.seq_len * a.num_heads * a.head_dim == 0) return 0;
   if (a.head_dim % 2 || a.num_kv_heads <= 0 || a.num_heads % a.num_kv_heads) return static_cast<int>(cudaErrorInvalidValue);
-  // Grid limits: heads and batch are grid.y / grid.z (<= 65535), rows of dq_finish grid.x (< 2^31).
+  // Grid limits: heads and batch are grid.y / grid.z (<= 65535), rows (b, s, h) < 2^31.
   if (a.batch > 65535 || a.num_heads > 65535 || a.batch * a.seq_len * a.num_heads >= (int64_t(1) << 31))
     return static_cast<int>(cudaErrorInvalidConfiguration);
   if (reinterpret_cast<uintptr_t>(workspace) % 16) return static_cast<int>(cudaErrorMisalignedAddress);

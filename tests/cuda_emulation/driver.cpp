@@ -52,17 +52,20 @@ void run(AttentionBackwardArgs& a, float* workspace) {
   using KV = KvSmem<T, DP, SMALL>;
   const dim3 kv_grid(unsigned((a.seq_len + KV::BN - 1) / KV::BN), unsigned(a.num_kv_heads), unsigned(a.batch));
   if (a.deterministic) {
-    run_grid(kv_grid, KV::BN * 2, KV::kBytes, [&] { attention_backward_kv<T, DP, SMALL, false>(a, w, vec_in); });
+    run_grid(kv_grid, KV::THREADS, KV::kBytes, [&] { attention_backward_kv<T, DP, SMALL, false>(a, w, vec_in); });
     using QS = QSmem<T, DP, SMALL>;
     const dim3 q_grid(unsigned((a.seq_len + QS::BM - 1) / QS::BM), unsigned(a.num_heads), unsigned(a.batch));
     run_grid(q_grid, QS::BM * 2, QS::kBytes, [&] { attention_backward_q<T, DP, SMALL>(a, w, vec_in); });
   } else {
-    std::fill(w.dq_accum, w.dq_accum + a.batch * a.seq_len * a.num_heads * a.head_dim, 0.f);
-    run_grid(kv_grid, KV::BN * 2, KV::kBytes, [&] { attention_backward_kv<T, DP, SMALL, true>(a, w, vec_in); });
-    for (int64_t row = 0; row < a.batch * a.seq_len * a.num_heads; ++row)  // no barriers: threads in turn
+    run_grid(kv_grid, KV::THREADS, KV::kBytes, [&] { attention_backward_kv<T, DP, SMALL, true>(a, w, vec_in); });
+    // No barriers: threads in turn. Three blocks of 64 threads, so the grid-stride loop takes turns
+    // (the launcher's grid is SMs * 8 blocks of 256).
+    const bool vec = dq_finish_vectorizable(a);
+    for (unsigned bx = 0; bx < 3; ++bx)
       for (unsigned t = 0; t < 64; ++t) {
-        threadIdx = dim3(t); blockIdx = dim3(unsigned(row)); blockDim = dim3(64);
-        attention_backward_dq_finish<T>(a, w.dq_accum);
+        threadIdx = dim3(t); blockIdx = dim3(bx); blockDim = dim3(64); gridDim = dim3(3);
+        if (vec) attention_backward_dq_finish<T, true>(a, w.dq_accum);
+        else attention_backward_dq_finish<T, false>(a, w.dq_accum);
       }
   }
 }
