@@ -89,9 +89,9 @@ def test_padded_batches_take_the_fused_path_and_match(side):
     logits_hi, grads_hi = loss_and_grads(copy.deepcopy(original).double(), tokens, **kwargs)
     logits_lo, grads_lo = loss_and_grads(original, tokens, **kwargs)
     attn = fused.model.layers[0].self_attn
-    if side == "left" and transformers.__version__.startswith("4."):
-        # 4.x on the CPU gives left padding's rows an additive mask that is all minimum: their softmax is
-        # uniform by rounding, and its gradient is the backend's own. Such a mask falls back.
+    if side == "left" and attn.fallback_calls and transformers.__version__.startswith("4."):
+        # Some 4.x releases (4.45) give left padding's rows on the CPU an additive mask that is all minimum:
+        # their softmax is uniform by rounding, and its gradient is the backend's own. Such a mask falls back.
         assert list(attn.fallback_reasons) == ["an additive attention mask with fully masked rows"]
     else:
         assert attn.fused_calls == 1 and attn.fallback_calls == 0, attn.fallback_reasons
