@@ -1,5 +1,5 @@
-"""Offline compile sweep of the Triton attention backward's launch configurations, without a GPU: how
-kernels/attention.py's backward table entries were picked (their comment gives the rule and the
+"""Offline compile sweep of the Triton attention kernels' launch configurations, without a GPU: how
+kernels/attention.py's table entries were picked (their comment gives the rule and the
 numbers), and how to re-pick them after a kernel change.
 
     python benchmarks/compile_attention_configs.py --kernel kv --arch 90 --dim 128 --layout contiguous
@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 
-KERNELS = {"kv": "_attention_backward_kv_kernel", "q": "_attention_backward_q_kernel"}
+KERNELS = {"fwd": "_attention_forward_kernel", "kv": "_attention_backward_kv_kernel", "q": "_attention_backward_q_kernel"}
 SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
 FP32_POINTERS = {"lse_ptr", "stats_ptr", "delta_ptr", "cos_ptr", "sin_ptr"}
 FP32_SCALARS = {"qk_scale", "sm_scale"}
@@ -37,7 +37,7 @@ INT32_POINTERS = {"seg_ptr", "seg_start_ptr", "seg_end_ptr"}  # packed documents
 
 
 def grid(kernel: str) -> list[tuple[int, int, int, int]]:
-    """The sweep of the tables' comment: kv block_n a multiple of block_m, q block_m of block_n."""
+    """The sweep of the tables' comment: kv block_n a multiple of block_m, q and fwd block_m of block_n."""
     if kernel == "kv":
         blocks = [(m, n) for m in (16, 32, 64) for n in (32, 64, 128) if n % m == 0]
     else:

@@ -6,8 +6,12 @@ never repeated in memory). D is even, at most 256.
 
 RoPE (half-split): for a row x at position p, with x1 = x[:D/2], x2 = x[D/2:], c = cos[p], s = sin[p],
     rot(x) = [x1 * c - x2 * s,  x2 * c + x1 * s]
-The forward rotates q and k tile by tile in registers after loading them and writes no rotated
-copy; the backward rotates each row once into a transient workspace (below).
+Every row is rotated once per call: k (and, in the backward, q) by the prep kernel into a transient
+workspace rot(x) [B, H, S, D_PAD] in the input dtype, halves at columns 0 and HALF_PAD; the forward
+rotates its q block in the kernel's prologue (no extra pass over q). The loops then load plain tiles
+and form each score block with one dot over the padded head dim (issue 16 item 1: the forward that
+rotated K per (query block, key block) pair spent the registers, barriers and shared-memory round
+trips the loop of a plain flash forward does not).
 
 Forward, per (batch, query head), with scale = 1 / sqrt(D):
     S2 = (rot(q) rot(k)^T) * (scale * log2(e))   (base 2; S2[i, j] = -inf where j > i when causal)
@@ -21,9 +25,11 @@ Causal tiling: key blocks wholly above the diagonal are never loaded; blocks who
 without a mask; only the blocks that straddle the diagonal (or the sequence end) pay for one.
 
 Backward (the flash recipe), with P = exp2((S2 - m2) - log2l) recomputed from the saved stats, S2
-formed exactly as the forward forms it (two half-dots over the rotated halves in the same order,
-the same fp32 scale, a product that is never fused into the subtraction), so bitwise the
-forward's in the interpreter and S2 - m2 exact near the row max:
+formed exactly as the forward forms it (one dot over the same padded rotated rows, the same fp32
+scale, a product that is never fused into the subtraction), so bitwise the forward's in the
+interpreter and S2 - m2 exact near the row max (on the GPU, at head dims 64 and 128 where the rows
+have no padding, the forward's one dot issues the MMA k-steps of the CUDA backwards' chained
+half-dots, in their order):
     delta_i = sum_d dO[i, d] * O[i, d]
     dV = P^T dO                            summed over the query heads of a group
     dP = dO V^T
@@ -43,8 +49,8 @@ block, the q kernel a k tile for every query block) keeps fp32 cos / sin tiles a
 registers beside the accumulators, and the compiled kernels spilled (an offline compile for sm_80
 and sm_90 at D = 128: hundreds to thousands of bytes of stack per thread). Rotating once, as the CUDA
 backward (csrc/cuda/attention_backward.cu) does, leaves plain tile loads in the inner loops and
-costs a workspace the size of q and k (head dim padded) for the duration of the backward. Only the epilogues read
-cos / sin: they split the dK / dQ accumulator into its halves and apply the inverse rotation.
+costs a workspace the size of q and k (head dim padded) for the duration of the backward. Only the
+epilogues read cos / sin: they split the dK / dQ accumulator into its halves and apply the inverse rotation.
 The workspace stores each rotated row as [xr1, 0 pad, xr2, 0 pad] (halves at columns 0 and
 HALF_PAD): a product over the head dim does not depend on the column order, so rot(Q), rot(K) and
 the dQ, dK accumulators keep that order and the epilogue's halves are a reshape away, while V, dO
@@ -70,13 +76,43 @@ LOG2E = 1.4426950408889634
 # (block_m, block_n, num_warps, num_stages) per GPU generation and padded head dim, for 16-bit
 # inputs. Each kernel's block_m / block_n keep their meaning in that kernel (see its arguments); the
 # larger must be a multiple of the smaller (the causal split walks a diagonal block in steps).
-# Forward: head dims 64 / 128 chosen for no or little register spilling in an offline compile
-# (triton 3.9, ptxas, sm_80 and sm_90a; rotating the k tiles in fp32 costs registers); not yet timed
-# on a GPU. Head dim 256 (padded sizes over 128) is sized for correctness within shared memory only.
-_FORWARD_CONFIGS = {  # block_m queries per program, block_n keys per step
-    9: {64: (128, 64, 8, 3), 128: (128, 32, 8, 3), 256: (64, 32, 4, 2)},
-    8: {64: (128, 32, 8, 3), 128: (128, 32, 8, 3), 256: (64, 16, 4, 1)},
+# Forward (issue 16 item 1: rot(K) from a workspace, Q rotated in the prologue, one QK dot), untimed.
+# Picked by an offline compile (benchmarks/compile_attention_configs.py --kernel fwd) under triton 3.6
+# and 3.9, bf16, GROUP 4, causal: zero stack under both first, then at least 2 stages, the larger
+# block_m * block_n, more stages. Registers 3.6 / 3.9, shared memory, wgmma per key-loop iteration:
+#   contiguous launches (what real models pass; _contiguous_launch), sm_90a:
+#     D 128 (128, 128, 8, 2): 255 / 234, 160 KB, 16 HGMMA.64x128x16, 2 / 3 barriers (the rotating
+#       loop at (128, 32, 8, 3): 8 HGMMA.64x32x16 + 2 HGMMA.64x128x16, 6 barriers, 3 fences).
+#       (128, 128, 8, 3) also compiles spill-free but takes 224 of the 227 KB.
+#     D 64 (128, 128, 8, 3): 210 / 210, 112 KB.
+#   contiguous, sm_80 (mma.sync): D 128 (128, 64, 8, 3) 252 / 224, 96 KB; D 64 (128, 64, 8, 3) 198 / 191.
+#   general (strided q or v), sm_90a: D 128 (128, 64, 8, 2) 251 / 250, 80 KB ((128, 128, 8, *) 80 / 424 B
+#     of stack, (128, 64, 8, 3) 24 B under 3.9); D 64 (128, 128, 8, 2) 254 / 248.
+#   general, sm_80: D 128 (128, 32, 8, 3) 255 / 244 ((128, 64, 8, 2 / 3) 40 / 88 B under 3.9);
+#     D 64 (128, 64, 8, 3) 250 / 244.
+# Head dim 256 (padded sizes over 128) is sized for correctness within shared memory only.
+_FORWARD_CONFIGS = {  # block_m queries per program, block_n keys per step; general (strided) launches
+    9: {64: (128, 128, 8, 2), 128: (128, 64, 8, 2), 256: (64, 32, 4, 2)},
+    8: {64: (128, 64, 8, 3), 128: (128, 32, 8, 3), 256: (64, 16, 4, 1)},
 }
+_FORWARD_CONTIGUOUS_CONFIGS = {
+    9: {64: (128, 128, 8, 3), 128: (128, 128, 8, 2), 256: (64, 32, 4, 2)},
+    8: {64: (128, 64, 8, 3), 128: (128, 64, 8, 3), 256: (64, 16, 4, 1)},
+}
+# Packed documents (SEGMENTED: the bounds' loads and masks cost registers) on sm_90a, where the batched
+# entries spill: contiguous D 128 (128, 128, 8, 2) 40 B under 3.9 -> (128, 64, 8, 3), 0 / 0; general
+# D 64 (128, 128, 8, 2) 40 / 40 B -> (128, 64, 8, 3), 0 / 0; general D 128 keeps (128, 64, 8, 2)
+# (0 / 24 B; no 128-row entry with 64 keys or more is spill-free there).
+_FORWARD_PACKED_CONFIGS = {**_FORWARD_CONFIGS, 9: {**_FORWARD_CONFIGS[9], 64: (128, 64, 8, 3)}}
+_FORWARD_PACKED_CONTIGUOUS_CONFIGS = {**_FORWARD_CONTIGUOUS_CONFIGS,
+                                      9: {**_FORWARD_CONTIGUOUS_CONFIGS[9], 128: (128, 64, 8, 3)}}
+
+
+def _forward_table(contiguous: bool, packed: bool) -> dict:
+    """The forward's launch table for a launch's layout and whether it carries packed documents."""
+    if packed:
+        return _FORWARD_PACKED_CONTIGUOUS_CONFIGS if contiguous else _FORWARD_PACKED_CONFIGS
+    return _FORWARD_CONTIGUOUS_CONFIGS if contiguous else _FORWARD_CONFIGS
 # Backward kv and q kernels: untimed. Picked from an offline compile of every candidate (kv: block_m
 # 16 / 32 / 64, block_n 32 / 64 / 128; q: block_m 32 / 64 / 128, block_n 16 / 32 / 64; 4 or 8 warps,
 # 1 to 3 stages; bf16, GROUP 4, causal) by triton 3.6 and 3.9 to sm_90a and sm_80 cubins, with only
@@ -95,7 +131,8 @@ _FORWARD_CONFIGS = {  # block_m queries per program, block_n keys per step
 # The price of zero stack for every layout: kv at D 128 on sm_90 multiplies with mma.sync, not wgmma
 # (its 32-row key block is under wgmma's 64). These tables serve only the general (strided) launches;
 # the contiguous ones take the tables below (_contiguous_launch decides).
-# Re-picked for issue 13 item 6 (dK accumulated by halves, scores as two half-dots), triton 3.9,
+# Re-picked for issue 13 item 6 (dK accumulated by halves, scores as two half-dots; since issue 16 one
+# dot over the head dim and one dK accumulator), triton 3.9,
 # general case only (not yet under 3.6 nor specialized): kv sm_90 D 64 (32, 64, 8, 3) then spilled
 # 64 B, sm_80 D 128 (16, 64, 8, 3) 120 B. Candidates (stack bytes; sm_90 at D 64 / D 32):
 #   sm_80 D 128: (16, 64, 8, 2) 88, (16, 64, 8, 1) 16, (16, 32, 8, 3) 0, (32, 32, 8, 3) 0 -> (32, 32, 8, 3)
@@ -105,7 +142,8 @@ _BACKWARD_KV_CONFIGS = {  # block_m queries per step, block_n keys per program
     9: {64: (16, 64, 8, 3), 128: (32, 32, 8, 3), 256: (16, 16, 8, 3)},
     8: {64: (16, 128, 8, 3), 128: (32, 32, 8, 3), 256: (16, 16, 8, 3)},
 }
-# Re-picked for issue 13 item 6 (scores as two half-dots like the forward, dQ accumulated by halves,
+# Re-picked for issue 13 item 6 (scores as two half-dots like the forward, dQ accumulated by halves;
+# since issue 16 one dot and one dQ accumulator),
 # m2 and log2l loaded per query block): q at D 128 then spilled under triton 3.9 (general case):
 # sm_80 (64, 64, 8, 3) 1784 B; sm_90 (64, 64, 8, 3) 0 B but 32 B at GROUP 1 not causal. Candidates
 # compiled the same way (triton 3.9 only, general case; not yet under 3.6 nor specialized):
@@ -254,24 +292,54 @@ def _load_rotated(
     return x1 * c - x2 * s, x2 * c + x1 * s
 
 
+@triton.jit
+def _load_rows(
+    base, stride_s, stride_d,  # element [0, 0] of one head and its strides along the sequence and head dim
+    offs_s,  # [BLOCK] int64 positions of the rows to load
+    seq_len, D, D_PAD: tl.constexpr,
+):
+    """Rows offs_s of one head as a [BLOCK, D_PAD] tile in the stored dtype; rows past seq_len and
+    columns past D read as zero."""
+    offs_d = tl.arange(0, D_PAD)
+    mask = (offs_s < seq_len)[:, None] & (offs_d[None, :] < D)
+    return tl.load(base + offs_s[:, None] * stride_s + offs_d[None, :] * stride_d, mask=mask, other=0.0)
+
+
 # ------------------------------------------------------------------------------------------------
 # Forward
 # ------------------------------------------------------------------------------------------------
 @triton.jit
+def _join_halves(a, b, BLOCK: tl.constexpr, HALF_PAD: tl.constexpr):
+    """[BLOCK, HALF_PAD] halves side by side as one [BLOCK, 2 * HALF_PAD] tile: the workspace's row order."""
+    return tl.reshape(tl.permute(tl.join(a, b), (0, 2, 1)), (BLOCK, 2 * HALF_PAD))
+
+
+@triton.jit
+def _split_halves(x, BLOCK: tl.constexpr, HALF_PAD: tl.constexpr):
+    """The inverse of _join_halves: a [BLOCK, 2 * HALF_PAD] tile as its two halves."""
+    return tl.split(tl.permute(tl.reshape(x, (BLOCK, 2, HALF_PAD)), (0, 2, 1)))
+
+
+@triton.jit
+def _load_workspace(base, offs_s, seq_len, D_PAD: tl.constexpr):
+    """Rows offs_s of one head of a rotated workspace [S, D_PAD] (contiguous; rows past seq_len read as zero)."""
+    offs_d = tl.arange(0, D_PAD)
+    return tl.load(base + offs_s[:, None] * D_PAD + offs_d[None, :], mask=(offs_s < seq_len)[:, None], other=0.0)
+
+
+@triton.jit
 def _forward_block(
-    acc, m_i, l_i, qr1, qr2,  # running output, max (base 2), sum; rotated q halves (input dtype)
-    k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
-    cos_ptr, sin_ptr, stride_cs,
-    offs_m, start_n, seq_len, qk_scale, HALF,
+    acc, m_i, l_i, q,  # running output, max (base 2), sum; rot(q) [BLOCK_M, D_PAD] (input dtype, halves apart)
+    kr_base, v_base, stride_vs, stride_vd,  # rot(k) rows of this kv head (workspace) and v
+    offs_m, start_n, seq_len, qk_scale,
     MASK: tl.constexpr,  # apply the causal / sequence-end mask (diagonal and tail blocks only)
-    CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, HALF_PAD: tl.constexpr, D, D_PAD: tl.constexpr,
+    CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, D, D_PAD: tl.constexpr,
     PRECISION: tl.constexpr,
     seg_m=None,  # packed documents: [BLOCK_M] first token of each query row's document (MASK blocks only)
 ):
     offs_n = start_n + tl.arange(0, BLOCK_N).to(tl.int64)
-    kr1, kr2 = _load_rotated(k_base, stride_ks, stride_kd, cos_ptr, sin_ptr, stride_cs, offs_n, seq_len, HALF, HALF_PAD)
-    qk = tl.dot(qr1, tl.trans(kr1.to(qr1.dtype)), input_precision=PRECISION)
-    qk = tl.dot(qr2, tl.trans(kr2.to(qr2.dtype)), qk, input_precision=PRECISION)
+    k = _load_workspace(kr_base, offs_n, seq_len, D_PAD)
+    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # one dot over the (padded) head dim
     qk = qk * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
     if MASK:
         keep = offs_n[None, :] < seq_len
@@ -287,22 +355,21 @@ def _forward_block(
     alpha = tl.math.exp2(m_i - m_use)
     p = tl.math.exp2(qk - m_use[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    offs_d = tl.arange(0, D_PAD)
-    v_mask = (offs_n < seq_len)[:, None] & (offs_d[None, :] < D)
-    v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=v_mask, other=0.0)
+    v = _load_rows(v_base, stride_vs, stride_vd, offs_n, seq_len, D, D_PAD)
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
     return acc, m_new, l_i
 
 
 @triton.jit
 def _attention_forward_kernel(
-    q_ptr, k_ptr, v_ptr,  # inputs, any strides
+    q_ptr,  # q [B, S, Hq, D], any strides
+    kr_ptr,  # rot(k) in the input dtype, [B, Hkv, S, D_PAD] contiguous, halves at columns 0 and HALF_PAD
+    v_ptr,  # v [B, S, Hkv, D], any strides
     o_ptr,  # output [B, S, Hq, D], contiguous
     stats_ptr,  # output row statistics fp32 [2, B, Hq, S] contiguous: m2, then log2(l) (csrc/llama_fast.h)
     stats_half,  # B * Hq * S: where log2(l) starts
     cos_ptr, sin_ptr,  # fp32 rotary tables [S', D/2], columns contiguous
     stride_qb, stride_qs, stride_qh, stride_qd,
-    stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
     stride_ob, stride_os, stride_oh, stride_od,
     stride_cs,  # row stride of cos and sin
@@ -327,11 +394,12 @@ def _attention_forward_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M).to(tl.int64)
 
     q_base = q_ptr + b * stride_qb + h * stride_qh
-    k_base = k_ptr + b * stride_kb + kv_h * stride_kh
+    kr_base = kr_ptr + (pid_bh // GROUP) * seq_len * D_PAD  # (b * Hkv + kv head) rows of the workspace
     v_base = v_ptr + b * stride_vb + kv_h * stride_vh
+    # Q rotated once, here: one [BLOCK_M, D_PAD] tile in the workspace's column order (halves apart),
+    # so each key block costs one dot over the head dim against rot(K).
     qr1, qr2 = _load_rotated(q_base, stride_qs, stride_qd, cos_ptr, sin_ptr, stride_cs, offs_m, seq_len, HALF, HALF_PAD)
-    qr1 = qr1.to(q_ptr.dtype.element_ty)
-    qr2 = qr2.to(q_ptr.dtype.element_ty)
+    q = _join_halves(qr1.to(q_ptr.dtype.element_ty), qr2.to(q_ptr.dtype.element_ty), BLOCK_M, HALF_PAD)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -354,15 +422,13 @@ def _attention_forward_kernel(
         unmasked_start = tl.minimum(tl.cdiv(last_doc, BLOCK_N) * BLOCK_N, unmasked_end)
         for start_n in range((first_doc // BLOCK_N) * BLOCK_N, unmasked_start, BLOCK_N):
             acc, m_i, l_i = _forward_block(
-                acc, m_i, l_i, qr1, qr2, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
-                cos_ptr, sin_ptr, stride_cs, offs_m, start_n, seq_len, qk_scale, HALF,
-                True, CAUSAL, BLOCK_N, HALF_PAD, D, D_PAD, PRECISION, seg_m,
+                acc, m_i, l_i, q, kr_base, v_base, stride_vs, stride_vd, offs_m, start_n, seq_len, qk_scale,
+                True, CAUSAL, BLOCK_N, D, D_PAD, PRECISION, seg_m,
             )
     for start_n in range(unmasked_start, unmasked_end, BLOCK_N):
         acc, m_i, l_i = _forward_block(
-            acc, m_i, l_i, qr1, qr2, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
-            cos_ptr, sin_ptr, stride_cs, offs_m, start_n, seq_len, qk_scale, HALF,
-            False, CAUSAL, BLOCK_N, HALF_PAD, D, D_PAD, PRECISION,
+            acc, m_i, l_i, q, kr_base, v_base, stride_vs, stride_vd, offs_m, start_n, seq_len, qk_scale,
+            False, CAUSAL, BLOCK_N, D, D_PAD, PRECISION,
         )
     # The diagonal blocks (causal) or the sequence tail (not causal): masked. Every query row
     # keeps at least one key (its own position, or key 0), so no row is all -inf.
@@ -372,9 +438,8 @@ def _attention_forward_kernel(
         masked_end = seq_len
     for start_n in range(unmasked_end, masked_end, BLOCK_N):
         acc, m_i, l_i = _forward_block(
-            acc, m_i, l_i, qr1, qr2, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
-            cos_ptr, sin_ptr, stride_cs, offs_m, start_n, seq_len, qk_scale, HALF,
-            True, CAUSAL, BLOCK_N, HALF_PAD, D, D_PAD, PRECISION, seg_m,
+            acc, m_i, l_i, q, kr_base, v_base, stride_vs, stride_vd, offs_m, start_n, seq_len, qk_scale,
+            True, CAUSAL, BLOCK_N, D, D_PAD, PRECISION, seg_m,
         )
 
     acc = acc / l_i[:, None]
@@ -402,7 +467,15 @@ def attention_forward(q, k, v, cos, sin, causal: bool = True, doc_start=None) ->
     the row max m2 of the base-2 scores and log2 of the row sum; natural LSE = (m2 + log2l) * ln 2).
 
     ``doc_start`` (int32 [S], with B = 1 and causal): packed documents; token s attends to tokens
-    doc_start[s]..s. Inputs are assumed validated (llama_fast.ops.attention checks them)."""
+    doc_start[s]..s. Inputs are assumed validated (llama_fast.ops.attention checks them).
+
+    K is rotated once per row, by the backward's prep kernel, into a transient workspace rot(k)
+    [B, Hkv, S, D_PAD] in the input dtype (the rounding the backward recomputes): its traffic is one
+    read of k and one write and read of the workspace, 2 * B * S * Hkv * D_PAD * itemsize bytes more
+    than reading k in the loop (67 MB at B8 S2048 Hkv8 D128 bf16, ~25 us at 2.7 TB/s; 4x that
+    without grouped heads). The key loop then loads plain tiles and makes one QK dot over the head
+    dim: no cos / sin tiles, no fp32 rotation and no shared-memory round trip per (query block,
+    key block) pair."""
     _refuse_interpreted_bf16(q, "forward")
     B, S, Hq, D = q.shape
     Hkv = k.shape[2]
@@ -411,36 +484,40 @@ def attention_forward(q, k, v, cos, sin, causal: bool = True, doc_start=None) ->
     if out.numel() == 0:
         return out, stats
     d_pad, half_pad = _padded(D)
+    kr = _rotate_into_workspace(k, cos, sin, d_pad, half_pad)
 
     def launch(block_m, block_n, warps, stages):
         _attention_forward_kernel[(triton.cdiv(S, block_m), B * Hq)](
-            q, k, v, out, stats, B * Hq * S, cos, sin,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(), cos.stride(0),
+            q, kr, v, out, stats, B * Hq * S, cos, sin,
+            *q.stride(), *v.stride(), *out.stride(), cos.stride(0),
             Hq, S, D, D // 2, _qk_scale(D), doc_start,
-            GROUP=Hq // Hkv, CAUSAL=causal, SEGMENTED=doc_start is not None, BLOCK_M=block_m, BLOCK_N=block_n, D_PAD=d_pad, HALF_PAD=half_pad,
-            PRECISION=_precision(q), num_warps=warps, num_stages=stages,
+            GROUP=Hq // Hkv, CAUSAL=causal, SEGMENTED=doc_start is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+            D_PAD=d_pad, HALF_PAD=half_pad, PRECISION=_precision(q), num_warps=warps, num_stages=stages,
         )
 
-    _launch_first_fitting(_configs(_FORWARD_CONFIGS, _FORWARD_FALLBACKS, _INTERPRETER_FORWARD, q.device, d_pad), launch)
+    table = _forward_table(_contiguous_launch(D, S, cos, q, v), doc_start is not None)
+    _launch_first_fitting(_configs(table, _FORWARD_FALLBACKS, _INTERPRETER_FORWARD, q.device, d_pad), launch)
     return out, stats
+
+
+def _rotate_into_workspace(x, cos, sin, d_pad, half_pad, out=None, dout=None, delta=None) -> torch.Tensor:
+    """rot(x) [B, H, S, D_PAD] in x's dtype, halves at columns 0 and HALF_PAD (the prep kernel; with
+    out, dout and delta also delta = rowsum(dO * O) for x = q)."""
+    B, S, H, D = x.shape
+    xr = torch.empty((B, H, S, d_pad), dtype=x.dtype, device=x.device)
+    with_delta = delta is not None
+    o, do = (out, dout) if with_delta else (x, x)
+    rows = _prep_rows(d_pad)
+    _backward_prep_kernel[(triton.cdiv(S, rows), B * H)](
+        x, xr, o, do, delta if with_delta else cos, cos, sin, *x.stride(), *o.stride(), *do.stride(), cos.stride(0),
+        H, S, D, D // 2, DELTA=with_delta, BLOCK_M=rows, D_PAD=d_pad, HALF_PAD=half_pad,
+    )
+    return xr
 
 
 # ------------------------------------------------------------------------------------------------
 # Backward
 # ------------------------------------------------------------------------------------------------
-@triton.jit
-def _load_rows(
-    base, stride_s, stride_d,  # element [0, 0] of one head and its strides along the sequence and head dim
-    offs_s,  # [BLOCK] int64 positions of the rows to load
-    seq_len, D, D_PAD: tl.constexpr,
-):
-    """Rows offs_s of one head as a [BLOCK, D_PAD] tile in the stored dtype; rows past seq_len and
-    columns past D read as zero."""
-    offs_d = tl.arange(0, D_PAD)
-    mask = (offs_s < seq_len)[:, None] & (offs_d[None, :] < D)
-    return tl.load(base + offs_s[:, None] * stride_s + offs_d[None, :] * stride_d, mask=mask, other=0.0)
-
-
 @triton.jit
 def _load_row_stats(stats_base, stats_half, delta_base, offs_m, seq_len):
     """m2, log2(l) and delta of query rows offs_m of one head (fp32, [BLOCK]), each loaded once per
@@ -470,7 +547,7 @@ def _mul_rn(a, b, INTERPRETED: tl.constexpr):
 
 @triton.jit
 def _probs_and_ds(
-    a1, a2, b1, b2,  # score operands by halves: S = a1 b1^T + a2 b2^T, summed as the forward sums it
+    a, b,  # score operands, rotated rows [*, D_PAD] in the input dtype: S = a b^T, summed as the forward sums it
     x, y,  # dP operands: dP = x y^T
     m2, log2l, delta,  # fp32 row statistics, broadcastable to S (queries along rows or along columns)
     keep,  # bool, broadcastable to S: False where P must be 0 (used only when MASK)
@@ -480,12 +557,11 @@ def _probs_and_ds(
     (rot(q), rot(k), dO, V) and gets P and dS [BLOCK_M, BLOCK_N]; the kv kernel passes
     (rot(k), rot(q), V, dO) and gets their transposes [BLOCK_N, BLOCK_M].
 
-    S2 is formed exactly as the forward forms it: the same two half-dots in the same order, then the
+    S2 is formed exactly as the forward forms it: one dot over the same padded rotated rows, then the
     same fp32 scale (a transposed product sums the same terms in the same order), so S2 - m2 is exact
     near the row max however large the scores are; m2 is subtracted before log2l (the row-statistics
     contract, csrc/llama_fast.h)."""
-    s2 = tl.dot(a1, tl.trans(b1), input_precision=PRECISION)
-    s2 = tl.dot(a2, tl.trans(b2), s2, input_precision=PRECISION)
+    s2 = tl.dot(a, tl.trans(b), input_precision=PRECISION)
     p = tl.math.exp2((_mul_rn(s2, qk_scale, _INTERPRETED) - m2) - log2l)
     if MASK:
         p = tl.where(keep, p, 0.0)
@@ -494,21 +570,13 @@ def _probs_and_ds(
 
 
 @triton.jit
-def _load_halves(base, offs_s, seq_len, HALF_PAD: tl.constexpr):
-    """Rows offs_s of one head of the workspace [S, 2 * HALF_PAD] as its halves [BLOCK, HALF_PAD]
-    (rows past seq_len read as zero)."""
-    offs_h = tl.arange(0, HALF_PAD)
-    mask = (offs_s < seq_len)[:, None]
-    ptr = base + offs_s[:, None] * (2 * HALF_PAD) + offs_h[None, :]
-    return tl.load(ptr, mask=mask, other=0.0), tl.load(ptr + HALF_PAD, mask=mask, other=0.0)
-
-
-@triton.jit
 def _store_unrotated(
-    base, stride_s, stride_d, cos_ptr, sin_ptr, stride_cs, offs_s, seq_len, HALF, HALF_PAD: tl.constexpr,
-    g1, g2,  # fp32 gradient wrt the rotated rows by halves, [BLOCK, HALF_PAD] each
+    base, stride_s, stride_d, cos_ptr, sin_ptr, stride_cs, offs_s, seq_len, HALF,
+    g,  # fp32 gradient wrt the rotated rows, [BLOCK, D_PAD] in the workspace's column order (halves apart)
+    BLOCK: tl.constexpr, HALF_PAD: tl.constexpr,
 ):
-    """Applies the inverse rotation (by -theta) to (g1, g2) and stores rows offs_s of one head."""
+    """Applies the inverse rotation (by -theta) to g and stores rows offs_s of one head."""
+    g1, g2 = _split_halves(g, BLOCK, HALF_PAD)
     offs_h = tl.arange(0, HALF_PAD)
     mask = (offs_s < seq_len)[:, None] & (offs_h[None, :] < HALF)
     cs_off = offs_s[:, None] * stride_cs + offs_h[None, :]
@@ -557,16 +625,16 @@ def _backward_prep_kernel(
 
 @triton.jit
 def _backward_kv_block(
-    dk1, dk2, dv, k1, k2, v,  # fp32 accumulators (dK by halves) and this program's rot(k) halves and v
+    dk, dv, k, v,  # fp32 accumulators (dK in the workspace's column order) and this program's rot(k) and v
     qr_base, do_base, stats_base, stats_half, delta_base,  # one query head: rot(q) (workspace), dO, stats, delta
     stride_ds, stride_dd,
     offs_n, start_m, seq_len, qk_scale, D,
-    MASK: tl.constexpr, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr, HALF_PAD: tl.constexpr,
+    MASK: tl.constexpr, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr,
     PRECISION: tl.constexpr,
     seg_end_n=None,  # packed documents: [BLOCK_N] end (exclusive) of each key's document (MASK blocks only)
 ):
     offs_m = start_m + tl.arange(0, BLOCK_M).to(tl.int64)
-    q1, q2 = _load_halves(qr_base, offs_m, seq_len, HALF_PAD)
+    q = _load_workspace(qr_base, offs_m, seq_len, D_PAD)
     do = _load_rows(do_base, stride_ds, stride_dd, offs_m, seq_len, D, D_PAD)
     m2, log2l, delta = _load_row_stats(stats_base, stats_half, delta_base, offs_m, seq_len)
     # Transposed: keys along rows, queries along columns, [BLOCK_N, BLOCK_M]. Rows past the
@@ -574,13 +642,11 @@ def _backward_kv_block(
     keep = offs_m[None, :] >= offs_n[:, None]
     if seg_end_n is not None:
         keep = keep & (offs_m[None, :] < seg_end_n[:, None])
-    pt, dst = _probs_and_ds(k1, k2, q1, q2, v, do, m2[None, :], log2l[None, :], delta[None, :], keep, qk_scale,
+    pt, dst = _probs_and_ds(k, q, v, do, m2[None, :], log2l[None, :], delta[None, :], keep, qk_scale,
                             MASK, PRECISION)
     dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PRECISION)
-    dst = dst.to(q1.dtype)
-    dk1 = tl.dot(dst, q1, dk1, input_precision=PRECISION)
-    dk2 = tl.dot(dst, q2, dk2, input_precision=PRECISION)
-    return dk1, dk2, dv
+    dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=PRECISION)
+    return dk, dv
 
 
 @triton.jit
@@ -609,11 +675,10 @@ def _attention_backward_kv_kernel(
     kv_h = pid_bh % num_kv_heads
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N).to(tl.int64)
-    k1, k2 = _load_halves(kr_ptr + pid_bh * seq_len * D_PAD, offs_n, seq_len, HALF_PAD)
+    k = _load_workspace(kr_ptr + pid_bh * seq_len * D_PAD, offs_n, seq_len, D_PAD)
     v = _load_rows(v_ptr + b * stride_vb + kv_h * stride_vh, stride_vs, stride_vd, offs_n, seq_len, D, D_PAD)
 
-    dk1 = tl.zeros([BLOCK_N, HALF_PAD], tl.float32)
-    dk2 = tl.zeros([BLOCK_N, HALF_PAD], tl.float32)
+    dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
     dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
     if CAUSAL:
         masked_end = tl.minimum(start_n + BLOCK_N, seq_len)
@@ -637,29 +702,29 @@ def _attention_backward_kv_kernel(
         do_base = do_ptr + b * stride_db + (kv_h * GROUP + g) * stride_dh
         # Query blocks on the diagonal of this key block: masked.
         for start_m in range(first_m, masked_end, BLOCK_M):
-            dk1, dk2, dv = _backward_kv_block(
-                dk1, dk2, dv, k1, k2, v, qr_base, do_base, stats_ptr + bh * seq_len, stats_half,
+            dk, dv = _backward_kv_block(
+                dk, dv, k, v, qr_base, do_base, stats_ptr + bh * seq_len, stats_half,
                 delta_ptr + bh * seq_len, stride_ds, stride_dd, offs_n, start_m, seq_len, qk_scale, D,
-                True, BLOCK_M, D_PAD, HALF_PAD, PRECISION, seg_end_n,
+                True, BLOCK_M, D_PAD, PRECISION, seg_end_n,
             )
         # Query blocks below the diagonal (or all of them, not causal): no mask.
         for start_m in range(tl.maximum(masked_end, first_m), unmasked_end, BLOCK_M):
-            dk1, dk2, dv = _backward_kv_block(
-                dk1, dk2, dv, k1, k2, v, qr_base, do_base, stats_ptr + bh * seq_len, stats_half,
+            dk, dv = _backward_kv_block(
+                dk, dv, k, v, qr_base, do_base, stats_ptr + bh * seq_len, stats_half,
                 delta_ptr + bh * seq_len, stride_ds, stride_dd, offs_n, start_m, seq_len, qk_scale, D,
-                False, BLOCK_M, D_PAD, HALF_PAD, PRECISION,
+                False, BLOCK_M, D_PAD, PRECISION,
             )
         if SEGMENTED:  # query blocks that straddle the end of a key's document: masked
             for start_m in range(tl.maximum(unmasked_end, first_m), straddle_end, BLOCK_M):
-                dk1, dk2, dv = _backward_kv_block(
-                    dk1, dk2, dv, k1, k2, v, qr_base, do_base, stats_ptr + bh * seq_len, stats_half,
+                dk, dv = _backward_kv_block(
+                    dk, dv, k, v, qr_base, do_base, stats_ptr + bh * seq_len, stats_half,
                     delta_ptr + bh * seq_len, stride_ds, stride_dd, offs_n, start_m, seq_len, qk_scale, D,
-                    True, BLOCK_M, D_PAD, HALF_PAD, PRECISION, seg_end_n,
+                    True, BLOCK_M, D_PAD, PRECISION, seg_end_n,
                 )
 
     g_off = b * stride_gb + kv_h * stride_gh
     _store_unrotated(dk_ptr + g_off, stride_gs, stride_gd, cos_ptr, sin_ptr, stride_cs, offs_n, seq_len,
-                     HALF, HALF_PAD, dk1 * sm_scale, dk2 * sm_scale)
+                     HALF, dk * sm_scale, BLOCK_N, HALF_PAD)
     offs_d = tl.arange(0, D_PAD)
     tl.store(dv_ptr + g_off + offs_n[:, None] * stride_gs + offs_d[None, :] * stride_gd,
              dv.to(dv_ptr.dtype.element_ty), mask=(offs_n < seq_len)[:, None] & (offs_d[None, :] < D))
@@ -667,27 +732,23 @@ def _attention_backward_kv_kernel(
 
 @triton.jit
 def _backward_q_block(
-    dq1, dq2, q1, q2, do, m2, log2l, delta,  # fp32 accumulators (by halves) and this program's query block
+    dq, q, do, m2, log2l, delta,  # fp32 accumulator (workspace column order) and this program's query block
     kr_base, v_base, stride_vs, stride_vd,  # one kv head: rot(k) (workspace) and v
     offs_m, start_n, seq_len, qk_scale, D,
     MASK: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
-    HALF_PAD: tl.constexpr, PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr,
     seg_m=None,  # packed documents: [BLOCK_M] first token of each query row's document (MASK blocks only)
 ):
     offs_n = start_n + tl.arange(0, BLOCK_N).to(tl.int64)
-    k1, k2 = _load_halves(kr_base, offs_n, seq_len, HALF_PAD)
+    k = _load_workspace(kr_base, offs_n, seq_len, D_PAD)
     v = _load_rows(v_base, stride_vs, stride_vd, offs_n, seq_len, D, D_PAD)
     keep = offs_n[None, :] < seq_len
     if CAUSAL:
         keep = keep & (offs_n[None, :] <= offs_m[:, None])
     if seg_m is not None:
         keep = keep & (offs_n[None, :] >= seg_m[:, None])
-    p, ds = _probs_and_ds(q1, q2, k1, k2, do, v, m2[:, None], log2l[:, None], delta[:, None], keep, qk_scale,
-                          MASK, PRECISION)
-    ds = ds.to(k1.dtype)
-    dq1 = tl.dot(ds, k1, dq1, input_precision=PRECISION)
-    dq2 = tl.dot(ds, k2, dq2, input_precision=PRECISION)
-    return dq1, dq2
+    p, ds = _probs_and_ds(q, k, do, v, m2[:, None], log2l[:, None], delta[:, None], keep, qk_scale, MASK, PRECISION)
+    return tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
 
 
 @triton.jit
@@ -716,7 +777,7 @@ def _attention_backward_q_kernel(
     h = pid_bh % num_heads
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M).to(tl.int64)
-    q1, q2 = _load_halves(qr_ptr + pid_bh * seq_len * D_PAD, offs_m, seq_len, HALF_PAD)
+    q = _load_workspace(qr_ptr + pid_bh * seq_len * D_PAD, offs_m, seq_len, D_PAD)
     do = _load_rows(do_ptr + b * stride_db + h * stride_dh, stride_ds, stride_dd, offs_m, seq_len, D, D_PAD)
     m2, log2l, delta = _load_row_stats(stats_ptr + pid_bh * seq_len, stats_half, delta_ptr + pid_bh * seq_len,
                                        offs_m, seq_len)
@@ -724,8 +785,7 @@ def _attention_backward_q_kernel(
     kr_base = kr_ptr + kv_bh * seq_len * D_PAD
     v_base = v_ptr + b * stride_vb + (h // GROUP) * stride_vh
 
-    dq1 = tl.zeros([BLOCK_M, HALF_PAD], tl.float32)
-    dq2 = tl.zeros([BLOCK_M, HALF_PAD], tl.float32)
+    dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     if CAUSAL:
         unmasked_end = start_m
         masked_end = tl.minimum(start_m + BLOCK_M, seq_len)
@@ -740,22 +800,22 @@ def _attention_backward_q_kernel(
         last_doc = tl.load(seg_start_ptr + tl.minimum(start_m + BLOCK_M, seq_len) - 1)
         unmasked_start = tl.minimum(tl.cdiv(last_doc, BLOCK_N) * BLOCK_N, unmasked_end)
         for start_n in range((first_doc // BLOCK_N) * BLOCK_N, unmasked_start, BLOCK_N):
-            dq1, dq2 = _backward_q_block(
-                dq1, dq2, q1, q2, do, m2, log2l, delta, kr_base, v_base, stride_vs, stride_vd, offs_m, start_n,
-                seq_len, qk_scale, D, True, CAUSAL, BLOCK_N, D_PAD, HALF_PAD, PRECISION, seg_m,
+            dq = _backward_q_block(
+                dq, q, do, m2, log2l, delta, kr_base, v_base, stride_vs, stride_vd, offs_m, start_n,
+                seq_len, qk_scale, D, True, CAUSAL, BLOCK_N, D_PAD, PRECISION, seg_m,
             )
     for start_n in range(unmasked_start, unmasked_end, BLOCK_N):
-        dq1, dq2 = _backward_q_block(
-            dq1, dq2, q1, q2, do, m2, log2l, delta, kr_base, v_base, stride_vs, stride_vd, offs_m, start_n,
-            seq_len, qk_scale, D, False, CAUSAL, BLOCK_N, D_PAD, HALF_PAD, PRECISION,
+        dq = _backward_q_block(
+            dq, q, do, m2, log2l, delta, kr_base, v_base, stride_vs, stride_vd, offs_m, start_n,
+            seq_len, qk_scale, D, False, CAUSAL, BLOCK_N, D_PAD, PRECISION,
         )
     for start_n in range(unmasked_end, masked_end, BLOCK_N):
-        dq1, dq2 = _backward_q_block(
-            dq1, dq2, q1, q2, do, m2, log2l, delta, kr_base, v_base, stride_vs, stride_vd, offs_m, start_n,
-            seq_len, qk_scale, D, True, CAUSAL, BLOCK_N, D_PAD, HALF_PAD, PRECISION, seg_m,
+        dq = _backward_q_block(
+            dq, q, do, m2, log2l, delta, kr_base, v_base, stride_vs, stride_vd, offs_m, start_n,
+            seq_len, qk_scale, D, True, CAUSAL, BLOCK_N, D_PAD, PRECISION, seg_m,
         )
     _store_unrotated(dq_ptr + b * stride_gb + h * stride_gh, stride_gs, stride_gd, cos_ptr, sin_ptr, stride_cs,
-                     offs_m, seq_len, HALF, HALF_PAD, dq1 * sm_scale, dq2 * sm_scale)
+                     offs_m, seq_len, HALF, dq * sm_scale, BLOCK_M, HALF_PAD)
 
 
 def check_stats(stats: torch.Tensor, q: torch.Tensor) -> None:
@@ -789,15 +849,9 @@ def attention_backward(dout, q, k, v, out, stats, cos, sin, causal: bool = True,
         return dq, dk, dv
     d_pad, half_pad = _padded(D)
     # Workspace: rot(q), rot(k) in the input dtype (freed on return) and delta.
-    qr = torch.empty((B, Hq, S, d_pad), dtype=q.dtype, device=q.device)
-    kr = torch.empty((B, Hkv, S, d_pad), dtype=k.dtype, device=k.device)
     delta = torch.empty((B, Hq, S), dtype=torch.float32, device=q.device)
-    prep_rows = _prep_rows(d_pad)
-    for x, xr, heads, with_delta in ((q, qr, Hq, True), (k, kr, Hkv, False)):
-        _backward_prep_kernel[(triton.cdiv(S, prep_rows), B * heads)](
-            x, xr, out, dout, delta, cos, sin, *x.stride(), *out.stride(), *dout.stride(), cos.stride(0),
-            heads, S, D, D // 2, DELTA=with_delta, BLOCK_M=prep_rows, D_PAD=d_pad, HALF_PAD=half_pad,
-        )
+    qr = _rotate_into_workspace(q, cos, sin, d_pad, half_pad, out, dout, delta)
+    kr = _rotate_into_workspace(k, cos, sin, d_pad, half_pad)
     sm_scale = 1.0 / math.sqrt(D)
     args = (cos, sin, *v.stride(), *dout.stride())
     scalars = (S, D, D // 2, _qk_scale(D), sm_scale)

@@ -16,7 +16,8 @@ launches (16-byte aligned pointers, strides and sizes divisible by 16).
   launches: general (head-dim strides unknown) and contiguous (head-dim strides the constant 1,
   other sizes multiples of 16; kernels/attention.py's _contiguous_launch picks it at launch).
 * The proof for Hopper: on sm_90a, bf16, D = 128, the contiguous launches of both Triton backward
-  kernels multiply with wgmma (HGMMA in the SASS) and use no stack and no local memory.
+  kernels multiply with wgmma (HGMMA in the SASS) and use no stack and no local memory; the forward's
+  key loops issue only wgmma with N >= 64, no local memory and at most 3 barriers per iteration.
 """
 import json
 import os
@@ -139,6 +140,8 @@ def _attention_cases() -> list:
     from llama_fast.kernels import attention as attn
 
     kernels = [("forward", "_attention_forward_kernel", attn._FORWARD_CONFIGS, attn._FORWARD_FALLBACKS, False),
+               ("forward contiguous", "_attention_forward_kernel", attn._FORWARD_CONTIGUOUS_CONFIGS,
+                attn._FORWARD_FALLBACKS, True),
                ("backward kv", "_attention_backward_kv_kernel", attn._BACKWARD_KV_CONFIGS, attn._BACKWARD_KV_FALLBACKS,
                 False),
                ("backward q", "_attention_backward_q_kernel", attn._BACKWARD_Q_CONFIGS, attn._BACKWARD_Q_FALLBACKS,
@@ -159,7 +162,7 @@ def _attention_cases() -> list:
                 if contiguous:
                     constexprs.update(_contiguous_strides(kernel_name))
                 # wgmma on Hopper at head dims 64 and 128: the forward, and the backward's contiguous entries.
-                wants_wgmma = (label == "forward" or contiguous) and not kind and arch == 90 and d_pad <= 128
+                wants_wgmma = (_base(label) == "forward" or contiguous) and not kind and arch == 90 and d_pad <= 128
                 cases.append((f"{label} {kind}D{d_pad} sm_{arch} {(block_m, block_n, warps, stages)}", kernel_name,
                               arch, constexprs, warps, stages, budget if d_pad <= 128 else None, wants_wgmma,
                               contiguous))
@@ -175,9 +178,12 @@ def _attention_cases() -> list:
                     if contiguous:
                         constexprs.update(_contiguous_strides(kernel_name))
                     cases.append((f"{label} D{d_pad} sm_{arch} GROUP={group} causal={causal}", kernel_name, arch,
-                                  constexprs, warps, stages, budget, (label == "forward" or contiguous) and d_pad >= 64,
+                                  constexprs, warps, stages, budget, (_base(label) == "forward" or contiguous) and d_pad >= 64,
                                   contiguous))
-                # Packed documents (ops.attention with cu_seqlens) run the same entries with SEGMENTED.
+                # Packed documents (ops.attention with cu_seqlens) run the same entries with SEGMENTED (the
+                # forward: its packed tables).
+                if _base(label) == "forward":
+                    table = attn._forward_table(contiguous, packed=True)
                 for d_pad in (64, 128):
                     block_m, block_n, warps, stages = table[row][d_pad]
                     constexprs = dict(GROUP=4, CAUSAL=True, SEGMENTED=True, BLOCK_M=block_m, BLOCK_N=block_n,
@@ -185,7 +191,7 @@ def _attention_cases() -> list:
                     if contiguous:
                         constexprs.update(_contiguous_strides(kernel_name))
                     cases.append((f"{label} D{d_pad} sm_{arch} packed documents", kernel_name, arch, constexprs,
-                                  warps, stages, SPILL_BUDGET["packed"], label == "forward", contiguous))
+                                  warps, stages, SPILL_BUDGET["packed"], _base(label) == "forward", contiguous))
         for d_pad in (64, 128, 256):
             for delta in (True, False):
                 constexprs = dict(DELTA=delta, BLOCK_M=attn._prep_rows(d_pad), D_PAD=d_pad, HALF_PAD=d_pad // 2)
@@ -293,6 +299,46 @@ def prove_backward_wgmma() -> dict:
     return results
 
 
+def sass_loops(sass: str) -> list[dict]:
+    """The loops of a kernel's SASS (each backward branch and the code it jumps back over), each as
+    {"HGMMA": [N of each wgmma], "HMMA": mma.sync count, "BAR": barriers (BAR.SYNC / ARV / RED), "LOCAL":
+    local-memory loads and stores}, for the loops that multiply."""
+    code = [(int(a, 16), text) for a, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    loops = []
+    for addr, text in code:
+        jump = re.search(r"\bBRA\s+(0x[0-9a-f]+)", text)
+        if jump and int(jump.group(1), 16) < addr:
+            body = "\n".join(t for a, t in code if int(jump.group(1), 16) <= a <= addr)
+            loop = {"HGMMA": [int(n) for n in re.findall(r"\bHGMMA\.\d+x(\d+)x\d+", body)],
+                    "HMMA": len(re.findall(r"\bHMMA\.", body)),
+                    "BAR": len(re.findall(r"\bBAR\.(?:SYNC|ARV|RED)\b", body)),
+                    "LOCAL": len(re.findall(r"\b(?:LDL|STL)\b", body))}
+            if loop["HGMMA"] or loop["HMMA"]:
+                loops.append(loop)
+    return loops
+
+
+def prove_forward_wgmma() -> dict:
+    """Compiles the forward at its contiguous sm_90 D = 128 entries for sm_90a (bf16; GQA group 4 causal,
+    and plain multi-head non-causal; batched and packed documents) as the JIT specializes a contiguous
+    launch; {case: {"entry", "STACK", "loops": sass_loops}}."""
+    from llama_fast.kernels import attention as attn
+
+    results = {}
+    for group, causal, segmented in ((4, True, False), (1, False, False), (8, True, True)):
+        block_m, block_n, warps, stages = attn._forward_table(contiguous=True, packed=segmented)[9][128]
+        constexprs = dict(GROUP=group, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, D_PAD=128, HALF_PAD=64,
+                          PRECISION="tf32", **_contiguous_strides("_attention_forward_kernel"))
+        constexprs.update(dict(SEGMENTED=True) if segmented else UNSEGMENTED["forward"])
+        compiled = _compile_attention_kernel("_attention_forward_kernel", 90, constexprs, warps, stages, True)
+        results[f"forward GROUP={group} causal={causal} packed={segmented}"] = {
+            "entry": [block_m, block_n, warps, stages],
+            "STACK": _resource_usage(compiled.asm["cubin"])["STACK"],
+            "loops": sass_loops(_cuobjdump(compiled.asm["cubin"], "-sass")),
+        }
+    return results
+
+
 def _run_in_subprocess(what: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
@@ -323,6 +369,25 @@ def test_triton_attention_backward_uses_wgmma_without_spills_on_hopper():
     assert bad == {}, f"want HGMMA > 0, STACK == 0 and LOCAL == 0: {bad}"
 
 
+def test_triton_attention_forward_key_loop_is_the_tutorial_loop_on_hopper():
+    """Issue 16 item 1: on sm_90a, bf16, D = 128, a contiguous launch's key loops multiply with wgmma
+    only, every one at least 64 keys wide (N), with at most 3 barriers per iteration, no local memory
+    and no stack. The forward that rotated K in the loop failed each of these at its (128, 32, 8, 3)
+    entry (triton 3.9): 8 HGMMA.64x32x16 per iteration (N = 32) beside 2 HGMMA.64x128x16, and 6
+    barriers (plus 3 fences); with rot(K) from a workspace and one QK dot the (128, 128, 8, 2) entry
+    issues 16 HGMMA.64x128x16 per 128 keys behind 3 barriers."""
+    results = _run_in_subprocess("forward")
+    assert len(results) == 3
+    bad = {}
+    for name, r in results.items():
+        loops = r["loops"]
+        if not loops or r["STACK"] or any(
+                not loop["HGMMA"] or loop["HMMA"] or min(loop["HGMMA"]) < 64 or loop["BAR"] > 3 or loop["LOCAL"]
+                for loop in loops):
+            bad[name] = r
+    assert bad == {}, f"want every key loop: wgmma only, N >= 64, <= 3 barriers, no local memory, no stack: {bad}"
+
+
 if __name__ == "__main__":
     print(json.dumps({"elementwise": compile_all, "attention": compile_attention,
-                      "wgmma": prove_backward_wgmma}[sys.argv[1]]()))
+                      "wgmma": prove_backward_wgmma, "forward": prove_forward_wgmma}[sys.argv[1]]()))
