@@ -67,6 +67,8 @@ def compile_config(kernel_name: str, arch: int, d_pad: int, layout: str, heads_a
     constexprs = dict(GROUP=4, CAUSAL=True, BLOCK_M=block_m, BLOCK_N=block_n, D_PAD=d_pad, HALF_PAD=d_pad // 2,
                       PRECISION="tf32", SEGMENTED=False)  # batched, not packed documents: no bounds pointer
     constexprs.update({arg: None for arg in kernel.arg_names if arg in INT32_POINTERS})
+    if "DELTA_PASS" in kernel.arg_names:  # the q kernel's fp32-only delta pass: the dQ pass is what is tuned
+        constexprs["DELTA_PASS"] = False
     contiguous = layout == "contiguous"
     signature, attrs = {}, {}
     for i, arg in enumerate(kernel.arg_names):

@@ -737,6 +737,7 @@ def _backward_q_block(
     offs_m, start_n, seq_len, qk_scale, D,
     MASK: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
     PRECISION: tl.constexpr,
+    DELTA_PASS: tl.constexpr,  # dq is the [BLOCK_M] sum of P * dP (delta is 0): accumulate it, no dQ
     seg_m=None,  # packed documents: [BLOCK_M] first token of each query row's document (MASK blocks only)
 ):
     offs_n = start_n + tl.arange(0, BLOCK_N).to(tl.int64)
@@ -748,6 +749,8 @@ def _backward_q_block(
     if seg_m is not None:
         keep = keep & (offs_n[None, :] >= seg_m[:, None])
     p, ds = _probs_and_ds(q, k, do, v, m2[:, None], log2l[:, None], delta[:, None], keep, qk_scale, MASK, PRECISION)
+    if DELTA_PASS:
+        return dq + tl.sum(ds, 1)
     return tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
 
 
@@ -769,8 +772,10 @@ def _attention_backward_q_kernel(
     BLOCK_M: tl.constexpr,  # query rows per program
     BLOCK_N: tl.constexpr,  # key rows per inner step; BLOCK_M % BLOCK_N == 0
     D_PAD: tl.constexpr, HALF_PAD: tl.constexpr, PRECISION: tl.constexpr,
+    DELTA_PASS: tl.constexpr = False,  # write delta = rowsum(P * dP) to delta_ptr instead of dQ (fp32 inputs)
 ):
-    """One program per (query block, batch, query head): dQ over every key block it attends to."""
+    """One program per (query block, batch, query head): dQ over every key block it attends to (or,
+    with DELTA_PASS, delta from the same P and dP the dQ pass subtracts it from)."""
     pid_m = tl.program_id(0).to(tl.int64)
     pid_bh = tl.program_id(1).to(tl.int64)  # b * Hq + query head
     b = pid_bh // num_heads
@@ -785,7 +790,11 @@ def _attention_backward_q_kernel(
     kr_base = kr_ptr + kv_bh * seq_len * D_PAD
     v_base = v_ptr + b * stride_vb + (h // GROUP) * stride_vh
 
-    dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    if DELTA_PASS:
+        delta = tl.zeros([BLOCK_M], tl.float32)
+        dq = tl.zeros([BLOCK_M], tl.float32)
+    else:
+        dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     if CAUSAL:
         unmasked_end = start_m
         masked_end = tl.minimum(start_m + BLOCK_M, seq_len)
@@ -802,20 +811,23 @@ def _attention_backward_q_kernel(
         for start_n in range((first_doc // BLOCK_N) * BLOCK_N, unmasked_start, BLOCK_N):
             dq = _backward_q_block(
                 dq, q, do, m2, log2l, delta, kr_base, v_base, stride_vs, stride_vd, offs_m, start_n,
-                seq_len, qk_scale, D, True, CAUSAL, BLOCK_N, D_PAD, PRECISION, seg_m,
+                seq_len, qk_scale, D, True, CAUSAL, BLOCK_N, D_PAD, PRECISION, DELTA_PASS, seg_m,
             )
     for start_n in range(unmasked_start, unmasked_end, BLOCK_N):
         dq = _backward_q_block(
             dq, q, do, m2, log2l, delta, kr_base, v_base, stride_vs, stride_vd, offs_m, start_n,
-            seq_len, qk_scale, D, False, CAUSAL, BLOCK_N, D_PAD, PRECISION,
+            seq_len, qk_scale, D, False, CAUSAL, BLOCK_N, D_PAD, PRECISION, DELTA_PASS,
         )
     for start_n in range(unmasked_end, masked_end, BLOCK_N):
         dq = _backward_q_block(
             dq, q, do, m2, log2l, delta, kr_base, v_base, stride_vs, stride_vd, offs_m, start_n,
-            seq_len, qk_scale, D, True, CAUSAL, BLOCK_N, D_PAD, PRECISION, seg_m,
+            seq_len, qk_scale, D, True, CAUSAL, BLOCK_N, D_PAD, PRECISION, DELTA_PASS, seg_m,
         )
-    _store_unrotated(dq_ptr + b * stride_gb + h * stride_gh, stride_gs, stride_gd, cos_ptr, sin_ptr, stride_cs,
-                     offs_m, seq_len, HALF, dq * sm_scale, BLOCK_M, HALF_PAD)
+    if DELTA_PASS:
+        tl.store(delta_ptr + pid_bh * seq_len + offs_m, dq, mask=offs_m < seq_len)
+    else:
+        _store_unrotated(dq_ptr + b * stride_gb + h * stride_gh, stride_gs, stride_gd, cos_ptr, sin_ptr, stride_cs,
+                         offs_m, seq_len, HALF, dq * sm_scale, BLOCK_M, HALF_PAD)
 
 
 def check_stats(stats: torch.Tensor, q: torch.Tensor) -> None:
@@ -850,7 +862,12 @@ def attention_backward(dout, q, k, v, out, stats, cos, sin, causal: bool = True,
     d_pad, half_pad = _padded(D)
     # Workspace: rot(q), rot(k) in the input dtype (freed on return) and delta.
     delta = torch.empty((B, Hq, S), dtype=torch.float32, device=q.device)
-    qr = _rotate_into_workspace(q, cos, sin, d_pad, half_pad, out, dout, delta)
+    # delta = rowsum(dO * O) in the prep pass; for fp32 inputs rowsum(P * dP) from a pass of the q
+    # kernel over the same P and dP instead (below): dS = P * (dP - delta) then cancels bitwise on
+    # near one-hot rows as eager's softmax backward does (issue 13 item 6: dq at q, k std 100 was
+    # 1e-4 off where eager's is exact), for one more QK and dO V^T product per tile (fp32 only).
+    delta_pass = q.dtype == torch.float32
+    qr = _rotate_into_workspace(q, cos, sin, d_pad, half_pad, *((None, None, None) if delta_pass else (out, dout, delta)))
     kr = _rotate_into_workspace(k, cos, sin, d_pad, half_pad)
     sm_scale = 1.0 / math.sqrt(D)
     args = (cos, sin, *v.stride(), *dout.stride())
@@ -864,18 +881,21 @@ def attention_backward(dout, q, k, v, out, stats, cos, sin, causal: bool = True,
             doc_end, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **common,
         )
 
-    def launch_q(block_m, block_n, warps, stages):
+    def launch_q(block_m, block_n, warps, stages, delta_only=False):
         _attention_backward_q_kernel[(triton.cdiv(S, block_m), B * Hq)](
             qr, kr, v, dout, stats, B * Hq * S, delta, dq, *args, *dq.stride(), cos.stride(0), Hq, *scalars,
-            doc_start, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **common,
+            doc_start, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, DELTA_PASS=delta_only,
+            **common,
         )
 
     device = q.device
     contiguous = _contiguous_launch(D, S, cos, v, dout)
     kv_table = _BACKWARD_KV_CONTIGUOUS_CONFIGS if contiguous else _BACKWARD_KV_CONFIGS
     q_table = _BACKWARD_Q_CONTIGUOUS_CONFIGS if contiguous else _BACKWARD_Q_CONFIGS
+    q_configs = _configs(q_table, _BACKWARD_Q_FALLBACKS, _INTERPRETER_BACKWARD_Q, device, d_pad)
+    if delta_pass:
+        _launch_first_fitting(q_configs, lambda *config: launch_q(*config, delta_only=True))
     kv_configs = _configs(kv_table, _BACKWARD_KV_FALLBACKS, _INTERPRETER_BACKWARD_KV, device, d_pad)
     _launch_first_fitting(kv_configs, launch_kv)
-    q_configs = _configs(q_table, _BACKWARD_Q_FALLBACKS, _INTERPRETER_BACKWARD_Q, device, d_pad)
     _launch_first_fitting(q_configs, launch_q)
     return dq, dk, dv

@@ -232,6 +232,8 @@ def _compile_attention_kernel(kernel_name: str, arch: int, constexprs: dict, war
     from triton.compiler import ASTSource
 
     kernel = getattr(importlib.import_module("llama_fast.kernels.attention"), kernel_name)
+    if "DELTA_PASS" in kernel.arg_names:  # the q kernel's fp32-only delta pass: the dQ pass is what is tuned
+        constexprs = {"DELTA_PASS": False, **constexprs}
     signature, attrs = {}, {}
     for i, arg in enumerate(kernel.arg_names):
         if arg in constexprs:
