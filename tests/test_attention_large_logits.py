@@ -11,6 +11,7 @@ Paths: the Triton kernels (CPU interpreter, fp32 / fp16), the C++ CPU backward (
 forward), the CUDA kernels under the host emulation (fp16 / bf16), and the op through autograd.
 """
 import importlib
+import os
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ import torch
 import llama_fast._extension as ext
 from llama_fast import reference
 from llama_fast.kernels import attention as kernels
-from llama_fast.testing import assert_within_2x, default_floor
+from llama_fast.testing import assert_within_2x, default_floor, max_abs_error
 
 from test_cuda_emulation import EMU, KERNEL, build_emulated, run_emulated
 
@@ -82,8 +83,8 @@ def check(name, got, q, k, v, dout, cos, sin, causal, ds_known=False):
             if label not in ds_known:
                 raise
             failures.append(str(e))
-    if failures:
-        pytest.xfail(f"known (see check's docstring): {'; '.join(failures)}")
+    if failures:  # held on average over seeds instead: test_16bit_large_logits_hold_the_rule_over_seeds
+        pytest.xfail(f"known, one seed's luck (see check's docstring): {'; '.join(failures)}")
 
 
 def ds_known(dtype, std):
@@ -136,6 +137,50 @@ def test_op_autograd_large_logits(case):
     out = attention_ops.attention(*leaves, cos, sin, True)
     got = torch.autograd.grad(out, leaves, dout)
     check(f"op {case[0]}", got, q, k, v, dout, cos, sin, True, ds_known(dtype, std))
+
+
+# 16-bit cases whose single-seed check is a lottery (check's docstring), held to the rule on average.
+SEED_CASES = [("std10", 40, 32, 10.0), ("std30", 40, 32, 30.0), ("x30_D64", 33, 64, 30.0)]
+SEEDS = 8
+
+
+def _backward_by(path, dtype, S, D, std, causal, seed, monkeypatch):
+    """(dq, dk, dv) of one backward path on make(seed)'s inputs, and the inputs."""
+    q, k, v, dout, cos, sin = make(dtype, 1, S, 2, 1, D, std, seed)
+    if path == "triton":
+        out, saved = kernels.attention_forward(q, k, v, cos, sin, causal)
+        got = kernels.attention_backward(dout, q, k, v, out, saved, cos, sin, causal)
+    else:
+        with monkeypatch.context() as m:
+            out, saved = cpu_forward(m, q, k, v, cos, sin, causal)
+        got = torch.ops.llama_fast.attention_backward(dout, q, k, v, out, saved, cos, sin, causal, False)
+    return got, (q, k, v, dout, cos, sin)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("case", SEED_CASES, ids=[c[0] for c in SEED_CASES])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("path", ["triton", "c++"])
+def test_16bit_large_logits_hold_the_rule_over_seeds(monkeypatch, path, dtype, case, causal):
+    """The 2x rule on the mean over 8 seeds of each gradient's max error, where one seed's check is
+    luck (fp16 / bf16, q and k std 10 and 30; check's docstring). Measured when written (mean error /
+    eager's): Triton 0.26-0.74, C++ 0.26-1.85; the worst single seeds were 3x to 1e5x (eager exact
+    by chance)."""
+    if path == "triton" and (dtype == torch.bfloat16 or os.environ.get("TRITON_INTERPRET") != "1"):
+        pytest.skip("the Triton kernels run here only in the CPU interpreter, and not in bf16 (its tl.dot is broken)")
+    if path == "c++" and not ext.has_kernel("cpu"):
+        pytest.skip("the C++ extension is not built")
+    _, S, D, std = case
+    ours, eager = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    for seed in range(SEEDS):
+        got, inputs = _backward_by(path, dtype, S, D, std, causal, seed, monkeypatch)
+        high = reference_grads(*inputs, causal, torch.float64)
+        low = reference_grads(*inputs, causal, dtype)
+        ours += torch.tensor([max_abs_error(g.float(), h) for g, h in zip(got, high)]) / SEEDS
+        eager += torch.tensor([max_abs_error(lo, h) for lo, h in zip(low, high)]) / SEEDS
+    bound = 2 * eager + default_floor(dtype)
+    assert (ours <= bound).all(), f"{path} mean errors (dq, dk, dv) {ours.tolist()} > 2x eager's {eager.tolist()} + floor"
 
 
 @pytest.fixture(scope="module")
