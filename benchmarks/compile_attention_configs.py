@@ -55,7 +55,8 @@ def cuobjdump(cubin: bytes, *flags: str) -> str:
         return subprocess.run([tool, *flags, f.name], capture_output=True, text=True, check=True).stdout
 
 
-def compile_config(kernel_name: str, arch: int, d_pad: int, layout: str, heads_aligned: bool, config) -> dict:
+def compile_config(kernel_name: str, arch: int, d_pad: int, layout: str, heads_aligned: bool, config,
+                   packed: bool = False) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -65,8 +66,9 @@ def compile_config(kernel_name: str, arch: int, d_pad: int, layout: str, heads_a
     kernel = getattr(attention, kernel_name)
     block_m, block_n, warps, stages = config
     constexprs = dict(GROUP=4, CAUSAL=True, BLOCK_M=block_m, BLOCK_N=block_n, D_PAD=d_pad, HALF_PAD=d_pad // 2,
-                      PRECISION="tf32", SEGMENTED=False)  # batched, not packed documents: no bounds pointer
-    constexprs.update({arg: None for arg in kernel.arg_names if arg in INT32_POINTERS})
+                      PRECISION="tf32", SEGMENTED=packed)
+    if not packed:  # batched, not packed documents: no bounds pointer
+        constexprs.update({arg: None for arg in kernel.arg_names if arg in INT32_POINTERS})
     if "DELTA_PASS" in kernel.arg_names:  # the q kernel's fp32-only delta pass: the dQ pass is what is tuned
         constexprs["DELTA_PASS"] = False
     contiguous = layout == "contiguous"
@@ -78,7 +80,7 @@ def compile_config(kernel_name: str, arch: int, d_pad: int, layout: str, heads_a
             constexprs[arg] = 1
             signature[arg] = "constexpr"
         elif arg.endswith("_ptr"):
-            signature[arg] = "*fp32" if arg in FP32_POINTERS else "*bf16"
+            signature[arg] = "*fp32" if arg in FP32_POINTERS else "*i32" if arg in INT32_POINTERS else "*bf16"
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             signature[arg] = "fp32" if arg in FP32_SCALARS else "i32"
@@ -113,6 +115,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dim", type=int, choices=(64, 128, 256), required=True, help="padded head dim")
     parser.add_argument("--layout", choices=("general", "contiguous"), required=True)
     parser.add_argument("--heads-aligned", action="store_true", help="head counts multiples of 16 too")
+    parser.add_argument("--packed", action="store_true", help="packed documents (SEGMENTED, with document bounds)")
     parser.add_argument("--configs", nargs="*", help="block_m,block_n,warps,stages (default: the sweep)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -120,7 +123,8 @@ def main(argv=None) -> int:
     configs = [tuple(int(x) for x in c.split(",")) for c in args.configs] if args.configs else grid(args.kernel)
     results = []
     for config in configs:
-        result = compile_config(KERNELS[args.kernel], args.arch, args.dim, args.layout, args.heads_aligned, config)
+        result = compile_config(KERNELS[args.kernel], args.arch, args.dim, args.layout, args.heads_aligned, config,
+                                args.packed)
         print(json.dumps(result), flush=True)
         results.append(result)
     fit = [r for r in results if r.get("stack") == 0 and r["shared"] <= SHARED_LIMIT[args.arch]]

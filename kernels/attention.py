@@ -26,21 +26,24 @@ without a mask; only the blocks that straddle the diagonal (or the sequence end)
 
 Backward (the flash recipe), with P = exp2((S2 - m2) - log2l) recomputed from the saved stats, S2
 formed exactly as the forward forms it (one dot over the same padded rotated rows, the same fp32
-scale, a product that is never fused into the subtraction), so bitwise the forward's in the
-interpreter and S2 - m2 exact near the row max (on the GPU, at head dims 64 and 128 where the rows
-have no padding, the forward's one dot issues the MMA k-steps of the CUDA backwards' chained
-half-dots, in their order):
-    delta_i = sum_d dO[i, d] * O[i, d]
+scale, a product that is never fused into the subtraction: _mul_rn in both), so bitwise the
+forward's in the interpreter and S2 - m2 exact near the row max (on a GPU the tensor cores sum a
+dot in their own order, so bitwise is not promised there; tests/test_attention_large_logits.py
+measures what that costs):
+    delta_i = sum_d dO[i, d] * O[i, d]     (fp32 inputs: sum_j P[i, j] * dP[i, j], see below)
     dV = P^T dO                            summed over the query heads of a group
     dP = dO V^T
     dS = P * (dP - delta)
     dQr = dS rot(K) * scale,   dKr = dS^T rot(Q) * scale   (gradients wrt the rotated q, k)
 and the gradient wrt the unrotated inputs is the inverse rotation (by -theta):
     dx1 = dxr1 * c + dxr2 * s,   dx2 = dxr2 * c - dxr1 * s
-Three kernels, all deterministic (no atomics):
+Three kernels (four launches for fp32 inputs), all deterministic (no atomics):
   1. prep, per block of rows: rot(q) and rot(k) rounded to the input dtype (as the forward feeds
      them to its matmuls) into a workspace [B, H, S, D_PAD], and delta for the q rows in the same
-     pass over them.
+     pass over them. For fp32 inputs delta comes instead from a first launch of the q kernel
+     (DELTA_PASS) as rowsum(P * dP) of the very dP the other launches subtract it from: on near
+     one-hot rows dP - delta then cancels bitwise, as eager's softmax backward does, where
+     rowsum(dO * O) left dq 1e-4 off at q, k std 100 (issue 13 item 6).
   2. kv, one program per key block: holds rot(K) and V, streams the rot(Q) and dO tiles of every
      query block of every query head of the group, accumulates dK and dV.
   3. q, one program per query block: holds rot(Q) and dO, streams rot(K) and V tiles, accumulates dQ.
@@ -77,8 +80,8 @@ LOG2E = 1.4426950408889634
 # inputs. Each kernel's block_m / block_n keep their meaning in that kernel (see its arguments); the
 # larger must be a multiple of the smaller (the causal split walks a diagonal block in steps).
 # Forward (issue 16 item 1: rot(K) from a workspace, Q rotated in the prologue, one QK dot), untimed.
-# Picked by an offline compile (benchmarks/compile_attention_configs.py --kernel fwd) under triton 3.6
-# and 3.9, bf16, GROUP 4, causal: zero stack under both first, then at least 2 stages, the larger
+# Picked by an offline compile (benchmarks/compile_attention_configs.py --kernel fwd; --packed for the
+# packed tables) under triton 3.6 and 3.9, bf16, GROUP 4, causal: zero stack under both first, then at least 2 stages, the larger
 # block_m * block_n, more stages. Registers 3.6 / 3.9, shared memory, wgmma per key-loop iteration:
 #   contiguous launches (what real models pass; _contiguous_launch), sm_90a:
 #     D 128 (128, 128, 8, 2): 255 / 234, 160 KB, 16 HGMMA.64x128x16, 2 / 3 barriers (the rotating
@@ -236,8 +239,8 @@ def _configs(table: dict, fallbacks: list, interpreter_config: tuple, device: to
 
 
 def _contiguous_launch(head_dim: int, seq_len: int, cos: torch.Tensor, *tensors: torch.Tensor) -> bool:
-    """Whether a backward launch is one the contiguous table entries were compiled for: every strided
-    input (v, dO; the outputs and workspaces are allocated contiguous) with head-dim stride 1, its
+    """Whether a launch is one the contiguous table entries were compiled for: every strided input
+    (forward: q, v; backward: v, dO; the outputs and workspaces are allocated contiguous) with head-dim stride 1, its
     other strides multiples of 16 elements and its data 16-byte aligned, and the sizes the kernels take
     (S, D, D / 2, the rotary tables' row stride) multiples of 16. Triton's JIT then specializes the
     kernels as the offline compile did (strides of 1 become constants, multiples of 16 and aligned
@@ -340,7 +343,10 @@ def _forward_block(
     offs_n = start_n + tl.arange(0, BLOCK_N).to(tl.int64)
     k = _load_workspace(kr_base, offs_n, seq_len, D_PAD)
     qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # one dot over the (padded) head dim
-    qk = qk * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
+    # [BLOCK_M, BLOCK_N], log2 units: the rounded product, never fused into exp2's subtraction (with FP
+    # fusion LLVM made fma(qk, scale, -m) of it in the unmasked blocks, so l summed exp2 of the product's
+    # rounding error where the backward, and the row max, see the rounded S2: the contract broke).
+    qk = _mul_rn(qk, qk_scale, _INTERPRETED)
     if MASK:
         keep = offs_n[None, :] < seq_len
         if CAUSAL:
@@ -749,9 +755,12 @@ def _backward_q_block(
     if seg_m is not None:
         keep = keep & (offs_n[None, :] >= seg_m[:, None])
     p, ds = _probs_and_ds(q, k, do, v, m2[:, None], log2l[:, None], delta[:, None], keep, qk_scale, MASK, PRECISION)
+    # One return: Triton compiles both sides of a constexpr branch that returns early.
     if DELTA_PASS:
-        return dq + tl.sum(ds, 1)
-    return tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+        dq = dq + tl.sum(ds, 1)
+    else:
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+    return dq
 
 
 @triton.jit
@@ -784,8 +793,9 @@ def _attention_backward_q_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M).to(tl.int64)
     q = _load_workspace(qr_ptr + pid_bh * seq_len * D_PAD, offs_m, seq_len, D_PAD)
     do = _load_rows(do_ptr + b * stride_db + h * stride_dh, stride_ds, stride_dd, offs_m, seq_len, D, D_PAD)
-    m2, log2l, delta = _load_row_stats(stats_ptr + pid_bh * seq_len, stats_half, delta_ptr + pid_bh * seq_len,
-                                       offs_m, seq_len)
+    # (The delta pass has no delta yet: it reads the stats in its place and then uses 0.)
+    m2, log2l, delta = _load_row_stats(stats_ptr + pid_bh * seq_len, stats_half,
+                                       (stats_ptr if DELTA_PASS else delta_ptr) + pid_bh * seq_len, offs_m, seq_len)
     kv_bh = pid_bh // GROUP  # b * Hkv + kv head
     kr_base = kr_ptr + kv_bh * seq_len * D_PAD
     v_base = v_ptr + b * stride_vb + (h // GROUP) * stride_vh
@@ -892,10 +902,10 @@ def attention_backward(dout, q, k, v, out, stats, cos, sin, causal: bool = True,
     contiguous = _contiguous_launch(D, S, cos, v, dout)
     kv_table = _BACKWARD_KV_CONTIGUOUS_CONFIGS if contiguous else _BACKWARD_KV_CONFIGS
     q_table = _BACKWARD_Q_CONTIGUOUS_CONFIGS if contiguous else _BACKWARD_Q_CONFIGS
+    kv_configs = _configs(kv_table, _BACKWARD_KV_FALLBACKS, _INTERPRETER_BACKWARD_KV, device, d_pad)
     q_configs = _configs(q_table, _BACKWARD_Q_FALLBACKS, _INTERPRETER_BACKWARD_Q, device, d_pad)
     if delta_pass:
         _launch_first_fitting(q_configs, lambda *config: launch_q(*config, delta_only=True))
-    kv_configs = _configs(kv_table, _BACKWARD_KV_FALLBACKS, _INTERPRETER_BACKWARD_KV, device, d_pad)
     _launch_first_fitting(kv_configs, launch_kv)
     _launch_first_fitting(q_configs, launch_q)
     return dq, dk, dv

@@ -209,6 +209,8 @@ for cap in (80, 90):
         names = list(inspect.signature(kernel.fn).parameters)
         constexprs["SEGMENTED"] = False  # batched launches: no document bounds (their pointer is None)
         constexprs.update({n: None for n in ("seg_ptr", "seg_start_ptr", "seg_end_ptr") if n in names})
+        if "DELTA_PASS" in names:  # the q kernel's dQ pass (its fp32 delta pass: tests/test_triton_compile.py)
+            constexprs["DELTA_PASS"] = False
         signature = {n: "constexpr" if n in constexprs else ("*fp32" if n in fp32_ptrs else "*bf16")
                      if n.endswith("_ptr") else "fp32" if n.endswith("scale") else "i32" for n in names}
         src = ASTSource(fn=kernel, signature=signature,
@@ -275,6 +277,27 @@ def test_backward_takes_the_table_of_its_layout(monkeypatch):
             dout = torch.randn(1, 16, 2, 64)[..., ::2]  # head-dim stride 2
         kernels.attention_backward(dout, q, k, v, out, lse, cos, sin, True)
         assert [contiguous.get(id(t), "other") for t in tables] == want
+
+
+def test_forward_takes_the_table_of_its_layout(monkeypatch):
+    """attention_forward looks its configurations up by layout (contiguous q and v, or strided) and by
+    whether the launch carries packed documents: four tables (issue 16 item 1)."""
+    tables = []
+    real = kernels._configs
+    monkeypatch.setattr(kernels, "_configs", lambda table, *rest: tables.append(table) or real(table, *rest))
+    names = {id(kernels._FORWARD_CONTIGUOUS_CONFIGS): "contiguous", id(kernels._FORWARD_CONFIGS): "general",
+             id(kernels._FORWARD_PACKED_CONTIGUOUS_CONFIGS): "packed contiguous",
+             id(kernels._FORWARD_PACKED_CONFIGS): "packed general"}
+    assert len(names) == 4
+    q, k, v, cos, sin = make_inputs(1, 32, 2, 1, 32, torch.float32, layout="bshd", table_extra=0)
+    q_strided = torch.randn(1, 32, 2, 64)[..., ::2]  # head-dim stride 2
+    doc_start = torch.tensor([0] * 20 + [20] * 12, dtype=torch.int32)
+    got = []
+    for q_in, docs in ((q, None), (q_strided, None), (q, doc_start), (q_strided, doc_start)):
+        tables.clear()
+        kernels.attention_forward(q_in, k, v, cos, sin, True, docs)
+        got += [names.get(id(t), "other") for t in tables]
+    assert got == ["contiguous", "general", "packed contiguous", "packed general"]
 
 
 def test_launch_falls_back_when_a_config_does_not_fit():

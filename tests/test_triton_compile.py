@@ -107,12 +107,12 @@ def compile_all() -> dict:
 # ------------------------------------------------------------------------------------------------
 ARCHS = {9: 90, 8: 80}  # table row (compute capability major) -> target compiled for
 SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}  # opt-in shared memory per block: H100, A100
-# Bytes of ptxas stack frame tolerated at head dims <= 128: none for the backward's table entries
-# and its prep kernel (their comment in kernels/attention.py says zero, and this holds it to that),
-# a little for the forward's entries (16-144 B today) and for every fallback.
+# Bytes of ptxas stack frame tolerated at head dims <= 128: none for the table entries and the
+# backward's prep kernel (their comments in kernels/attention.py say zero, and this holds them to
+# that; the forward's entries spilled 16-144 B while it rotated K in its loop), a little for every fallback.
 # Packed documents (SEGMENTED) reuse the batched entries: their bound loads and masks cost a few registers
 # (backward kv D64 on sm_90 spilled 40 B under triton 3.9 when added); held to the fallbacks' budget.
-SPILL_BUDGET = {"tuned": 256, "tuned backward": 0, "fallback": 256, "packed": 256}
+SPILL_BUDGET = {"tuned": 0, "tuned backward": 0, "fallback": 256, "packed": 256}
 FP32_POINTERS = {"stats_ptr", "delta_ptr", "cos_ptr", "sin_ptr"}
 FP32_SCALARS = {"qk_scale", "sm_scale"}
 HEAD_COUNTS = {"num_heads", "num_kv_heads"}
@@ -192,6 +192,15 @@ def _attention_cases() -> list:
                         constexprs.update(_contiguous_strides(kernel_name))
                     cases.append((f"{label} D{d_pad} sm_{arch} packed documents", kernel_name, arch, constexprs,
                                   warps, stages, SPILL_BUDGET["packed"], _base(label) == "forward", contiguous))
+        # fp32 inputs: the q kernel's delta pass (and its dQ pass) on the configurations an fp32 launch can take
+        # (the tables are sized for 16-bit tiles; _launch_first_fitting falls back): each must compile.
+        for delta_pass in (True, False):
+            for block_m, block_n, warps, stages in attn._BACKWARD_Q_FALLBACKS:
+                constexprs = dict(GROUP=4, CAUSAL=True, BLOCK_M=block_m, BLOCK_N=block_n, D_PAD=128, HALF_PAD=64,
+                                  PRECISION="ieee", DELTA_PASS=delta_pass, **UNSEGMENTED["backward q"])
+                cases.append((f"backward q fp32 delta_pass={delta_pass} D128 sm_{arch} "
+                              f"{(block_m, block_n, warps, stages)}", "_attention_backward_q_kernel", arch, constexprs,
+                              warps, stages, None, False, False))
         for d_pad in (64, 128, 256):
             for delta in (True, False):
                 constexprs = dict(DELTA=delta, BLOCK_M=attn._prep_rows(d_pad), D_PAD=d_pad, HALF_PAD=d_pad // 2)
@@ -220,7 +229,7 @@ def _resource_usage(cubin: bytes) -> dict:
 
 
 def _compile_attention_kernel(kernel_name: str, arch: int, constexprs: dict, warps: int, stages: int,
-                              contiguous: bool):
+                              contiguous: bool, dtype: str = BF16):
     """Compiles one attention kernel (bf16, fp32 statistics and tables) with the specialization the
     JIT gives its launches: pointers 16-byte aligned and row strides multiples of 16 always; for a
     contiguous launch also the head-dim strides as the constant 1 (in constexprs) and every other
@@ -239,7 +248,7 @@ def _compile_attention_kernel(kernel_name: str, arch: int, constexprs: dict, war
         if arg in constexprs:
             signature[arg] = "constexpr"
         elif arg.endswith("_ptr"):
-            signature[arg] = "*fp32" if arg in FP32_POINTERS else "*i32" if arg in INT32_POINTERS else BF16
+            signature[arg] = "*fp32" if arg in FP32_POINTERS else "*i32" if arg in INT32_POINTERS else dtype
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             signature[arg] = "fp32" if arg in FP32_SCALARS else "i32"
@@ -257,7 +266,8 @@ def compile_attention() -> dict:
     results = {}
     for name, kernel_name, arch, constexprs, warps, stages, budget, wants_wgmma, contiguous in _attention_cases():
         try:
-            compiled = _compile_attention_kernel(kernel_name, arch, constexprs, warps, stages, contiguous)
+            dtype = "*fp32" if constexprs.get("PRECISION") == "ieee" else BF16
+            compiled = _compile_attention_kernel(kernel_name, arch, constexprs, warps, stages, contiguous, dtype)
             usage = _resource_usage(compiled.asm["cubin"])
         except Exception as exc:  # reported per case by the test
             results[name] = f"does not compile: {type(exc).__name__}: {str(exc)[:500]}"
@@ -268,7 +278,8 @@ def compile_attention() -> dict:
             problems.append(f"{compiled.metadata.shared} B of shared memory > {SHARED_LIMIT[arch]}")
         if budget is not None and usage["STACK"] > budget:
             problems.append(f"spills: {usage['STACK']} B stack frame ({usage['REG']} registers) > {budget}")
-        if kernel_name != "_backward_prep_kernel" and not re.search(  # prep is elementwise: no matmul
+        # prep is elementwise: no matmul; fp32 ("ieee") dots run on the FMA units, not the tensor cores
+        if kernel_name != "_backward_prep_kernel" and dtype == BF16 and not re.search(
             r"wgmma\.mma_async" if wants_wgmma else r"(wgmma\.mma_async|mma\.sync)", ptx):
             problems.append("no " + ("wgmma" if wants_wgmma else "tensor-core") + " instruction in the PTX")
         results[name] = "; ".join(problems) or "ok"
@@ -333,10 +344,18 @@ def prove_forward_wgmma() -> dict:
                           PRECISION="tf32", **_contiguous_strides("_attention_forward_kernel"))
         constexprs.update(dict(SEGMENTED=True) if segmented else UNSEGMENTED["forward"])
         compiled = _compile_attention_kernel("_attention_forward_kernel", 90, constexprs, warps, stages, True)
+        ptx = compiled.asm["ptx"]
+        # The forward's only fp32 parameter is qk_scale: no fused multiply-add may take it (S2 is the rounded
+        # product; fused into exp2's subtraction it would break the row-statistics contract).
+        f32_params = re.findall(r"\.param \.f32 (\w+)", ptx)
+        scale_regs = {reg for name in f32_params for reg in re.findall(rf"ld\.param\.\w+\s+(%r\d+), \[{name}\]", ptx)}
+        fused = [line.strip() for line in ptx.splitlines()
+                 if re.match(r"\s*fma\.", line) and scale_regs & set(re.findall(r"%r\d+", line.split(",", 1)[-1]))]
         results[f"forward GROUP={group} causal={causal} packed={segmented}"] = {
             "entry": [block_m, block_n, warps, stages],
             "STACK": _resource_usage(compiled.asm["cubin"])["STACK"],
             "loops": sass_loops(_cuobjdump(compiled.asm["cubin"], "-sass")),
+            "scale_params": len(scale_regs), "fused_scale": fused[:3],
         }
     return results
 
@@ -377,17 +396,20 @@ def test_triton_attention_forward_key_loop_is_the_tutorial_loop_on_hopper():
     and no stack. The forward that rotated K in the loop failed each of these at its (128, 32, 8, 3)
     entry (triton 3.9): 8 HGMMA.64x32x16 per iteration (N = 32) beside 2 HGMMA.64x128x16, and 6
     barriers (plus 3 fences); with rot(K) from a workspace and one QK dot the (128, 128, 8, 2) entry
-    issues 16 HGMMA.64x128x16 per 128 keys behind 3 barriers."""
+    issues 16 HGMMA.64x128x16 per 128 keys behind 3 barriers. And the scores' scale is a rounded product:
+    `qk * qk_scale` compiled to fma.rn.f32 with exp2's subtraction in the unmasked blocks (the row
+    sum then saw the product's rounding error that the saved row max and the backward do not)."""
     results = _run_in_subprocess("forward")
     assert len(results) == 3
     bad = {}
     for name, r in results.items():
         loops = r["loops"]
-        if not loops or r["STACK"] or any(
+        if not loops or r["STACK"] or r["scale_params"] != 1 or r["fused_scale"] or any(
                 not loop["HGMMA"] or loop["HMMA"] or min(loop["HGMMA"]) < 64 or loop["BAR"] > 3 or loop["LOCAL"]
                 for loop in loops):
             bad[name] = r
-    assert bad == {}, f"want every key loop: wgmma only, N >= 64, <= 3 barriers, no local memory, no stack: {bad}"
+    assert bad == {}, (f"want every key loop: wgmma only, N >= 64, <= 3 barriers, no local memory, no stack; and "
+                       f"qk_scale in no fused multiply-add: {bad}")
 
 
 if __name__ == "__main__":
