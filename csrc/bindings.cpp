@@ -282,8 +282,11 @@ std::tuple<at::Tensor, at::Tensor> rope_backward_cuda_impl(const at::Tensor& dq,
 // --- end elementwise ops ---
 
 // ------------------------------------------------------------------------------------------------
-// attention_backward(dout, q, k, v, out, stats, cos, sin, causal=True, deterministic=False)
+// attention_backward(dout, q, k, v, out, stats, cos, sin, causal=True, deterministic=False,
+//                    doc_start=None, doc_end=None)
 //   -> (dq, dk, dv)          (issue 4: RoPE-fused flash attention; math in llama_fast.h)
+// doc_start, doc_end: packed documents (issue 15), int32 [S] each, both or neither, with B = 1 and causal:
+// token t's document is doc_start[t] .. doc_end[t] - 1 (llama_fast/ops/attention_varlen.py).
 // ------------------------------------------------------------------------------------------------
 void check_attention_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                               const at::Tensor& v, const at::Tensor& out, const at::Tensor& stats,
@@ -319,11 +322,46 @@ void check_attention_backward(const at::Tensor& dout, const at::Tensor& q, const
   }
 }
 
+// Packed documents: both bounds or neither; int32 [S] on q's device, B = 1, causal. Returns whether given.
+bool check_documents(const at::Tensor& q, bool causal, const std::optional<at::Tensor>& doc_start,
+                     const std::optional<at::Tensor>& doc_end) {
+  TORCH_CHECK(doc_start.has_value() == doc_end.has_value(),
+              "llama_fast: doc_start and doc_end (packed documents) must be given together, got only ",
+              doc_start.has_value() ? "doc_start" : "doc_end");
+  if (!doc_start.has_value()) return false;
+  TORCH_CHECK(causal, "llama_fast: packed documents (doc_start, doc_end) need causal=True");
+  TORCH_CHECK(q.size(0) == 1, "llama_fast: packed documents (doc_start, doc_end) need batch 1 (q [1, T, Hq, D]), "
+              "got q of shape ", q.sizes());
+  for (auto [t, name] : {std::pair{&*doc_start, "doc_start"}, std::pair{&*doc_end, "doc_end"}}) {
+    TORCH_CHECK(t->scalar_type() == at::kInt, "llama_fast: ", name, " must be int32, got ", t->scalar_type());
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == q.size(1), "llama_fast: ", name, " must be [", q.size(1),
+                "] (one entry per token of q), got shape ", t->sizes());
+    check_same_device(q, "q", *t, name);
+  }
+  return true;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu_impl(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& stats, const at::Tensor& cos, const at::Tensor& sin, bool causal, bool deterministic) {
+    const at::Tensor& stats, const at::Tensor& cos, const at::Tensor& sin, bool causal, bool deterministic,
+    const std::optional<at::Tensor>& doc_start, const std::optional<at::Tensor>& doc_end) {
   (void)deterministic;  // the CPU kernel is always deterministic
   check_attention_backward(dout, q, k, v, out, stats, cos, sin);
+  at::Tensor starts;
+  if (check_documents(q, causal, doc_start, doc_end)) {
+    // On the host the bounds cost nothing to check: each token's document holds it, and they do not decrease.
+    starts = doc_start->contiguous();
+    const at::Tensor ends = doc_end->contiguous();
+    const int32_t* ds = starts.data_ptr<int32_t>();
+    const int32_t* de = ends.data_ptr<int32_t>();
+    for (int64_t t = 0; t < q.size(1); ++t) {
+      TORCH_CHECK(ds[t] >= 0 && ds[t] <= t && t < de[t] && de[t] <= q.size(1),
+                  "llama_fast: doc_start and doc_end must hold each token: need doc_start[t] <= t < doc_end[t] <= ",
+                  q.size(1), ", got doc_start[", t, "] = ", ds[t], ", doc_end[", t, "] = ", de[t]);
+      TORCH_CHECK(t == 0 || (ds[t] >= ds[t - 1] && de[t] >= de[t - 1]),
+                  "llama_fast: doc_start and doc_end must not decrease, at token ", t);
+    }
+  }
   auto f32 = [](const at::Tensor& t) { return t.to(at::kFloat).contiguous(); };
   at::Tensor dout_f = f32(dout), q_f = f32(q), k_f = f32(k), v_f = f32(v), out_f = f32(out);
   at::Tensor stats_c = stats.contiguous(), cos_c = cos.contiguous(), sin_c = sin.contiguous();
@@ -332,15 +370,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu_impl(
                          v_f.data_ptr<float>(), out_f.data_ptr<float>(), stats_c.data_ptr<float>(),
                          cos_c.data_ptr<float>(), sin_c.data_ptr<float>(), cos_c.stride(0), dq.data_ptr<float>(),
                          dk.data_ptr<float>(), dv.data_ptr<float>(), q.size(0), q.size(1), q.size(2), k.size(2),
-                         q.size(3), causal, dtype_of(q, "q"));
+                         q.size(3), causal, dtype_of(q, "q"),
+                         starts.defined() ? starts.data_ptr<int32_t>() : nullptr);
   return {dq.to(q.scalar_type()), dk.to(k.scalar_type()), dv.to(v.scalar_type())};
 }
 
 #ifdef LLAMA_FAST_WITH_CUDA
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda_impl(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& stats, const at::Tensor& cos, const at::Tensor& sin, bool causal, bool deterministic) {
+    const at::Tensor& stats, const at::Tensor& cos, const at::Tensor& sin, bool causal, bool deterministic,
+    const std::optional<at::Tensor>& doc_start, const std::optional<at::Tensor>& doc_end) {
   check_attention_backward(dout, q, k, v, out, stats, cos, sin);
+  // On the device the bounds' values are not read back (that would synchronize); the kernels clamp the
+  // block ranges they derive from them to the sequence, so bad values give wrong gradients, never stray reads.
+  const bool documents = check_documents(q, causal, doc_start, doc_end);
   TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
               "llama_fast: attention_backward on CUDA needs q, k, v in float16 or bfloat16, got ", q.scalar_type());
   const c10::cuda::CUDAGuard guard(q.device());
@@ -379,11 +422,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda_impl(
   a.head_dim = q.size(3);
   a.causal = causal;
   a.deterministic = deterministic;
+  at::Tensor starts, ends;
+  if (documents) {
+    starts = doc_start->contiguous();
+    ends = doc_end->contiguous();
+    a.doc_start = starts.data_ptr<int32_t>();
+    a.doc_end = ends.data_ptr<int32_t>();
+  }
   // Opt-in Hopper backward (issue 18): LLAMA_FAST_ATTENTION_BACKWARD=sm90 on an sm_90 device for head
   // dims 64 and 128; it answers cudaErrorNotSupported (nothing launched) elsewhere, and the sm_80
-  // kernel below runs. It takes the forward's row statistics (m2, log2l) as they were saved.
+  // kernel below runs. It takes the forward's row statistics (m2, log2l) as they were saved. It does not
+  // take packed documents: with them the sm_80 kernel runs.
   const char* backward = std::getenv("LLAMA_FAST_ATTENTION_BACKWARD");
-  if (backward && std::string(backward) == "sm90" && attention_backward_sm90_supported(a)) {
+  if (backward && std::string(backward) == "sm90" && !documents && attention_backward_sm90_supported(a)) {
     at::Tensor ws =
         at::empty({std::max<int64_t>(1, attention_backward_sm90_workspace(a))}, q.options().dtype(at::kFloat));
     const int err = attention_backward_sm90(a, stats_c.data_ptr<float>(), ws.data_ptr<float>(),
@@ -415,7 +466,8 @@ TORCH_LIBRARY(llama_fast, m) {
   // --- end elementwise ops ---
   // attention (issue 4)
   m.def("attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor stats, Tensor cos,"
-        " Tensor sin, bool causal=True, bool deterministic=False) -> (Tensor, Tensor, Tensor)");
+        " Tensor sin, bool causal=True, bool deterministic=False, Tensor? doc_start=None, Tensor? doc_end=None)"
+        " -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(llama_fast, CPU, m) {

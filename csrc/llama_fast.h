@@ -124,6 +124,15 @@ struct AttentionBackwardArgs {
   // true: dQ from its own kernel (no atomics), bitwise reproducible; false: dQ accumulated with
   // fp32 atomics in the key-block kernel (one fewer recomputation of S and dP, order-dependent).
   bool deterministic;
+  // Packed documents (issue 15): nullptr (one sequence per batch row, as before, at no cost), or both
+  // set, device int32 [S] with batch 1 and causal: token t's document is doc_start[t] .. doc_end[t] - 1
+  // (both non-decreasing), and key j is visible to query i iff doc_start[i] <= j <= i. All documents
+  // run in one launch; a query block loads only key blocks from its first query's document start to the
+  // diagonal, a key block only query blocks from its diagonal to its last key's document end; blocks
+  // inside one document and below the diagonal run unmasked. Only the sm_80 kernel takes them (the
+  // sm_90 one does not: the launcher in bindings.cpp runs sm_80 when documents are given).
+  const int32_t* doc_start = nullptr;
+  const int32_t* doc_end = nullptr;
 };
 
 // CUDA workspace: fp32 elements the launcher needs in `workspace` (16-byte aligned): delta, m2 and
@@ -146,10 +155,12 @@ int attention_backward_sm90(const AttentionBackwardArgs& args, const float* stat
 
 // CPU: fp32, every tensor contiguous ([B, S, H, D] and stats [2, B, Hq, S]); cos / sin rows cs_stride
 // apart; `input`: the dtype q and k came in (the scores round rot(q), rot(k) to it, as the forward).
-// Accumulates in double, in a fixed order: deterministic.
+// Accumulates in double, in a fixed order: deterministic. doc_start: nullptr, or packed documents
+// (int32 [S], batch 1, causal; see AttentionBackwardArgs): row i sums over keys doc_start[i] .. i.
 void attention_backward_cpu(const float* dout, const float* q, const float* k, const float* v, const float* out,
                             const float* stats, const float* cos, const float* sin, int64_t cs_stride, float* dq,
                             float* dk, float* dv, int64_t batch, int64_t seq_len, int64_t num_heads,
-                            int64_t num_kv_heads, int64_t head_dim, bool causal, DType input);
+                            int64_t num_kv_heads, int64_t head_dim, bool causal, DType input,
+                            const int32_t* doc_start = nullptr);
 
 }  // namespace llama_fast

@@ -46,13 +46,25 @@ if AVAILABLE:
     # --- end elementwise ops ---
     # --- attention (issue 4) ---
     @torch.library.register_fake("llama_fast::attention_backward")
-    def _attention_backward_fake(dout, q, k, v, out, stats, cos, sin, causal=True, deterministic=False):
+    def _attention_backward_fake(dout, q, k, v, out, stats, cos, sin, causal=True, deterministic=False,
+                                 doc_start=None, doc_end=None):
         B, S, Hq, _ = q.shape
         if stats.dtype != torch.float32 or tuple(stats.shape) != (2, B, Hq, S):
             raise ValueError(
                 f"llama_fast: stats must be float32 [2, {B}, {Hq}, {S}] (row max m2 and log2 of the row sum per "
                 f"batch, head, query, as the forward saves them), got {stats.dtype} {tuple(stats.shape)}"
             )
+        if (doc_start is None) != (doc_end is None):
+            raise ValueError("llama_fast: doc_start and doc_end (packed documents) must be given together, got only "
+                             + ("doc_start" if doc_end is None else "doc_end"))
+        for name, t in (("doc_start", doc_start), ("doc_end", doc_end)):
+            if t is None:
+                continue
+            if t.dtype != torch.int32 or tuple(t.shape) != (S,):
+                raise ValueError(f"llama_fast: {name} must be int32 [{S}] (one entry per token of q), got "
+                                 f"{t.dtype} {tuple(t.shape)}")
+            if t.device != q.device:
+                raise ValueError(f"llama_fast: {name} must be on the device of q ({q.device}), got {t.device}")
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
     # --- end attention ---

@@ -167,3 +167,92 @@ def test_bad_input_names_the_argument():
         attention(q, k, v, cos, sin)
     with pytest.raises(ValueError, match="position_ids is for packed documents"):
         attention(q[None], k[None], v[None], cos, sin, position_ids=torch.arange(7))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("deterministic", [True, False])
+@pytest.mark.parametrize(
+    "lengths, Hq, Hkv, D",
+    [([1, 2, 17, 113, 700], 8, 2, 128), ([3, 14, 1, 9, 16, 5, 2, 11, 7, 1, 13, 6, 8, 4, 15, 10] * 6, 4, 1, 64),
+     ([64, 64, 1, 63, 130], 4, 4, 80)],
+    ids=["issue_lengths_d128", "tiny_documents_d64", "block_edges_d80"],
+)
+def test_cuda_packed_backward_matches_reference(lengths, Hq, Hkv, D, dtype, deterministic, monkeypatch):
+    """On CUDA in fp16 / bf16 the packed backward is the compiled op with the document bounds (one call),
+    checked against the reference with the 2x rule."""
+    from llama_fast import _extension
+
+    if not _extension.WITH_CUDA:
+        pytest.skip("llama_fast._C was built without CUDA kernels")
+    calls = []
+    compiled = torch.ops.llama_fast.attention_backward
+
+    def spy(*args):
+        calls.append(args[10:])
+        return compiled(*args)
+
+    monkeypatch.setattr(torch.ops.llama_fast, "attention_backward", spy)
+    q, k, v, cu, cos, sin = packed(lengths, Hq, Hkv, D, dtype)
+    q, k, v, cu, cos, sin = (t.cuda() for t in (q, k, v, cu, cos, sin))
+    dout = torch.randn(q.shape, dtype=dtype, device="cuda")
+    lengths_t = cu.diff()
+    kw = dict(cu_seqlens=cu)
+    got = run(lambda *a, **o: attention(*a, cos, sin, max_seqlen=int(lengths_t.max()), deterministic=deterministic,
+                                        **kw, **o), q, k, v, dout, dtype)
+    assert len(calls) == 1 and all(t is not None and t.dtype == torch.int32 for t in calls[0])
+    high = run(lambda *a, **o: reference.attention_varlen(*a, cos, sin, **kw, **o), q, k, v, dout, torch.float64)
+    low = run(lambda *a, **o: reference.attention_varlen(*a, cos, sin, **kw, **o), q, k, v, dout, dtype)
+    check([t.cpu() for t in got], [t.cpu() for t in high], [t.cpu() for t in low], dtype)
+    if deterministic:
+        again = run(lambda *a, **o: attention(*a, cos, sin, max_seqlen=int(lengths_t.max()), deterministic=True,
+                                              **kw, **o), q, k, v, dout, dtype)
+        assert all(torch.equal(a, b) for a, b in zip(got[2:], again[2:]))
+
+
+def _spy_compiled_backward(monkeypatch):
+    """Records the document bounds of each call of torch.ops.llama_fast.attention_backward."""
+    calls = []
+    compiled = torch.ops.llama_fast.attention_backward
+
+    def spy(*args):
+        calls.append(args[10:])
+        return compiled(*args)
+
+    monkeypatch.setattr(torch.ops.llama_fast, "attention_backward", spy)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "dtype, interpreter",
+    [(torch.float32, False), (torch.float16, False), (torch.bfloat16, False), (torch.bfloat16, True)],
+    ids=["fp32", "fp16", "bf16", "bf16_interpreter"],
+)
+@pytest.mark.parametrize("explicit_positions", [False, True], ids=["implied", "position_ids"])
+def test_cpu_packed_backward_is_one_compiled_call(dtype, interpreter, explicit_positions, monkeypatch):
+    """Without the Triton interpreter (and bf16 in it): the math forward per document, then one C++ backward
+    call with the document bounds for all documents: against the reference with the 2x rule, and bitwise the
+    gradients of the per-document path (one C++ backward per document)."""
+    import importlib
+
+    from llama_fast import _extension
+
+    varlen = importlib.import_module("llama_fast.ops.attention_varlen")
+    if not _extension.has_kernel("cpu"):
+        pytest.skip("llama_fast._C is not built")
+    if not interpreter:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    calls = _spy_compiled_backward(monkeypatch)
+    lengths = [1, 2, 17, 113, 17, 0, 40]
+    q, k, v, cu, cos, sin = packed(lengths, 4, 2, 64, dtype, table=140)
+    dout = torch.randn(q.shape, dtype=dtype)
+    positions = torch.randint(0, 140, (q.shape[0],)) if explicit_positions else None
+    got, high, low = both(q, k, v, cu, cos, sin, dout, dtype, position_ids=positions)
+    assert len(calls) == 1 and all(t is not None and t.dtype == torch.int32 for t in calls[0])
+    check(got, high, low, dtype)
+    monkeypatch.setattr(varlen, "_packed_cpu", lambda q: False)
+    per_document = run(lambda *a, **o: attention(*a, cos, sin, cu_seqlens=cu, max_seqlen=113, position_ids=positions,
+                                                 **o), q, k, v, dout, dtype)
+    assert len(calls) == 1 + (6 if explicit_positions else 5)  # one a document (a length with implied positions)
+    for a, b in zip(got, per_document):
+        assert torch.equal(a, b)

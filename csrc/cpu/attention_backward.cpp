@@ -10,6 +10,8 @@
 // S2 (but where two double sums straddle an fp32 rounding boundary), so S2 - m2 is exact near the row
 // max however large the scores. The rest (dP, dS, the accumulations) in double from double
 // rotations; one query row at a time in a fixed order, so deterministic.
+// Packed documents (doc_start, int32 [S], B = 1, causal): row i sums over keys doc_start[i] .. i only,
+// all documents in one call.
 // Math: see llama_fast.h (dQ, dK rotated back by -theta).
 #include "../llama_fast.h"
 
@@ -94,7 +96,8 @@ void rotate_head_f32(const float* x, int64_t row_stride, const float* cos, const
 void attention_backward_cpu(const float* dout, const float* q, const float* k, const float* v, const float* out,
                             const float* stats, const float* cos, const float* sin, int64_t cs_stride, float* dq,
                             float* dk, float* dv, int64_t batch, int64_t seq_len, int64_t num_heads,
-                            int64_t num_kv_heads, int64_t head_dim, bool causal, DType input) {
+                            int64_t num_kv_heads, int64_t head_dim, bool causal, DType input,
+                            const int32_t* doc_start) {
   const int64_t S = seq_len, D = head_dim, group = num_heads / num_kv_heads;
   const int64_t q_row = num_heads * D, kv_row = num_kv_heads * D;  // sequence strides
   const double scale = 1.0 / std::sqrt(static_cast<double>(D));
@@ -126,8 +129,11 @@ void attention_backward_cpu(const float* dout, const float* q, const float* k, c
           const float* qf_i = qf.data() + i * D;
           double delta = 0.0;
           for (int64_t d = 0; d < D; ++d) delta += double(do_i[d]) * o_i[d];
+          // Packed documents (B = 1, causal): keys doc_start[i] .. i; keys of other documents never
+          // enter the sums, so one document's inputs cannot reach another's gradients.
+          const int64_t first = doc_start != nullptr ? doc_start[i] : 0;
           const int64_t last = causal ? i : S - 1;
-          for (int64_t j = 0; j <= last; ++j) {
+          for (int64_t j = first; j <= last; ++j) {
             const double* k_j = kr.data() + j * D;
             const float* kf_j = kf.data() + j * D;
             const float* v_j = v + kv_off + j * kv_row;

@@ -35,6 +35,14 @@
 //     No atomics anywhere, so every gradient is bitwise reproducible.
 // Epilogues multiply by scale, rotate by -theta in fp32 (through shared memory) and store.
 //
+// Packed documents (issue 15; AttentionBackwardArgs::doc_start / doc_end, B = 1, causal): the tokens are
+// one sequence and token t attends to keys doc_start[t] .. t. A key block loads the query blocks from its
+// diagonal to the end of its last key's document; a query block the key blocks from its first query's
+// document start to its diagonal, so neither loads a block of another document and many short documents
+// cost their tokens. Tiles inside one document and below the diagonal run unmasked; the others get the
+// element mask (tile_mask: per row, the visible columns). The prep and dq_finish kernels work on rows and
+// do not see documents. nullptr bounds: the kernels as before (one test per tile that is masked anyway).
+//
 // Shared-memory tiles are [rows, DP] (head dim padded with zeros to DP in {64, 128, 256}) with an
 // XOR swizzle of the 16-byte chunks of a row, so ldmatrix and cp.async are free of bank conflicts
 // without padding. Blocks of 64 rows (32 for DP = 256; the kv kernel's query blocks 32 for DP >= 128,
@@ -183,24 +191,50 @@ __global__ void attention_backward_prep(AttentionBackwardArgs a, Workspace<T> w)
 // Shared building blocks of the kv and q kernels.
 // ---------------------------------------------------------------------------------------------
 
-// The masked entries of the tile of query block m0 (BM rows) and key block n0 (BN rows), in
-// in-block coordinates: query i is valid below q_valid, key j below k_valid, and causal keeps
-// j <= i + diag. `any` is false where the tile holds no masked or out-of-range entry at all.
+// The visible entries of one warp's part of the tile of query block m0 (BM queries) and key block n0
+// (BN keys): for each of its two row halves h (tile rows r0 + g + 8h, g = lane / 4) the visible tile
+// columns [lo[h], hi[h]). Key j is visible to query i iff both are below S, j <= i when causal, and,
+// with packed documents, doc_start[i] <= j (equivalently i < doc_end[j]). `any` is false where the tile
+// holds no hidden entry at all: then nothing is masked and no bound is read.
 struct TileMask {
   bool any;
-  int q_valid, k_valid, diag;
-  __device__ __forceinline__ bool hides(int i, int j) const {
-    return any && (i >= q_valid || j >= k_valid || j > i + diag);
-  }
+  int lo[2], hi[2];
+  __device__ __forceinline__ bool hides(int col, int h) const { return any && (col < lo[h] || col >= hi[h]); }
 };
 
-template <int BM, int BN>
-__device__ __forceinline__ TileMask tile_mask(int64_t m0, int64_t n0, int64_t S, bool causal) {
+// QUERY_ROWS: the tile's rows are queries and its columns keys (q kernel; `doc` is doc_start), otherwise
+// rows are keys and columns queries (kv kernel; `doc` is doc_end). doc: nullptr without documents.
+// Both bounds are non-decreasing, so the block's extreme row decides whether any document boundary
+// crosses the tile: the last query's start (q kernel) or the first key's end (kv kernel).
+template <int BM, int BN, bool QUERY_ROWS>
+__device__ __forceinline__ TileMask tile_mask(int64_t m0, int64_t n0, int64_t S, bool causal, const int32_t* doc,
+                                              int r0) {
   TileMask m;
+  const int64_t q_end = m0 + BM < S ? m0 + BM : S, k_end = n0 + BN < S ? n0 + BN : S;
   m.any = (causal && m0 < n0 + BN) || m0 + BM > S || n0 + BN > S;
-  m.q_valid = int(S - m0 < BM ? S - m0 : BM);
-  m.k_valid = int(S - n0 < BN ? S - n0 : BN);
-  m.diag = causal ? int(m0 - n0 < BN ? m0 - n0 : BN) : BN;  // beyond BN nothing in the tile is hidden
+  if (doc != nullptr && !m.any) m.any = QUERY_ROWS ? doc[q_end - 1] > n0 : doc[n0] < q_end;
+  if (!m.any) return m;
+  const int g = threadIdx.x % 32 / 4;
+  constexpr int NC = QUERY_ROWS ? BN : BM;
+  const int64_t c0 = QUERY_ROWS ? n0 : m0;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int64_t row = (QUERY_ROWS ? m0 : n0) + r0 + g + 8 * h;  // this row's query (key) index
+    const int64_t at = row < S ? row : S - 1;
+    int64_t lo, hi;  // visible columns, as key (query) indices
+    if (QUERY_ROWS) {  // keys doc_start[i] .. i (causal) below S
+      lo = doc != nullptr && doc[at] > n0 ? doc[at] : n0;
+      hi = causal && row + 1 < k_end ? row + 1 : k_end;
+    } else {  // queries j (causal) .. doc_end[j] - 1 below S
+      lo = causal && row > m0 ? row : m0;
+      hi = doc != nullptr && doc[at] < q_end ? doc[at] : q_end;
+    }
+    if (row >= S) hi = lo;  // past the end: nothing visible
+    lo -= c0;
+    hi -= c0;
+    m.lo[h] = int(lo < 0 ? 0 : lo > NC ? NC : lo);
+    m.hi[h] = int(hi < 0 ? 0 : hi > NC ? NC : hi);
+  }
   return m;
 }
 
@@ -278,9 +312,9 @@ __device__ __forceinline__ void probs_and_ds(float (&s)[NC / 8][4], float (&dp)[
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int r = r0 + g + 8 * (e >> 1), c = n * 8 + 2 * t + (e & 1);
-      const int query = QUERY_ROWS ? r : c, key = QUERY_ROWS ? c : r;
+      const int query = QUERY_ROWS ? r : c;
       float p = fast_exp2(__fsub_rn(__fmul_rn(s[n][e], scale_log2), m2[query]) - log2l[query]);
-      if (mask.hides(query, key)) p = 0.f;
+      if (mask.hides(c, e >> 1)) p = 0.f;
       s[n][e] = p;
       dp[n][e] = p * (dp[n][e] - delta[query]);
     }
@@ -411,8 +445,17 @@ __global__ void __launch_bounds__(Config<DP, SMALL>::KV_THREADS)
   const T* v_head = static_cast<const T*>(a.v) + b * a.v_stride[0] + hk * a.v_stride[2];
   load_tile<T, BN, DP, THREADS>(sV, v_head, a.v_stride[1], n0, S, D, vec_in);
 
-  // Work items: (query head of the group, query block), the query blocks from the diagonal down.
-  const int64_t m_blocks = (S + BM - 1) / BM, m_first = a.causal ? n0 / BM : 0;
+  // Work items: (query head of the group, query block), the query blocks from the diagonal down to the
+  // last query that sees a key of this block: with packed documents the end of the last key's document
+  // (doc_end does not decrease), so a key block never loads a query block of a later document.
+  const int64_t m_first = a.causal ? n0 / BM : 0;
+  int64_t q_stop = S;
+  if (a.doc_end != nullptr) {
+    const int64_t e = a.doc_end[(n0 + BN < S ? n0 + BN : S) - 1];
+    q_stop = e < S ? e : S;  // clamped: bad bounds never send a load out of the sequence
+  }
+  int64_t m_blocks = (q_stop + BM - 1) / BM;
+  if (m_blocks <= m_first) m_blocks = m_first + 1;
   const int64_t per_head = m_blocks - m_first, items = group * per_head;
   auto issue = [&](int64_t item, int st) {
     const int64_t h = hk * group + item / per_head, m0 = (m_first + item % per_head) * BM;
@@ -459,7 +502,8 @@ __global__ void __launch_bounds__(Config<DP, SMALL>::KV_THREADS)
     two_products<T, DP, BM>(st, dpt, sK, sV, sQ, sDo, r0);
 
     // P^T and dS^T in place; a mask only where the block can hold masked or out-of-range entries.
-    probs_and_ds<false, BM>(st, dpt, sM2, sLog2l, sDelta, tile_mask<BM, BN>(m0, n0, S, a.causal), scale_log2, r0);
+    probs_and_ds<false, BM>(st, dpt, sM2, sLog2l, sDelta, tile_mask<BM, BN, false>(m0, n0, S, a.causal, a.doc_end, r0),
+                            scale_log2, r0);
 
     // Rounded to T as A operands (half the registers of the fp32 tiles), then dV += P^T dO and
     // dK += dS^T Q (queries are the reduction dimension).
@@ -572,10 +616,16 @@ __global__ void __launch_bounds__(Config<DP, SMALL>::BM * 2)
     load_tile<T, BN, DP, THREADS>(p, k_head, D, n0, S, D, vec_rot);
     load_tile<T, BN, DP, THREADS>(p + BN * DP, v_head, a.v_stride[1], n0, S, D, vec_in);
   };
-  // Causal: key blocks after this query block's last row are never loaded.
+  // Causal: key blocks after this query block's last row are never loaded. Packed documents: nor those
+  // before its first query's document start (doc_start does not decrease).
   const int64_t n_end = a.causal ? (m0 + BM < S ? m0 + BM : S) : S;
-  const int64_t items = (n_end + BN - 1) / BN;
-  issue(0, 0);  // Q, dO, m2, log2l and delta travel in the same first group
+  int64_t n_first = 0;
+  if (a.doc_start != nullptr) {
+    const int64_t start = a.doc_start[m0];
+    n_first = (start < 0 ? 0 : start > m0 ? m0 : start) / BN * BN;  // clamped: never out of the sequence
+  }
+  const int64_t items = (n_end + BN - 1) / BN - n_first / BN;
+  issue(n_first, 0);  // Q, dO, m2, log2l and delta travel in the same first group
   cp_async_commit();
 
   float dq[DP / 8][4];
@@ -589,17 +639,18 @@ __global__ void __launch_bounds__(Config<DP, SMALL>::BM * 2)
     cp_async_wait<0>();
     __syncthreads();  // this key block is in shared memory; every warp is done with the previous one
     if (item + 1 < items) {
-      issue((item + 1) * BN, (item + 1) & 1);  // lands while this block computes
+      issue(n_first + (item + 1) * BN, (item + 1) & 1);  // lands while this block computes
       cp_async_commit();
     }
     const T* sK = reinterpret_cast<const T*>(stage(item & 1));
     const T* sV = sK + BN * DP;
-    const int64_t n0 = item * BN;
+    const int64_t n0 = n_first + item * BN;
 
     // S = Q K^T and dP = dO V^T for this warp's 16 queries x BN keys.
     float s[BN / 8][4], dp[BN / 8][4];
     two_products<T, DP, BN>(s, dp, sQ, sDo, sK, sV, r0);
-    probs_and_ds<true, BN>(s, dp, sM2, sLog2l, sDelta, tile_mask<BM, BN>(m0, n0, S, a.causal), scale_log2, r0);
+    probs_and_ds<true, BN>(s, dp, sM2, sLog2l, sDelta, tile_mask<BM, BN, true>(m0, n0, S, a.causal, a.doc_start, r0),
+                           scale_log2, r0);
     // dQ += dS K (keys are the reduction dimension).
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk) {

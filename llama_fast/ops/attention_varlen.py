@@ -16,17 +16,26 @@ interpreter), all documents go in one launch of each kernel (llama_fast::attenti
 form one sequence, and each token's document bounds decide which key (query) blocks a query (key) block
 loads: blocks wholly outside the document are skipped, blocks inside it run unmasked, only blocks that
 straddle a boundary or the diagonal are masked, so many short documents cost their tokens, not a block
-each. Its backward is the Triton one (the CUDA and C++ backwards do not take documents yet).
-Elsewhere each document is one call of the batched op, documents of one length with implied
-positions batched together. The boundaries are read on the host (validation, and the per-document
+each. Its backward takes the same bounds, in one launch too: on CUDA in fp16 / bf16 the compiled op
+torch.ops.llama_fast.attention_backward(..., doc_start=, doc_end=) (csrc/cuda/attention_backward.cu, the
+sm_80 kernel, also where LLAMA_FAST_ATTENTION_BACKWARD=sm90 asks for the Hopper one, which takes no
+documents) when the extension has it; otherwise (fp32 on CUDA, the CPU interpreter, whose Triton scores
+are bitwise the forward's) the Triton backward. On the CPU without the interpreter (and for bf16 in it,
+whose bf16 dot is broken) with the extension, in fp32 / fp16 / bf16 (llama_fast::attention_packed_cpu): the
+math forward document by document (documents of one length with implied positions batched together),
+then one call of the C++ backward with the bounds (row i sums over keys doc_start[i] .. i), bitwise the
+gradients of one C++ backward per document. Elsewhere (fp64; no extension) each document is one call of
+the batched op with its own backward, documents of one length with implied positions batched together.
+The boundaries are read on the host (validation, and the per-document
 calls): the call synchronises with the device and, under torch.compile, breaks the graph.
 """
 from __future__ import annotations
 
 import torch
 
+from .. import _extension
 from ._common import triton_runs_on
-from .attention import _attention_op, _check_inputs, lse_from_stats
+from .attention import _COMPILED_DTYPES, _attention_op, _check_inputs, _forward_math, lse_from_stats
 
 
 # ------------------------------------------------------------------------------------------------
@@ -37,7 +46,7 @@ from .attention import _attention_op, _check_inputs, lse_from_stats
 @torch.library.custom_op("llama_fast::attention_packed", mutates_args=())
 def _packed_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-    doc_start: torch.Tensor, doc_end: torch.Tensor,
+    doc_start: torch.Tensor, doc_end: torch.Tensor, deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from llama_fast.kernels.attention import attention_forward
 
@@ -45,24 +54,39 @@ def _packed_op(
 
 
 @_packed_op.register_fake
-def _packed_fake(q, k, v, cos, sin, doc_start, doc_end):
+def _packed_fake(q, k, v, cos, sin, doc_start, doc_end, deterministic):
     B, S, Hq, D = q.shape
     return q.new_empty((B, S, Hq, D)), q.new_empty((2, B, Hq, S), dtype=torch.float32)
 
 
 def _packed_setup_context(ctx, inputs, output):
-    q, k, v, cos, sin, doc_start, doc_end = inputs
+    q, k, v, cos, sin, doc_start, doc_end, deterministic = inputs
     out, stats = output
     ctx.save_for_backward(q, k, v, cos, sin, doc_start, doc_end, out, stats)
+    ctx.deterministic = deterministic
     ctx.mark_non_differentiable(stats)
 
 
-def _packed_backward(ctx, dout, dstats):
-    from llama_fast.kernels.attention import attention_backward
+def _packed_compiled_backward(q) -> bool:
+    """Whether the packed backward runs the compiled op: CUDA in fp16 / bf16 (as ops.attention's _backward),
+    where the extension has the CUDA kernels. Not after a forward in the CPU interpreter: there the Triton
+    backward's scores are bitwise the forward's, which the C++ backward (matched to the math forward) cannot
+    promise."""
+    device = q.device.type
+    return device in ("cuda", "meta") and q.dtype in _COMPILED_DTYPES[device] and _extension.has_kernel(device)
 
+
+def _packed_backward(ctx, dout, dstats):
     q, k, v, cos, sin, doc_start, doc_end, out, stats = ctx.saved_tensors
-    dq, dk, dv = attention_backward(dout, q, k, v, out, stats, cos, sin, True, doc_start, doc_end)
-    return dq, dk, dv, None, None, None, None
+    if _packed_compiled_backward(q):
+        dq, dk, dv = torch.ops.llama_fast.attention_backward(
+            dout, q, k, v, out, stats, cos, sin, True, ctx.deterministic, doc_start, doc_end
+        )
+    else:
+        from llama_fast.kernels.attention import attention_backward
+
+        dq, dk, dv = attention_backward(dout, q, k, v, out, stats, cos, sin, True, doc_start, doc_end)
+    return dq, dk, dv, None, None, None, None, None
 
 
 _packed_op.register_autograd(_packed_backward, setup_context=_packed_setup_context)
@@ -157,23 +181,36 @@ def _attention_varlen(q, k, v, cos, sin, cu_seqlens, max_seqlen, position_ids=No
         lengths = cu_seqlens.diff()
         doc_start = torch.repeat_interleave(cu_seqlens[:-1], lengths).to(torch.int32)
         doc_end = torch.repeat_interleave(cu_seqlens[1:], lengths).to(torch.int32)
-        out, stats = _packed_op(q[None], k[None], v[None], cos_tok, sin_tok, doc_start, doc_end)
+        out, stats = _packed_op(q[None], k[None], v[None], cos_tok, sin_tok, doc_start, doc_end, deterministic)
         return out[0], lse_from_stats(stats)[0]
-    # Elsewhere (the CPU without the interpreter, fp64, bf16 in the interpreter): one call of the batched
-    # op per document. Calls: (document starts, length, tables). Documents of one length with implied positions share
-    # the tables' first rows: one batched call each; explicit positions take one call per document.
+    if _packed_cpu(q) and total:
+        lengths = cu_seqlens.diff()
+        doc_start = torch.repeat_interleave(cu_seqlens[:-1], lengths).to(torch.int32)
+        doc_end = torch.repeat_interleave(cu_seqlens[1:], lengths).to(torch.int32)
+        out, stats = _packed_cpu_op(q[None], k[None], v[None], cos_tok, sin_tok, cu_seqlens, doc_start, doc_end,
+                                    position_ids is None)
+        return out[0], lse_from_stats(stats)[0]
+    # Elsewhere (fp64; the CPU without the extension): one call of the batched op per document, each with
+    # its own backward.
+    out, stats = _per_document(q, k, v, cos_tok, sin_tok, starts, position_ids is None,
+                               lambda *a: _attention_op(*a, True, deterministic))
+    return out, lse_from_stats(stats).float()
+
+
+def _per_document(q, k, v, cos_tok, sin_tok, starts: list[int], implied: bool, forward):
+    """(O [T, Hq, D], stats [2, Hq, T]) from forward(q, k, v, cos, sin) -> (O, stats [2, B, Hq, n]) called on
+    the documents: documents of one length with implied positions (their tables' rows are the same) in one
+    batched call each; explicit positions take one call per document. Differentiable where `forward` is."""
     calls: dict = {}
     for s, e in zip(starts[:-1], starts[1:]):
         if e > s:
-            calls.setdefault(e - s if position_ids is None else (s,), []).append((s, e))
-    pieces, lse_pieces, order = [], [], []
+            calls.setdefault(e - s if implied else (s,), []).append((s, e))
+    total = q.shape[0]
+    pieces, stat_pieces, order = [], [], []
     for docs in calls.values():
         n = docs[0][1] - docs[0][0]
         s = docs[0][0]
-        if position_ids is None:
-            tables = cos[:n].contiguous(), sin[:n].contiguous()
-        else:
-            tables = cos_tok[s:s + n], sin_tok[s:s + n]
+        tables = cos_tok[s:s + n], sin_tok[s:s + n]
         if len(docs) == 1:
             idx = torch.arange(s, s + n, device=q.device)
             qs, ks, vs = q[None, s:s + n], k[None, s:s + n], v[None, s:s + n]
@@ -181,15 +218,58 @@ def _attention_varlen(q, k, v, cos, sin, cu_seqlens, max_seqlen, position_ids=No
             idx = (torch.tensor([d[0] for d in docs], device=q.device)[:, None]
                    + torch.arange(n, device=q.device)).flatten()
             qs, ks, vs = (t[idx].unflatten(0, (len(docs), n)) for t in (q, k, v))
-        o, stats = _attention_op(qs, ks, vs, *tables, True, deterministic)  # [docs, n, Hq, D], [2, docs, Hq, n]
-        lse = lse_from_stats(stats)
+        o, stats = forward(qs, ks, vs, *tables)  # [docs, n, Hq, D], [2, docs, Hq, n]
         pieces.append(o.flatten(0, 1))
-        lse_pieces.append(lse.float().transpose(0, 1).flatten(1, 2))  # [Hq, docs * n]
+        stat_pieces.append(stats.transpose(1, 2).flatten(2, 3))  # [2, Hq, docs * n]
         order.append(idx)
     out = q.new_empty(q.shape)
-    lse = q.new_empty((q.shape[1], total), dtype=torch.float32)
-    if pieces:  # every token is in one non-empty document: the copies cover out and lse
+    stats = q.new_empty((2, q.shape[1], total), dtype=stat_pieces[0].dtype if stat_pieces else torch.float32)
+    if pieces:  # every token is in one non-empty document: the copies cover out and stats
         idx = torch.cat(order)
         out = out.index_copy(0, idx, torch.cat(pieces))
-        lse = lse.index_copy(1, idx, torch.cat(lse_pieces, dim=1))
-    return out, lse
+        stats = stats.index_copy(2, idx, torch.cat(stat_pieces, dim=2))
+    return out, stats
+
+
+# ------------------------------------------------------------------------------------------------
+# The CPU without the Triton interpreter (and bf16 in it), fp32 / fp16 / bf16 with the extension: the math
+# forward document by document (as the batched op's), then one call of the C++ backward with each token's
+# document bounds for all documents. Same gradients, bitwise, as one C++ backward per document.
+# ------------------------------------------------------------------------------------------------
+def _packed_cpu(q) -> bool:
+    return (not _one_launch(q) and q.device.type == "cpu" and q.dtype in _COMPILED_DTYPES["cpu"]
+            and _extension.has_kernel("cpu"))
+
+
+@torch.library.custom_op("llama_fast::attention_packed_cpu", mutates_args=())
+def _packed_cpu_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos_tok: torch.Tensor, sin_tok: torch.Tensor,
+    cu_seqlens: torch.Tensor, doc_start: torch.Tensor, doc_end: torch.Tensor, implied: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    out, stats = _per_document(q[0], k[0], v[0], cos_tok, sin_tok, cu_seqlens.tolist(), implied,
+                               lambda *a: _forward_math(*a, True))
+    return out[None].clone(), stats[:, None].clone()  # [1, T, Hq, D], [2, 1, Hq, T]
+
+
+@_packed_cpu_op.register_fake
+def _packed_cpu_fake(q, k, v, cos_tok, sin_tok, cu_seqlens, doc_start, doc_end, implied):
+    B, S, Hq, D = q.shape
+    return q.new_empty((B, S, Hq, D)), q.new_empty((2, B, Hq, S), dtype=torch.float32)
+
+
+def _packed_cpu_setup_context(ctx, inputs, output):
+    q, k, v, cos_tok, sin_tok, cu_seqlens, doc_start, doc_end, implied = inputs
+    out, stats = output
+    ctx.save_for_backward(q, k, v, cos_tok, sin_tok, doc_start, doc_end, out, stats)
+    ctx.mark_non_differentiable(stats)
+
+
+def _packed_cpu_backward(ctx, dout, dstats):
+    q, k, v, cos_tok, sin_tok, doc_start, doc_end, out, stats = ctx.saved_tensors
+    dq, dk, dv = torch.ops.llama_fast.attention_backward(
+        dout, q, k, v, out, stats, cos_tok, sin_tok, True, False, doc_start, doc_end
+    )
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+_packed_cpu_op.register_autograd(_packed_cpu_backward, setup_context=_packed_cpu_setup_context)

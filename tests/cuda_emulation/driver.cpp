@@ -1,11 +1,12 @@
 // Runs csrc/cuda/attention_backward.cu's kernels under the host emulation (emu.h, mma.cuh), in the
 // order its launcher runs them on a GPU: prep, kv, then q (deterministic) or dq_finish.
-//   attention_backward_emulated IN OUT B S Hq Hkv D causal deterministic dtype(1 = fp16, 2 = bf16) misalign small
+//   attention_backward_emulated IN OUT B S Hq Hkv D causal deterministic dtype(1 = fp16, 2 = bf16) misalign small [docs]
 // IN holds, contiguous: q, dout, out [B, S, Hq, D] and k, v [B, S, Hkv, D] as 16-bit words (in the
 // order q, k, v, dout, out), then fp32 stats [2, B, Hq, S] (m2, log2l), cos and sin [S, D / 2].
 // misalign = 1 places v and dout one element past a 16-byte boundary, so the kernels must take their
 // plain-load path instead of cp.async for them. small = 1 runs the 32-row query-block variant that
-// GPUs with less shared memory per block get for head dims 65 to 128.
+// GPUs with less shared memory per block get for head dims 65 to 128. docs = 1 (packed documents, B = 1):
+// IN ends with int32 doc_start [S] and doc_end [S], passed to the kernels as AttentionBackwardArgs' bounds.
 // OUT receives dq, dk, dv as 16-bit words. kernel_emu.cpp is the .cu with its launchers cut off
 // and dynamic shared memory pointed at the emulated block's buffer (tests/test_cuda_emulation.py).
 #include "kernel_emu.cpp"
@@ -81,7 +82,7 @@ void dispatch(AttentionBackwardArgs& a, float* workspace, bool small) {
 }
 
 int main(int argc, char** argv) {
-  if (argc != 13) return 2;
+  if (argc != 13 && argc != 14) return 2;
   const int64_t B = atol(argv[3]), S = atol(argv[4]), Hq = atol(argv[5]), Hkv = atol(argv[6]), D = atol(argv[7]);
   const bool causal = atoi(argv[8]), deterministic = atoi(argv[9]);
   const int dtype = atoi(argv[10]);
@@ -99,6 +100,10 @@ int main(int argc, char** argv) {
   auto q = rd16(nq, false), k = rd16(nk, false), v = rd16(nk, misalign), dout = rd16(nq, misalign),
        out = rd16(nq, false);
   auto stats = rd32(nl), cs = rd32(nc), sn = rd32(nc);
+  const bool docs = argc == 14 && atoi(argv[13]);
+  std::vector<int32_t> doc_start(docs ? S : 0), doc_end(docs ? S : 0);
+  if (docs && (fread(doc_start.data(), 4, S, f) != size_t(S) || fread(doc_end.data(), 4, S, f) != size_t(S)))
+    std::abort();
   fclose(f);
   std::vector<uint16_t> dq(nq, 0xffff), dk(nk, 0xffff), dv(nk, 0xffff);  // NaN: an unwritten element shows
   AttentionBackwardArgs a{};
@@ -118,6 +123,7 @@ int main(int argc, char** argv) {
   a.dq = dq.data(); a.dk = dk.data(); a.dv = dv.data();
   a.batch = B; a.seq_len = S; a.num_heads = Hq; a.num_kv_heads = Hkv; a.head_dim = D;
   a.causal = causal; a.deterministic = deterministic;
+  if (docs) { a.doc_start = doc_start.data(); a.doc_end = doc_end.data(); }
   int64_t off[7];
   workspace_layout(a, off);
   std::vector<float> workspace(off[6], std::nanf(""));  // NaN: a workspace read before its write shows
