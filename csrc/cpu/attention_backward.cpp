@@ -9,7 +9,8 @@
 // values summed in double and rounded to fp32, times the fp32 scale * log2(e). Bitwise that forward's
 // S2 (but where two double sums straddle an fp32 rounding boundary), so S2 - m2 is exact near the row
 // max however large the scores. The rest (dP, dS, the accumulations) in double from double
-// rotations; one query row at a time in a fixed order, so deterministic.
+// rotations; one query row at a time in a fixed order, so deterministic. delta = sum_j P dP of the
+// row's own P and dP (O, `out`, is not read): dP - delta cancels as eager's does on near one-hot rows.
 // Packed documents (doc_start, int32 [S], B = 1, causal): row i sums over keys doc_start[i] .. i only,
 // all documents in one call.
 // Math: see llama_fast.h (dQ, dK rotated back by -theta).
@@ -99,6 +100,7 @@ void attention_backward_cpu(const float* dout, const float* q, const float* k, c
                             int64_t num_kv_heads, int64_t head_dim, bool causal, DType input,
                             const int32_t* doc_start) {
   const int64_t S = seq_len, D = head_dim, group = num_heads / num_kv_heads;
+  (void)out;  // delta comes from P and dP (above); the op's signature keeps O for the CUDA backwards
   const int64_t q_row = num_heads * D, kv_row = num_kv_heads * D;  // sequence strides
   const double scale = 1.0 / std::sqrt(static_cast<double>(D));
   const float qk_scale = static_cast<float>(1.4426950408889634 / std::sqrt(static_cast<double>(D)));
@@ -106,6 +108,7 @@ void attention_backward_cpu(const float* dout, const float* q, const float* k, c
   const size_t n = static_cast<size_t>(S * D);
   std::vector<double> qr(n), kr(n), dqr(n), dkr(n), dv_acc(n);
   std::vector<float> qf(n), kf(n);  // the forward's score operands
+  std::vector<double> p_row(static_cast<size_t>(S)), dp_row(static_cast<size_t>(S));  // one query row's P, dP
 
   for (int64_t b = 0; b < batch; ++b) {
     for (int64_t hk = 0; hk < num_kv_heads; ++hk) {
@@ -124,17 +127,17 @@ void attention_backward_cpu(const float* dout, const float* q, const float* k, c
         const float* log2l_row = m2_row + stats_half;
         for (int64_t i = 0; i < S; ++i) {
           const float* do_i = dout + q_off + i * q_row;
-          const float* o_i = out + q_off + i * q_row;
           const double* q_i = qr.data() + i * D;
           const float* qf_i = qf.data() + i * D;
-          double delta = 0.0;
-          for (int64_t d = 0; d < D; ++d) delta += double(do_i[d]) * o_i[d];
           // Packed documents (B = 1, causal): keys doc_start[i] .. i; keys of other documents never
           // enter the sums, so one document's inputs cannot reach another's gradients.
           const int64_t first = doc_start != nullptr ? doc_start[i] : 0;
           const int64_t last = causal ? i : S - 1;
+          // P and dP of the row first, then delta = sum_j P dP from those very values (not
+          // rowsum(dO * O): O is the forward's, rounded, and its scores were not this S2), so that
+          // dP - delta cancels as eager's softmax backward does on near one-hot rows (issue 13 item 6).
+          double delta = 0.0;
           for (int64_t j = first; j <= last; ++j) {
-            const double* k_j = kr.data() + j * D;
             const float* kf_j = kf.data() + j * D;
             const float* v_j = v + kv_off + j * kv_row;
             double s = 0.0, dp = 0.0;
@@ -144,8 +147,14 @@ void attention_backward_cpu(const float* dout, const float* q, const float* k, c
             }
             volatile float s2 = static_cast<float>(s) * qk_scale;  // one fp32 product, as the forward
             volatile float centered = s2 - m2_row[i];              // exact near the row max
-            const double pij = std::exp2(double(centered) - double(log2l_row[i]));
-            const double ds = pij * (dp - delta) * scale;
+            p_row[j] = std::exp2(double(centered) - double(log2l_row[i]));
+            dp_row[j] = dp;
+            delta += p_row[j] * dp;
+          }
+          for (int64_t j = first; j <= last; ++j) {
+            const double* k_j = kr.data() + j * D;
+            const double pij = p_row[j];
+            const double ds = pij * (dp_row[j] - delta) * scale;
             double* dq_i = dqr.data() + i * D;
             double* dk_j = dkr.data() + j * D;
             double* dv_j = dv_acc.data() + j * D;
