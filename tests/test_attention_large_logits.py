@@ -147,10 +147,14 @@ SEED_CASES = [("std10", 40, 32, 10.0), ("std30", 40, 32, 30.0), ("x30_D64", 33, 
 SEEDS = 8
 
 
-def _backward_by(path, dtype, S, D, std, causal, seed, monkeypatch):
-    """(dq, dk, dv) of one backward path on make(seed)'s inputs, and the inputs."""
+def _backward_by(path, dtype, S, D, std, causal, seed, monkeypatch, emu=None):
+    """(dq, dk, dv) of one backward path on make(seed)'s inputs, and the inputs. emu: (driver, tmp_path)."""
     q, k, v, dout, cos, sin = make(dtype, 1, S, 2, 1, D, std, seed)
-    if path == "triton":
+    if path == "cuda-emulated":
+        with monkeypatch.context() as m:
+            out, saved = cpu_forward(m, q, k, v, cos, sin, causal)
+        got = run_emulated(*emu, q, k, v, dout, out, saved, cos, sin, causal, True, False, "late", False)
+    elif path == "triton":
         out, saved = kernels.attention_forward(q, k, v, cos, sin, causal)
         got = kernels.attention_backward(dout, q, k, v, out, saved, cos, sin, causal)
     else:
@@ -164,8 +168,8 @@ def _backward_by(path, dtype, S, D, std, causal, seed, monkeypatch):
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("case", SEED_CASES, ids=[c[0] for c in SEED_CASES])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("path", ["triton", "c++"])
-def test_16bit_large_logits_hold_the_rule_over_seeds(monkeypatch, path, dtype, case, causal):
+@pytest.mark.parametrize("path", ["triton", "c++", "cuda-emulated"])
+def test_16bit_large_logits_hold_the_rule_over_seeds(request, tmp_path, monkeypatch, path, dtype, case, causal):
     """The 2x rule on the mean over 8 seeds of each gradient's max error, where one seed's check is
     luck (fp16 / bf16, q and k std 10 and 30; check's docstring). Measured when written (mean error /
     eager's): Triton 0.26-0.74, C++ 0.26-1.35 (1.85 while it took delta from the saved O); the worst
@@ -174,10 +178,11 @@ def test_16bit_large_logits_hold_the_rule_over_seeds(monkeypatch, path, dtype, c
         pytest.skip("the Triton kernels run here only in the CPU interpreter, and not in bf16 (its tl.dot is broken)")
     if path == "c++" and not ext.has_kernel("cpu"):
         pytest.skip("the C++ extension is not built")
+    emu = (request.getfixturevalue("emu_driver"), tmp_path) if path == "cuda-emulated" else None
     _, S, D, std = case
     ours, eager = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
     for seed in range(SEEDS):
-        got, inputs = _backward_by(path, dtype, S, D, std, causal, seed, monkeypatch)
+        got, inputs = _backward_by(path, dtype, S, D, std, causal, seed, monkeypatch, emu)
         high = reference_grads(*inputs, causal, torch.float64)
         low = reference_grads(*inputs, causal, dtype)
         ours += torch.tensor([max_abs_error(g.float(), h) for g, h in zip(got, high)]) / SEEDS
