@@ -107,7 +107,7 @@ def attention_backward_workspace_floats(
 ) -> dict[str, int]:
     """fp32 elements of attention_backward's CUDA workspace, part by part; the same layout as
     workspace_layout() in csrc/cuda/attention_backward.cu (rows padded to 64, parts 16-byte aligned,
-    rot(q) and rot(k) in the 16-bit input dtype, two per float)."""
+    rot(q) and, deterministic only, rot(k) in the 16-bit input dtype, two per float)."""
 
     def align4(n: int) -> int:
         return (n + 3) // 4 * 4
@@ -121,7 +121,7 @@ def attention_backward_workspace_floats(
         "log2l": align4(rows),
         "dq fp32 accumulator": 0 if deterministic else align4(nq),
         "rot(q)": align4((nq + 1) // 2),
-        "rot(k)": align4((nk + 1) // 2),
+        "rot(k)": align4((nk + 1) // 2) if deterministic else 0,  # else the kv kernel rotates K itself
     }
 
 

@@ -18,11 +18,12 @@
 //
 // Three steps:
 //  1. prep: one warp per row: delta = rowsum(dO * O) and copies of m2 and log2l (fp32, rows padded to a
-//     multiple of 64 with zeros), and rot(q), rot(k) rounded to the input dtype, [B, H, S, D], in the
-//     workspace. The main loops then stream plain tiles with cp.async instead of rotating each tile
-//     every time it is loaded (a q tile is loaded once per key block).
+//     multiple of 64 with zeros), and rot(q) (and, deterministic, rot(k)) rounded to the input dtype,
+//     [B, H, S, D], in the workspace. The main loops then stream plain tiles with cp.async instead of
+//     rotating each tile every time it is loaded (a q tile is loaded once per key block).
 //  2. kv kernel, one CTA per (batch, kv head, key block): WARPS warps, each owning 16 key rows (at
-//     DP = 256 two warps own them, each half of dK's and dV's columns). K
+//     DP = 256 two warps own them, each half of dK's and dV's columns). It rotates its K block in the
+//     prologue (each key row once). K
 //     and V stay in shared memory; the group's query heads and the query blocks that can see the key
 //     block (causal: from the diagonal down, blocks above it are never loaded) stream through a
 //     two-stage cp.async pipeline. Per query block each warp forms S^T = K Q^T and dP^T = V dO^T in
@@ -102,7 +103,7 @@ struct Workspace {
   float* log2l;     // [B * Hq, S_pad], log2 of the row sum
   float* dq_accum;  // [B, S, Hq, D] fp32, non-deterministic mode only
   T* qr;            // rot(q) [B, Hq, S, D]
-  T* kr;            // rot(k) [B, Hkv, S, D]
+  T* kr;            // rot(k) [B, Hkv, S, D], deterministic mode only (the kv kernel rotates its K block itself)
 };
 
 __host__ __device__ inline int64_t padded_rows(int64_t seq_len) { return (seq_len + kRowPad - 1) / kRowPad * kRowPad; }
@@ -119,7 +120,13 @@ inline void workspace_layout(const AttentionBackwardArgs& a, int64_t (&off)[7]) 
   off[3] = off[2] + align4(rows);
   off[4] = off[3] + (a.deterministic ? 0 : align4(nq));
   off[5] = off[4] + align4((nq + 1) / 2);  // 16-bit elements, two per float
-  off[6] = off[5] + align4((nk + 1) / 2);
+  off[6] = off[5] + (a.deterministic ? align4((nk + 1) / 2) : 0);
+}
+
+// Rows of the prep kernel: every (b, h, s) query row padded to kRowPad, then, for the q kernel of the
+// deterministic mode, every (b, kv head, s) key row.
+inline int64_t prep_row_count(const AttentionBackwardArgs& a) {
+  return a.batch * a.num_heads * padded_rows(a.seq_len) + (a.deterministic ? a.batch * a.num_kv_heads * a.seq_len : 0);
 }
 
 template <typename T>
@@ -127,7 +134,7 @@ Workspace<T> carve(const AttentionBackwardArgs& a, float* base) {
   int64_t off[7];
   workspace_layout(a, off);
   return {base + off[0], base + off[1], base + off[2], a.deterministic ? nullptr : base + off[3],
-          reinterpret_cast<T*>(base + off[4]), reinterpret_cast<T*>(base + off[5])};
+          reinterpret_cast<T*>(base + off[4]), a.deterministic ? reinterpret_cast<T*>(base + off[5]) : nullptr};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -136,15 +143,18 @@ Workspace<T> carve(const AttentionBackwardArgs& a, float* base) {
 // non-deterministic mode a query row also zeroes its row of dq_accum (once a cudaMemsetAsync of its own).
 // HBM bytes of the work outside the main loop at B8 H32 (Hkv 32) S2048 D128 bf16, 1 MB = 1e6 B;
 // n = 8 * 2048 * 32 * 128 = 67,108,864 elements of q (and of k, v, o, dO, dq), rows = 524,288:
-//   prep: read o, dO, q, k 4 * 2n = 536.9 MB, write rot(q), rot(k) 2 * 2n = 268.4 MB, read the stats
-//     2 * rows * 4 = 4.2 MB, write delta, m2, log2l 3 * rows * 4 = 6.3 MB: 815.8 MB
-//     (+ cos / sin 2048 * 64 * 4 * 2 = 1 MB, L2-resident).
-//   zeroing dq_accum: 4n = 268.4 MB written. Before: its own memset launch; now in prep's pass
-//     (1,084.2 MB with prep): the same bytes, one launch fewer. Not written at all would need the first
-//     adder of each dQ element known, and the kv CTAs that add to one query block run in no set order.
+//   prep: read o, dO, q 3 * 2n = 402.7 MB, write rot(q) 2n = 134.2 MB, read the stats 2 * rows * 4 =
+//     4.2 MB, write delta, m2, log2l 3 * rows * 4 = 6.3 MB: 547.4 MB (+ cos / sin 1 MB, L2-resident).
+//     rot(k) is no longer here (issue 16 item 3): the kv kernel rotates its K block in its prologue,
+//     reading k where it read the copy, which saves reading k and writing rot(k), 268.4 MB (the
+//     deterministic mode still writes rot(k) for its q kernel, which streams every key block).
+//   zeroing dq_accum: 4n = 268.4 MB written, in prep's pass (once its own memset launch). Not written
+//     at all would need the first adder of each dQ element known, and the kv CTAs that add to one query
+//     block run in no set order.
 //   dq_finish (below): read 4n, write 2n: 402.7 MB (+ 1 MB cos / sin).
-//   In all 1,487.9 MB before and after (issue 16's target of 0.45 GB needs rot(k) in the kv kernel's
-//   prologue and rot(q) out of the workspace too; not done here).
+//   In all 1,218.5 MB (1,487.9 MB before). Issue 16's 0.45 GB is out of reach of this design: delta alone
+//   reads o and dO (268.4 MB) and an fp32 dQ accumulator costs zeroing plus the finish (671.1 MB); only
+//   the deterministic mode (no accumulator) or a dQ reduced without fp32 atomics gets under it.
 // ---------------------------------------------------------------------------------------------
 template <typename T>
 __global__ void attention_backward_prep(AttentionBackwardArgs a, Workspace<T> w) {
@@ -181,7 +191,7 @@ __global__ void attention_backward_prep(AttentionBackwardArgs a, Workspace<T> w)
     return;
   }
   const int64_t krow = row - q_rows;
-  if (krow >= a.batch * a.num_kv_heads * S) return;
+  if (w.kr == nullptr || krow >= a.batch * a.num_kv_heads * S) return;
   const int64_t bh = krow / S, s = krow % S, b = bh / a.num_kv_heads, h = bh % a.num_kv_heads;
   const T* k = static_cast<const T*>(a.k) + b * a.k_stride[0] + s * a.k_stride[1] + h * a.k_stride[2];
   rotate_row(w.kr + krow * D, k, a.cos + s * a.cs_stride, a.sin + s * a.cs_stride, int(half), lane);
@@ -256,6 +266,34 @@ __device__ __forceinline__ void load_tile(T* tile, const T* head, int64_t row_st
     } else {
 #pragma unroll
       for (int e = 0; e < 8; ++e) dst[e] = in_rows && c + e < D ? src[e] : from_float<T>(0.f);
+    }
+  }
+}
+
+// Rows row0 .. row0 + ROWS - 1 of one head of k (row stride row_stride, contiguous head dim), rotated by
+// their positions' cos / sin rows (rotate_pair: the workspace's rounding) into a swizzled [ROWS, DP]
+// tile; rows past seq_len and columns past D are zero. Element by element: it runs once per CTA.
+template <typename T, int ROWS, int DP, int THREADS>
+__device__ __forceinline__ void load_rotated_tile(T* tile, const T* head, int64_t row_stride, int64_t row0,
+                                                  int64_t seq_len, int D, const float* cos, const float* sin,
+                                                  int64_t cs_stride) {
+  const int half = D / 2;
+  for (int idx = threadIdx.x; idx < ROWS * (DP / 2); idx += THREADS) {
+    const int r = idx / (DP / 2), d = idx % (DP / 2);
+    const int64_t pos = row0 + r;
+    if (pos < seq_len && d < half) {
+      const T* x = head + pos * row_stride;
+      rotate_pair(x[d], x[d + half], cos[pos * cs_stride + d], sin[pos * cs_stride + d], tile[swz<DP>(r, d)],
+                  tile[swz<DP>(r, d + half)]);
+    } else {  // the padding: columns from D on (two per idx past half) and rows past the sequence
+      const T zero = from_float<T>(0.f);
+      if (pos >= seq_len) {
+        tile[swz<DP>(r, d)] = zero;
+        tile[swz<DP>(r, d + DP / 2)] = zero;
+      } else {
+        tile[swz<DP>(r, d + half)] = zero;  // d in [half, DP / 2): columns half + d in [D, DP / 2 + half)
+        if (d + DP / 2 >= D) tile[swz<DP>(r, d + DP / 2)] = zero;
+      }
     }
   }
 }
@@ -441,7 +479,10 @@ __global__ void __launch_bounds__(Config<DP, SMALL>::KV_THREADS)
   const float scale_log2 = float(1.4426950408889634 / sqrt(double(D)));  // the forward's fp32 factor
   const bool vec_rot = D % 8 == 0;
 
-  load_tile<T, BN, DP, THREADS>(sK, w.kr + (b * Hkv + hk) * S * D, D, n0, S, D, vec_rot);
+  // K rotated here, once per key row (no kv CTA shares a key block): no rot(k) workspace to write and read
+  // back. Plain stores to shared memory; the first wait's __syncthreads publishes them.
+  const T* k_head = static_cast<const T*>(a.k) + b * a.k_stride[0] + hk * a.k_stride[2];
+  load_rotated_tile<T, BN, DP, THREADS>(sK, k_head, a.k_stride[1], n0, S, D, a.cos, a.sin, a.cs_stride);
   const T* v_head = static_cast<const T*>(a.v) + b * a.v_stride[0] + hk * a.v_stride[2];
   load_tile<T, BN, DP, THREADS>(sV, v_head, a.v_stride[1], n0, S, D, vec_in);
 
@@ -746,7 +787,7 @@ int launch(const AttentionBackwardArgs& a, float* workspace, cudaStream_t stream
   const Workspace<T> w = carve<T>(a, workspace);
   const bool vec_in = rows_vectorizable(a.v, a.v_stride, a.head_dim, sizeof(T)) &&
                       rows_vectorizable(a.dout, a.dout_stride, a.head_dim, sizeof(T));
-  const int64_t prep_rows = a.batch * a.num_heads * padded_rows(a.seq_len) + a.batch * a.num_kv_heads * a.seq_len;
+  const int64_t prep_rows = prep_row_count(a);
   attention_backward_prep<T><<<static_cast<unsigned>((prep_rows + 7) / 8), 256, 0, stream>>>(a, w);
 
   using KV = KvSmem<T, DP, SMALL>;

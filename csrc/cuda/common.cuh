@@ -28,14 +28,19 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(f
 
 // Rotates one row of 2 * half elements by RoPE (one warp; `lane` of 32): dst = rot(src), rounded to T.
 // The attention backwards' prep: rot(q) and rot(k) as the forward feeds them to its matmuls.
+// One rotated pair (x1, x2) -> (x1 c - x2 s, x2 c + x1 s) in fp32, rounded to T: the one expression
+// every CUDA rotation of q and k uses, so a row rotated in a kernel's prologue equals the workspace copy.
+template <typename T>
+__device__ __forceinline__ void rotate_pair(T a, T b, float c, float s, T& r1, T& r2) {
+  const float x1 = to_float(a), x2 = to_float(b);
+  r1 = from_float<T>(x1 * c - x2 * s);
+  r2 = from_float<T>(x2 * c + x1 * s);
+}
+
 template <typename T>
 __device__ __forceinline__ void rotate_row(T* dst, const T* src, const float* cos, const float* sin, int half,
                                            int lane) {
-  for (int d = lane; d < half; d += 32) {
-    const float x1 = to_float(src[d]), x2 = to_float(src[d + half]), c = cos[d], s = sin[d];
-    dst[d] = from_float<T>(x1 * c - x2 * s);
-    dst[d + half] = from_float<T>(x2 * c + x1 * s);
-  }
+  for (int d = lane; d < half; d += 32) rotate_pair(src[d], src[d + half], cos[d], sin[d], dst[d], dst[d + half]);
 }
 
 // N elements of T moved as one access of up to 16 bytes (a 32-byte pack becomes two 16-byte

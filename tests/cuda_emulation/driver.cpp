@@ -48,7 +48,7 @@ void run(AttentionBackwardArgs& a, float* workspace) {
   const Workspace<T> w = carve<T>(a, workspace);
   const bool vec_in = rows_vectorizable(a.v, a.v_stride, a.head_dim, sizeof(T)) &&
                       rows_vectorizable(a.dout, a.dout_stride, a.head_dim, sizeof(T));
-  const int64_t prep_rows = a.batch * a.num_heads * padded_rows(a.seq_len) + a.batch * a.num_kv_heads * a.seq_len;
+  const int64_t prep_rows = prep_row_count(a);
   run_grid(dim3(unsigned((prep_rows + 1) / 2)), 64, 0, [&] { attention_backward_prep<T>(a, w); });
   using KV = KvSmem<T, DP, SMALL>;
   const dim3 kv_grid(unsigned((a.seq_len + KV::BN - 1) / KV::BN), unsigned(a.num_kv_heads), unsigned(a.batch));
