@@ -115,6 +115,29 @@ def test_one_document_equals_the_batched_call_bitwise():
         assert torch.equal(a, b)
 
 
+def test_bounds_are_read_once_per_cu_seqlens_and_never_stale(monkeypatch):
+    """A model calls attention once per layer with one cu_seqlens: its bounds are read (a host sync) once.
+    An in-place change to cu_seqlens, or another tensor, is read again: never stale bounds."""
+    import importlib
+
+    varlen = importlib.import_module("llama_fast.ops.attention_varlen")
+    reads = []
+    real = varlen._check_cu_seqlens
+    monkeypatch.setattr(varlen, "_check_cu_seqlens", lambda *a: reads.append(1) or real(*a))
+    q, k, v, cu, cos, sin = packed([9, 23, 4], 2, 1, 64, torch.float32, table=40)
+    for _ in range(3):  # three "layers"
+        first = varlen.attention_varlen(q, k, v, cos, sin, cu)
+    assert len(reads) == 1
+    cu[1:3] = torch.tensor([20, 30], dtype=torch.int32)  # documents [20, 10, 6], in place
+    moved = varlen.attention_varlen(q, k, v, cos, sin, cu)
+    assert len(reads) == 2
+    want = reference.attention_varlen(q.double(), k.double(), v.double(), cos, sin, cu)
+    torch.testing.assert_close(moved.double(), want, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(moved, first)
+    varlen.attention_varlen(q, k, v, cos, sin, cu.clone())  # equal values, another tensor: read again
+    assert len(reads) == 3
+
+
 def test_explicit_positions():
     """position_ids equal to the implied offsets give the same result bitwise; other positions rotate as
     the reference does with them."""

@@ -27,9 +27,13 @@ then one call of the C++ backward with the bounds (row i sums over keys doc_star
 gradients of one C++ backward per document. Elsewhere (fp64; no extension) each document is one call of
 the batched op with its own backward, documents of one length with implied positions batched together.
 The boundaries are read on the host (validation, and the per-document
-calls): the call synchronises with the device and, under torch.compile, breaks the graph.
+calls): the call synchronises with the device and, under torch.compile, breaks the graph. They are read
+once per cu_seqlens tensor: the layers of a model that pass the same one reuse its bounds (_bounds).
 """
 from __future__ import annotations
+
+import weakref
+from typing import NamedTuple
 
 import torch
 
@@ -99,8 +103,8 @@ def _one_launch(q) -> bool:
     return triton_runs_on(q.device) and q.dtype != torch.float64 and not interpreted_bf16
 
 
-def _check_cu_seqlens(cu_seqlens, max_seqlen, total: int, device: torch.device) -> list[int]:
-    """Validates cu_seqlens and max_seqlen; returns the document starts as Python ints."""
+def _check_cu_seqlens(cu_seqlens, total: int, device: torch.device) -> list[int]:
+    """Validates cu_seqlens; returns the document starts as Python ints."""
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"attention: cu_seqlens must be a tensor, got {type(cu_seqlens).__name__}")
     if cu_seqlens.dtype != torch.int32:
@@ -120,11 +124,41 @@ def _check_cu_seqlens(cu_seqlens, max_seqlen, total: int, device: torch.device) 
     if min(lengths) < 0:
         i = min(range(len(lengths)), key=lengths.__getitem__)
         raise ValueError(f"attention: cu_seqlens must not decrease, got {starts[i]} then {starts[i + 1]} at index {i}")
-    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int):
-        raise TypeError(f"attention: max_seqlen must be an int, got {max_seqlen!r}")
-    if max_seqlen < max(lengths):
-        raise ValueError(f"attention: max_seqlen ({max_seqlen}) is smaller than the longest document ({max(lengths)})")
     return starts
+
+
+class _Bounds(NamedTuple):
+    """What the documents' boundaries give every layer: the starts (Python ints), each token's document
+    bounds (int32 [T], first token and end) and its offset in its document (int64 [T])."""
+    starts: list
+    longest: int
+    doc_start: torch.Tensor
+    doc_end: torch.Tensor
+    offsets: torch.Tensor
+
+
+# The last cu_seqlens seen and its bounds: a model calls attention once per layer with the same
+# cu_seqlens, and reading it (a host sync) plus three small kernels per layer is avoidable. Keyed by the
+# tensor itself (a weak reference: a new tensor at the same address is not it) and its version counter
+# (an in-place change is a miss).
+_BOUNDS_CACHE: list = [None, -1, None]
+
+
+def _bounds(cu_seqlens: torch.Tensor, total: int, device: torch.device) -> _Bounds:
+    """The validated bounds of cu_seqlens (see _check_cu_seqlens), computed once per cu_seqlens tensor."""
+    cached_ref, version, bounds = _BOUNDS_CACHE
+    if (isinstance(cu_seqlens, torch.Tensor) and cached_ref is not None and cached_ref() is cu_seqlens
+            and version == cu_seqlens._version and bounds.starts[-1] == total and bounds.offsets.device == device):
+        return bounds
+    starts = _check_cu_seqlens(cu_seqlens, total, device)
+    lengths = cu_seqlens.diff()
+    doc_start = torch.repeat_interleave(cu_seqlens[:-1], lengths)
+    bounds = _Bounds(starts, max(e - s for s, e in zip(starts[:-1], starts[1:])), doc_start.to(torch.int32),
+                     torch.repeat_interleave(cu_seqlens[1:], lengths).to(torch.int32),
+                     torch.arange(total, device=device) - doc_start)
+    if not torch.compiler.is_compiling():
+        _BOUNDS_CACHE[:] = [weakref.ref(cu_seqlens), cu_seqlens._version, bounds]
+    return bounds
 
 
 def attention_varlen(q, k, v, cos, sin, cu_seqlens, position_ids=None, *, return_lse: bool = False,
@@ -134,7 +168,8 @@ def attention_varlen(q, k, v, cos, sin, cu_seqlens, position_ids=None, *, return
     from .attention import attention
 
     if max_seqlen is None and isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.numel() > 1:
-        max_seqlen = int(cu_seqlens.diff().max())
+        packed = isinstance(q, torch.Tensor) and q.dim() == 3  # else attention() names what is wrong
+        max_seqlen = _bounds(cu_seqlens, q.shape[0], q.device).longest if packed else int(cu_seqlens.diff().max())
     return attention(q, k, v, cos, sin, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, position_ids=position_ids,
                      return_lse=return_lse, deterministic=deterministic)
 
@@ -149,7 +184,12 @@ def _attention_varlen(q, k, v, cos, sin, cu_seqlens, max_seqlen, position_ids=No
     for name, t in (("k", k), ("v", v)):
         if t.shape[0] != total:
             raise ValueError(f"attention: {name} must have q's {total} tokens, got shape {tuple(t.shape)}")
-    starts = _check_cu_seqlens(cu_seqlens, max_seqlen, total, q.device)
+    bounds = _bounds(cu_seqlens, total, q.device)
+    starts = bounds.starts
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int):
+        raise TypeError(f"attention: max_seqlen must be an int, got {max_seqlen!r}")
+    if max_seqlen < bounds.longest:
+        raise ValueError(f"attention: max_seqlen ({max_seqlen}) is smaller than the longest document ({bounds.longest})")
     for name, t in (("cos", cos), ("sin", sin)):
         if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.dim() != 2:
             raise TypeError(f"attention: {name} must be a float32 [positions, head_dim / 2] tensor, got "
@@ -159,9 +199,7 @@ def _attention_varlen(q, k, v, cos, sin, cu_seqlens, max_seqlen, position_ids=No
         if max_seqlen > table:
             raise ValueError(f"attention: documents up to max_seqlen = {max_seqlen} tokens need rotary tables of at "
                              f"least that many positions, got {table}")
-        # [T] offsets in the documents: t minus its document's start.
-        doc_start = torch.repeat_interleave(cu_seqlens[:-1], cu_seqlens.diff())
-        positions = torch.arange(total, device=q.device) - doc_start
+        positions = bounds.offsets  # [T] offsets in the documents: t minus its document's start
     else:
         if not isinstance(position_ids, torch.Tensor) or position_ids.shape != (total,) \
                 or position_ids.dtype.is_floating_point or position_ids.dtype == torch.bool:
@@ -177,16 +215,11 @@ def _attention_varlen(q, k, v, cos, sin, cu_seqlens, max_seqlen, position_ids=No
     sin_tok = sin[positions].contiguous()
     _check_inputs(q[None], k[None], v[None], cos_tok, sin_tok)
 
+    doc_start, doc_end = bounds.doc_start, bounds.doc_end
     if _one_launch(q):
-        lengths = cu_seqlens.diff()
-        doc_start = torch.repeat_interleave(cu_seqlens[:-1], lengths).to(torch.int32)
-        doc_end = torch.repeat_interleave(cu_seqlens[1:], lengths).to(torch.int32)
         out, stats = _packed_op(q[None], k[None], v[None], cos_tok, sin_tok, doc_start, doc_end, deterministic)
         return out[0], lse_from_stats(stats)[0]
     if _packed_cpu(q) and total:
-        lengths = cu_seqlens.diff()
-        doc_start = torch.repeat_interleave(cu_seqlens[:-1], lengths).to(torch.int32)
-        doc_end = torch.repeat_interleave(cu_seqlens[1:], lengths).to(torch.int32)
         out, stats = _packed_cpu_op(q[None], k[None], v[None], cos_tok, sin_tok, cu_seqlens, doc_start, doc_end,
                                     position_ids is None)
         return out[0], lse_from_stats(stats)[0]
