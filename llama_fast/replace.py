@@ -70,6 +70,7 @@ import functools
 import inspect
 import math
 import warnings
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -130,7 +131,7 @@ class FusedRotaryAttention:
         reason, cache = _unfusable_call(self, hidden_states, position_embeddings, attention_mask, kwargs)
         plan = None
         if reason is None:
-            plan = _plan_for(self, attention_mask, position_embeddings[0].shape[0], hidden_states.shape[:2], kwargs)
+            plan = _cached_plan(self, attention_mask, position_embeddings[0].shape[0], hidden_states.shape[:2], kwargs)
             reason = plan if isinstance(plan, str) else None
         if reason is not None:
             _count_fallback(self, reason)
@@ -158,6 +159,30 @@ class FusedRotaryAttention:
             out = _attention_by_plan(plan, q, k, v, position_embeddings)
         out = self.o_proj(out.reshape(B, S, -1))
         return (out, None, cache) if self._returns_cache else (out, None)
+
+
+# The last call's plan: every layer of a model gets the same mask (and cu_seq_lens, position ids) objects, and
+# planning reads them to the host (a sync) and builds index tensors. Keyed by those objects (weak references:
+# a new tensor at the same address is not one of them) and their version counters (an in-place change is a
+# miss), the rotary table rows, the batch shape and the attention implementation.
+_PLAN_CACHE: list = [None, None]
+_PLAN_TENSORS = ("cu_seq_lens_q", "cu_seq_lens_k", "position_ids")
+
+
+def _cached_plan(module, attention_mask, table_rows: int, shape, kwargs):
+    """_plan_for, computed once for the layers of one forward that pass the same mask and keywords."""
+    values = (attention_mask, *(kwargs.get(n) for n in _PLAN_TENSORS))
+    if torch.compiler.is_compiling() or any(v is not None and not isinstance(v, torch.Tensor) for v in values):
+        return _plan_for(module, attention_mask, table_rows, shape, kwargs)
+    other = (table_rows, tuple(shape), getattr(module.config, "_attn_implementation", None),
+             tuple(None if v is None else v._version for v in values))
+    key, plan = _PLAN_CACHE
+    if key is not None and key[1] == other and all(
+            (ref is None and v is None) or (ref is not None and ref() is v) for ref, v in zip(key[0], values)):
+        return plan
+    plan = _plan_for(module, attention_mask, table_rows, shape, kwargs)
+    _PLAN_CACHE[:] = [(tuple(None if v is None else weakref.ref(v) for v in values), other), plan]
+    return plan
 
 
 def _plan_for(module, attention_mask, table_rows: int, shape, kwargs):
@@ -431,7 +456,7 @@ def hf_attention_forward(module, query, key, value, attention_mask, dropout=0.0,
             or not (getattr(module, "is_causal", True) if is_causal is None else is_causal)):
         plan = "unsupported"
     elif not torch.compiler.is_compiling():
-        plan = _plan_for(module, attention_mask, 1, (B, S), kwargs)
+        plan = _cached_plan(module, attention_mask, 1, (B, S), kwargs)
     elif attention_mask is not None or kwargs.get("cu_seq_lens_q") is not None:
         plan = "values under torch.compile"
     if isinstance(plan, str):

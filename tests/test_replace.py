@@ -101,6 +101,28 @@ def test_padded_batches_take_the_fused_path_and_match(side):
         assert_within_2x(f"grad {name}", grads[name], grads_hi[name].float(), grads_lo[name], floor=floor)
 
 
+def test_the_mask_is_planned_once_per_forward_not_per_layer(monkeypatch):
+    """Every layer gets the same mask: it is read to the host and unpadded once per forward (the plan is
+    keyed by the mask object and its version, so a new or changed mask is planned again)."""
+    import llama_fast.replace as replace_module
+
+    plans = []
+    real = replace_module._plan_for
+    monkeypatch.setattr(replace_module, "_plan_for", lambda *a: plans.append(1) or real(*a))
+    fused = hf_model()
+    replace_modules(fused, cross_entropy=False)
+    tokens = torch.randint(0, 256, (3, 9))
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[1, 6:] = 0
+    with torch.no_grad():
+        first = fused(tokens, attention_mask=mask, use_cache=False).logits
+        assert len(plans) == 1 and fused.model.layers[1].self_attn.fused_calls == 1, (plans, fused.model.layers[1].self_attn.fallback_reasons)
+        mask[2, 4:] = 0  # in place: a new plan, and the logits follow the new mask
+        second = fused(tokens, attention_mask=mask, use_cache=False).logits
+    assert len(plans) == 2
+    assert torch.equal(first[:2, :4], second[:2, :4]) and not torch.allclose(first[2], second[2])
+
+
 def test_packed_documents_by_cu_seq_lens_are_separated():
     """cu_seq_lens_q/k (flash_attention_2's packed keywords, from DataCollatorWithFlattening) separate the
     documents: each equals the original module run on that document alone."""
