@@ -208,14 +208,7 @@ def test_cuda_packed_backward_matches_reference(lengths, Hq, Hkv, D, dtype, dete
 
     if not _extension.WITH_CUDA:
         pytest.skip("llama_fast._C was built without CUDA kernels")
-    calls = []
-    compiled = torch.ops.llama_fast.attention_backward
-
-    def spy(*args):
-        calls.append(args[10:])
-        return compiled(*args)
-
-    monkeypatch.setattr(torch.ops.llama_fast, "attention_backward", spy)
+    calls = _spy_compiled_backward(monkeypatch)
     q, k, v, cu, cos, sin = packed(lengths, Hq, Hkv, D, dtype)
     q, k, v, cu, cos, sin = (t.cuda() for t in (q, k, v, cu, cos, sin))
     dout = torch.randn(q.shape, dtype=dtype, device="cuda")
