@@ -26,8 +26,8 @@ How it is counted:
     phase holds parameters + gradients + state (+ what the backward left), read after backward.
   * Per-op workspace: a fake implementation returns the op's outputs only, but the CUDA bindings
     (csrc/bindings.cpp) allocate scratch inside the op and free it on return: the attention
-    backward's fp32 workspace (delta, m2 and log2l per row, rot(q), rot(k), the fp32 dQ
-    accumulator; layout in csrc/cuda/attention_backward.cu, workspace_layout) and the RMSNorm
+    backward's fp32 workspace (delta, m2 and log2l per row, rot(q), and rot(k) in the deterministic
+    mode or the fp32 dQ accumulator otherwise; layout in csrc/cuda/attention_backward.cu, workspace_layout) and the RMSNorm
     backward's fp32 dw partials (2 blocks per SM). ``CudaScratch`` allocates those sizes, from the
     same formulas, on meta while the op runs, so the tracker places them in time next to the op's
     outputs. The estimate is printed with and without them; the largest single workspace is

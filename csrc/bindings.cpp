@@ -358,16 +358,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu_impl(
       TORCH_CHECK(ds[t] >= 0 && ds[t] <= t && t < de[t] && de[t] <= q.size(1),
                   "llama_fast: doc_start and doc_end must hold each token: need doc_start[t] <= t < doc_end[t] <= ",
                   q.size(1), ", got doc_start[", t, "] = ", ds[t], ", doc_end[", t, "] = ", de[t]);
-      TORCH_CHECK(t == 0 || (ds[t] >= ds[t - 1] && de[t] >= de[t - 1]),
-                  "llama_fast: doc_start and doc_end must not decrease, at token ", t);
+      TORCH_CHECK(t == 0 || ds[t] >= ds[t - 1], "llama_fast: doc_start must not decrease, got doc_start[", t - 1,
+                  "] = ", ds[t - 1], " then doc_start[", t, "] = ", ds[t]);
+      TORCH_CHECK(t == 0 || de[t] >= de[t - 1], "llama_fast: doc_end must not decrease, got doc_end[", t - 1,
+                  "] = ", de[t - 1], " then doc_end[", t, "] = ", de[t]);
+    }
+    // One partition: every token of a document has that document's two bounds (the kernels read doc_start
+    // for queries and doc_end for keys, so bounds of two partitions would give inconsistent gradients).
+    for (int64_t t = 0; t < q.size(1); ++t) {
+      TORCH_CHECK(de[ds[t]] == de[t] && ds[de[t] - 1] == ds[t],
+                  "llama_fast: doc_start and doc_end must describe the same documents: token ", t, " is in ",
+                  ds[t], " .. ", de[t] - 1, " but doc_end[", ds[t], "] = ", de[ds[t]], " and doc_start[", de[t] - 1,
+                  "] = ", ds[de[t] - 1]);
     }
   }
   auto f32 = [](const at::Tensor& t) { return t.to(at::kFloat).contiguous(); };
-  at::Tensor dout_f = f32(dout), q_f = f32(q), k_f = f32(k), v_f = f32(v), out_f = f32(out);
+  at::Tensor dout_f = f32(dout), q_f = f32(q), k_f = f32(k), v_f = f32(v);  // O is not read (delta from P dP)
   at::Tensor stats_c = stats.contiguous(), cos_c = cos.contiguous(), sin_c = sin.contiguous();
   at::Tensor dq = at::empty_like(q_f), dk = at::empty_like(k_f), dv = at::empty_like(v_f);
   attention_backward_cpu(dout_f.data_ptr<float>(), q_f.data_ptr<float>(), k_f.data_ptr<float>(),
-                         v_f.data_ptr<float>(), out_f.data_ptr<float>(), stats_c.data_ptr<float>(),
+                         v_f.data_ptr<float>(), nullptr, stats_c.data_ptr<float>(),
                          cos_c.data_ptr<float>(), sin_c.data_ptr<float>(), cos_c.stride(0), dq.data_ptr<float>(),
                          dk.data_ptr<float>(), dv.data_ptr<float>(), q.size(0), q.size(1), q.size(2), k.size(2),
                          q.size(3), causal, dtype_of(q, "q"),

@@ -99,9 +99,12 @@ int rope_backward_cuda(const RopeBackwardArgs& args, void* stream);
 // above the diagonal), O = softmax(S) v, scale = 1/sqrt(D); saved row statistics (issue 13 item 6,
 // the row-statistics contract): with S2 = S * log2(e) as an fp32 number formed by the forward's arithmetic,
 // stats[0] = m2 = max_j S2 and stats[1] = log2l = log2(sum_j exp2(S2 - m2)), fp32 [2, B, Hq, S].
-// rot is the half-split rotation x -> [x1 c - x2 s, x2 c + x1 s] with c = cos[pos], s = sin[pos].
+// rot is the half-split rotation x -> [x1 c - x2 s, x2 c + x1 s] with c = cos[pos], s = sin[pos]
+// (on the GPU rounded as fma(x1, c, -rn(x2 s)), fma(x2, c, rn(x1 s)) by the Triton forward and the CUDA
+// backwards alike: csrc/cuda/common.cuh rotate_pair).
 //   P = exp2((S2 - m2) - log2l) (m2 first: exact near the row max; never m2 + log2l in one number),
-//   delta = rowsum(dO * O), dV = P^T dO, dP = dO V^T, dS = P * (dP - delta)
+//   delta = rowsum(dO * O) (CUDA; the CPU backward takes sum_j P dP of its own P and dP, O unread),
+//   dV = P^T dO, dP = dO V^T, dS = P * (dP - delta)
 //   dQ = rot^-1(dS rot(K) * scale), dK = rot^-1(dS^T rot(Q) * scale)   (rot^-1: rotation by -theta)
 // dK and dV are summed over the Hq / Hkv query heads of a kv head (grouped-query attention).
 // q, dout, out: [B, S, Hq, D]; k, v: [B, S, Hkv, D]; stats: fp32 [2, B, Hq, S] contiguous;
@@ -126,7 +129,9 @@ struct AttentionBackwardArgs {
   bool deterministic;
   // Packed documents (issue 15): nullptr (one sequence per batch row, as before, at no cost), or both
   // set, device int32 [S] with batch 1 and causal: token t's document is doc_start[t] .. doc_end[t] - 1
-  // (both non-decreasing), and key j is visible to query i iff doc_start[i] <= j <= i. All documents
+  // (both non-decreasing, and one partition: every token of a document has its two bounds; the CPU op
+  // checks this, the CUDA one cannot without a sync), and key j is visible to query i iff
+  // doc_start[i] <= j <= i. All documents
   // run in one launch; a query block loads only key blocks from its first query's document start to the
   // diagonal, a key block only query blocks from its diagonal to its last key's document end; blocks
   // inside one document and below the diagonal run unmasked. Only the sm_80 kernel takes them (the
@@ -155,7 +160,8 @@ int attention_backward_sm90(const AttentionBackwardArgs& args, const float* stat
 
 // CPU: fp32, every tensor contiguous ([B, S, H, D] and stats [2, B, Hq, S]); cos / sin rows cs_stride
 // apart; `input`: the dtype q and k came in (the scores round rot(q), rot(k) to it, as the forward).
-// Accumulates in double, in a fixed order: deterministic. doc_start: nullptr, or packed documents
+// Accumulates in double, in a fixed order: deterministic. `out` is not read (may be nullptr): delta is
+// sum_j P dP of the row's own values. doc_start: nullptr, or packed documents
 // (int32 [S], batch 1, causal; see AttentionBackwardArgs): row i sums over keys doc_start[i] .. i.
 void attention_backward_cpu(const float* dout, const float* q, const float* k, const float* v, const float* out,
                             const float* stats, const float* cos, const float* sin, int64_t cs_stride, float* dq,

@@ -292,7 +292,10 @@ def _load_rotated(
     cs_off = offs_s[:, None] * stride_cs + offs_h[None, :]
     c = tl.load(cos_ptr + cs_off, mask=mask, other=0.0)
     s = tl.load(sin_ptr + cs_off, mask=mask, other=0.0)
-    return x1 * c - x2 * s, x2 * c + x1 * s
+    # The roundings written out, as the CUDA backwards write them (csrc/cuda/common.cuh rotate_pair): left to
+    # the compilers, the second half fused differently in Triton and in nvcc, and the CUDA backward's rot(q),
+    # rot(k) were not always the forward's operands bit for bit.
+    return tl.fma(x1, c, -(x2 * s)), tl.fma(x2, c, x1 * s)
 
 
 @triton.jit

@@ -57,6 +57,11 @@ if AVAILABLE:
         if (doc_start is None) != (doc_end is None):
             raise ValueError("llama_fast: doc_start and doc_end (packed documents) must be given together, got only "
                              + ("doc_start" if doc_end is None else "doc_end"))
+        if doc_start is not None and not causal:
+            raise ValueError("llama_fast: packed documents (doc_start, doc_end) need causal=True")
+        if doc_start is not None and B != 1:
+            raise ValueError(f"llama_fast: packed documents (doc_start, doc_end) need batch 1 (q [1, T, Hq, D]), got "
+                             f"q {tuple(q.shape)}")
         for name, t in (("doc_start", doc_start), ("doc_end", doc_end)):
             if t is None:
                 continue

@@ -272,3 +272,30 @@ def test_cpu_packed_backward_is_one_compiled_call(dtype, interpreter, explicit_p
     assert len(calls) == 1 + (6 if explicit_positions else 5)  # one a document (a length with implied positions)
     for a, b in zip(got, per_document):
         assert torch.equal(a, b)
+
+
+def test_packed_custom_ops_pass_opcheck():
+    """llama_fast::attention_packed (one launch, Triton; here in the interpreter) and
+    llama_fast::attention_packed_cpu (per-document forward, one C++ backward): schemas, fakes and
+    autograd registrations as torch.library.opcheck checks them."""
+    import importlib
+    import os
+
+    from llama_fast import _extension
+
+    varlen = importlib.import_module("llama_fast.ops.attention_varlen")
+    q, k, v, cu, cos, sin = packed([3, 5], 2, 1, 16, torch.float32)
+    b = varlen._bounds(cu, q.shape[0], q.device)
+    cos_tok, sin_tok = cos[b.offsets].contiguous(), sin[b.offsets].contiguous()
+    q, k, v = (t[None] for t in (q, k, v))  # as the batched op's opcheck (test_attention.py)
+    ran = 0
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        torch.library.opcheck(torch.ops.llama_fast.attention_packed,
+                              (q, k, v, cos_tok, sin_tok, b.doc_start, b.doc_end, False))
+        ran += 1
+    if _extension.has_kernel("cpu"):
+        torch.library.opcheck(torch.ops.llama_fast.attention_packed_cpu,
+                              (q, k, v, cos_tok, sin_tok, cu, b.doc_start, b.doc_end, True))
+        ran += 1
+    if not ran:
+        pytest.skip("neither the interpreter nor the C++ extension is here")

@@ -253,7 +253,12 @@ def test_packed_documents_bad_input_is_named():
         (dict(start=torch.zeros(8, dtype=torch.int32).index_fill_(0, torch.tensor([2]), 3)),
          r"must hold each token: .* doc_start\[2\] = 3"),
         (dict(end=doc_end.flip(0)), "must hold each token"),
-        (dict(start=torch.tensor([0, 0, 0, 3, 3, 3, 2, 2], dtype=torch.int32)), "must not decrease, at token 6"),
+        (dict(start=torch.tensor([0, 0, 0, 3, 3, 3, 2, 2], dtype=torch.int32)),
+         r"doc_start must not decrease, got doc_start\[5\] = 3 then doc_start\[6\] = 2"),
+        # Bounds of two partitions: each passes the checks above, together they are two different documentings.
+        (dict(end=torch.full((8,), 8, dtype=torch.int32)), r"must describe the same documents: token 0 is in 0 .. 7"),
+        # The fake (meta) checks batch and causal as the CPU op does.
+        (dict(causal=False, start=doc_start.to("meta"), end=doc_end.to("meta")), r"need causal=True"),
     ]
     for over, match in cases:
         # A meta bound sends the call to the op's fake (llama_fast/_extension.py), which raises ValueError.

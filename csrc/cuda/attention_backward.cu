@@ -138,9 +138,10 @@ Workspace<T> carve(const AttentionBackwardArgs& a, float* base) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Step 1: delta, m2 and log2l and the rotated q and k. One warp per row; rows [0, B*Hq*S_pad)
-// are query rows (padding rows get zeros), the following B*Hkv*S rows are key rows. In the
-// non-deterministic mode a query row also zeroes its row of dq_accum (once a cudaMemsetAsync of its own).
+// Step 1: delta, m2 and log2l and the rotated q (and k). One warp per row; rows [0, B*Hq*S_pad)
+// are query rows (padding rows get zeros); in the deterministic mode the following B*Hkv*S rows are key
+// rows (prep_row_count), for the q kernel. In the non-deterministic mode a query row also zeroes its row
+// of dq_accum (once a cudaMemsetAsync of its own).
 // HBM bytes of the work outside the main loop at B8 H32 (Hkv 32) S2048 D128 bf16, 1 MB = 1e6 B;
 // n = 8 * 2048 * 32 * 128 = 67,108,864 elements of q (and of k, v, o, dO, dq), rows = 524,288:
 //   prep: read o, dO, q 3 * 2n = 402.7 MB, write rot(q) 2n = 134.2 MB, read the stats 2 * rows * 4 =
@@ -278,6 +279,7 @@ __device__ __forceinline__ void load_rotated_tile(T* tile, const T* head, int64_
                                                   int64_t seq_len, int D, const float* cos, const float* sin,
                                                   int64_t cs_stride) {
   const int half = D / 2;
+#pragma unroll 4  // independent iterations: four rows' loads in flight at once
   for (int idx = threadIdx.x; idx < ROWS * (DP / 2); idx += THREADS) {
     const int r = idx / (DP / 2), d = idx % (DP / 2);
     const int64_t pos = row0 + r;
@@ -479,10 +481,6 @@ __global__ void __launch_bounds__(Config<DP, SMALL>::KV_THREADS)
   const float scale_log2 = float(1.4426950408889634 / sqrt(double(D)));  // the forward's fp32 factor
   const bool vec_rot = D % 8 == 0;
 
-  // K rotated here, once per key row (no kv CTA shares a key block): no rot(k) workspace to write and read
-  // back. Plain stores to shared memory; the first wait's __syncthreads publishes them.
-  const T* k_head = static_cast<const T*>(a.k) + b * a.k_stride[0] + hk * a.k_stride[2];
-  load_rotated_tile<T, BN, DP, THREADS>(sK, k_head, a.k_stride[1], n0, S, D, a.cos, a.sin, a.cs_stride);
   const T* v_head = static_cast<const T*>(a.v) + b * a.v_stride[0] + hk * a.v_stride[2];
   load_tile<T, BN, DP, THREADS>(sV, v_head, a.v_stride[1], n0, S, D, vec_in);
 
@@ -510,8 +508,13 @@ __global__ void __launch_bounds__(Config<DP, SMALL>::KV_THREADS)
     load_floats_async<BM, THREADS>(rows + BM, w.log2l + (b * Hq + h) * S_pad + m0);
     load_floats_async<BM, THREADS>(rows + 2 * BM, w.delta + (b * Hq + h) * S_pad + m0);
   };
-  issue(0, 0);  // K and V travel in the same first group
+  issue(0, 0);  // V and the first item travel in the first group
   cp_async_commit();
+  // K rotated here, once per key row (no kv CTA shares a key block): no rot(k) workspace to write and read
+  // back. After the copies above are in flight, so their latency overlaps the rotation's loads; plain
+  // stores to shared memory (sK is apart from V and the stages), published by the first item's __syncthreads.
+  const T* k_head = static_cast<const T*>(a.k) + b * a.k_stride[0] + hk * a.k_stride[2];
+  load_rotated_tile<T, BN, DP, THREADS>(sK, k_head, a.k_stride[1], n0, S, D, a.cos, a.sin, a.cs_stride);
 
   float dk[NCOL / 8][4], dv[NCOL / 8][4];
 #pragma unroll

@@ -26,17 +26,22 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(f
   return __float2bfloat16_rn(v);
 }
 
-// Rotates one row of 2 * half elements by RoPE (one warp; `lane` of 32): dst = rot(src), rounded to T.
-// The attention backwards' prep: rot(q) and rot(k) as the forward feeds them to its matmuls.
-// One rotated pair (x1, x2) -> (x1 c - x2 s, x2 c + x1 s) in fp32, rounded to T: the one expression
-// every CUDA rotation of q and k uses, so a row rotated in a kernel's prologue equals the workspace copy.
+// One rotated pair (x1, x2) -> (x1 c - x2 s, x2 c + x1 s) in fp32, rounded to T, with its roundings written
+// out: r1 = fma(x1, c, -rn(x2 s)), r2 = fma(x2, c, rn(x1 s)). The Triton kernels (kernels/attention.py
+// _load_rotated) write the same fmas, so rot(q), rot(k) here are bitwise the forward's matmul operands; left
+// to the compilers, nvcc fused x2 c + x1 s as fma(x1, s, rn(x2 c)) where Triton fused fma(x2, c, rn(x1 s)),
+// and ~1e-4 of fp16 second-half elements rounded apart (the backward's S2 was then not the forward's).
+// Every CUDA rotation of q and k goes through here, so a row rotated in a kernel's prologue equals the
+// workspace copy.
 template <typename T>
 __device__ __forceinline__ void rotate_pair(T a, T b, float c, float s, T& r1, T& r2) {
   const float x1 = to_float(a), x2 = to_float(b);
-  r1 = from_float<T>(x1 * c - x2 * s);
-  r2 = from_float<T>(x2 * c + x1 * s);
+  r1 = from_float<T>(__fmaf_rn(x1, c, -__fmul_rn(x2, s)));
+  r2 = from_float<T>(__fmaf_rn(x2, c, __fmul_rn(x1, s)));
 }
 
+// Rotates one row of 2 * half elements by RoPE (one warp; `lane` of 32): dst = rot(src), rounded to T.
+// The attention backwards' prep: rot(q) and rot(k) as the forward feeds them to its matmuls.
 template <typename T>
 __device__ __forceinline__ void rotate_row(T* dst, const T* src, const float* cos, const float* sin, int half,
                                            int lane) {

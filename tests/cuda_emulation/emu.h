@@ -48,6 +48,7 @@ inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
 // Round-to-nearest product and difference that a compiler may not fuse into a multiply-add.
 inline float __fmul_rn(float a, float b) { volatile float r = a * b; return r; }
 inline float __fsub_rn(float a, float b) { volatile float r = a - b; return r; }
+inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }  // one rounding
 inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
 inline void __trap() { std::abort(); }
 constexpr int cudaErrorInvalidValue = 1;
