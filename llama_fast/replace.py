@@ -70,7 +70,6 @@ import functools
 import inspect
 import math
 import warnings
-import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -80,6 +79,7 @@ import torch.nn.functional as F
 
 from . import model as llama_model
 from . import ops
+from .ops._common import LastCallMemo
 from .ops.cross_entropy import linear_cross_entropy
 
 
@@ -162,27 +162,17 @@ class FusedRotaryAttention:
 
 
 # The last call's plan: every layer of a model gets the same mask (and cu_seq_lens, position ids) objects, and
-# planning reads them to the host (a sync) and builds index tensors. Keyed by those objects (weak references:
-# a new tensor at the same address is not one of them) and their version counters (an in-place change is a
-# miss), the rotary table rows, the batch shape and the attention implementation.
-_PLAN_CACHE: list = [None, None]
+# planning reads them to the host (a sync) and builds index tensors. Keyed by those objects and their
+# versions (ops._common.LastCallMemo), the rotary table rows, the batch shape and the attention implementation.
+_PLANS = LastCallMemo()
 _PLAN_TENSORS = ("cu_seq_lens_q", "cu_seq_lens_k", "position_ids")
 
 
 def _cached_plan(module, attention_mask, table_rows: int, shape, kwargs):
     """_plan_for, computed once for the layers of one forward that pass the same mask and keywords."""
-    values = (attention_mask, *(kwargs.get(n) for n in _PLAN_TENSORS))
-    if torch.compiler.is_compiling() or any(v is not None and not isinstance(v, torch.Tensor) for v in values):
-        return _plan_for(module, attention_mask, table_rows, shape, kwargs)
-    other = (table_rows, tuple(shape), getattr(module.config, "_attn_implementation", None),
-             tuple(None if v is None else v._version for v in values))
-    key, plan = _PLAN_CACHE
-    if key is not None and key[1] == other and all(
-            (ref is None and v is None) or (ref is not None and ref() is v) for ref, v in zip(key[0], values)):
-        return plan
-    plan = _plan_for(module, attention_mask, table_rows, shape, kwargs)
-    _PLAN_CACHE[:] = [(tuple(None if v is None else weakref.ref(v) for v in values), other), plan]
-    return plan
+    tensors = (attention_mask, *(kwargs.get(n) for n in _PLAN_TENSORS))
+    other = (table_rows, tuple(shape), getattr(module.config, "_attn_implementation", None))
+    return _PLANS.get(tensors, other, lambda: _plan_for(module, attention_mask, table_rows, shape, kwargs))
 
 
 def _plan_for(module, attention_mask, table_rows: int, shape, kwargs):

@@ -32,13 +32,12 @@ once per cu_seqlens tensor: the layers of a model that pass the same one reuse i
 """
 from __future__ import annotations
 
-import weakref
 from typing import NamedTuple
 
 import torch
 
 from .. import _extension
-from ._common import triton_runs_on
+from ._common import LastCallMemo, triton_runs_on
 from .attention import _COMPILED_DTYPES, _attention_op, _check_inputs, _forward_math, lse_from_stats
 
 
@@ -138,27 +137,22 @@ class _Bounds(NamedTuple):
 
 
 # The last cu_seqlens seen and its bounds: a model calls attention once per layer with the same
-# cu_seqlens, and reading it (a host sync) plus three small kernels per layer is avoidable. Keyed by the
-# tensor itself (a weak reference: a new tensor at the same address is not it) and its version counter
-# (an in-place change is a miss).
-_BOUNDS_CACHE: list = [None, -1, None]
+# cu_seqlens, and reading it (a host sync) plus three small kernels per layer is avoidable.
+_BOUNDS = LastCallMemo()
 
 
 def _bounds(cu_seqlens: torch.Tensor, total: int, device: torch.device) -> _Bounds:
     """The validated bounds of cu_seqlens (see _check_cu_seqlens), computed once per cu_seqlens tensor."""
-    cached_ref, version, bounds = _BOUNDS_CACHE
-    if (isinstance(cu_seqlens, torch.Tensor) and cached_ref is not None and cached_ref() is cu_seqlens
-            and version == cu_seqlens._version and bounds.starts[-1] == total and bounds.offsets.device == device):
-        return bounds
-    starts = _check_cu_seqlens(cu_seqlens, total, device)
-    lengths = cu_seqlens.diff()
-    doc_start = torch.repeat_interleave(cu_seqlens[:-1], lengths)
-    bounds = _Bounds(starts, max(e - s for s, e in zip(starts[:-1], starts[1:])), doc_start.to(torch.int32),
-                     torch.repeat_interleave(cu_seqlens[1:], lengths).to(torch.int32),
-                     torch.arange(total, device=device) - doc_start)
-    if not torch.compiler.is_compiling():
-        _BOUNDS_CACHE[:] = [weakref.ref(cu_seqlens), cu_seqlens._version, bounds]
-    return bounds
+
+    def compute() -> _Bounds:
+        starts = _check_cu_seqlens(cu_seqlens, total, device)
+        lengths = cu_seqlens.diff()
+        doc_start = torch.repeat_interleave(cu_seqlens[:-1], lengths)
+        return _Bounds(starts, max(e - s for s, e in zip(starts[:-1], starts[1:])), doc_start.to(torch.int32),
+                       torch.repeat_interleave(cu_seqlens[1:], lengths).to(torch.int32),
+                       torch.arange(total, device=device) - doc_start)
+
+    return _BOUNDS.get((cu_seqlens,), (total, device), compute)
 
 
 def attention_varlen(q, k, v, cos, sin, cu_seqlens, position_ids=None, *, return_lse: bool = False,
